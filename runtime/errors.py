@@ -1,0 +1,47 @@
+"""Errors fmtune reports to users, and one-line messages from pydantic validation errors.
+
+Every user-facing error names the field and the value that is wrong; the CLI prints the
+message on one line and exits with code 2 (bad input) without a traceback.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class FmtuneError(Exception):
+    """Base of the errors fmtune reports to users as one line."""
+
+
+class ConfigError(FmtuneError, ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+
+
+def describe_validation_error(error: ValidationError, source: str | None = None) -> str:
+    """One line per problem, each naming the field and the value pydantic rejected.
+
+    Messages raised from our own validators already name their fields ("block_size must be a
+    multiple of 32 on cpu, got 20"); pydantic's built-in ones get the field and input added.
+    """
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        where = _location(tuple(item.get("loc", ())))
+        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+        kind = item.get("type", "")
+        if kind == "extra_forbidden":
+            text = f"unknown field '{where}'"
+        elif kind == "value_error" or kind.startswith("assertion"):
+            text = f"{where}: {message}" if where and not message.startswith(where) else message
+        else:
+            text = f"{where}: {message}, got {item.get('input')!r}"
+        lines.append(f"{source}: {text}" if source else text)
+    return "; ".join(lines)
+
+
+def config_error(error: ValidationError, source: str | None = None) -> ConfigError:
+    """A ConfigError carrying the one-line description of a pydantic ValidationError."""
+    return ConfigError(describe_validation_error(error, source))
