@@ -1,0 +1,272 @@
+"""Streaming calls to an OpenAI-compatible server, measured token by token.
+
+Every call yields a `CallRecord`: when it started, time to first token, every inter-token gap,
+end-to-end latency, the token counts the server reports, finish reason and error. Failures are
+recorded, not raised, so a run measures them; only cancellation propagates. Connection errors
+before any byte arrived are retried a bounded number of times (the server never saw the call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What one LLM call did, measured at the client."""
+
+    start_s: float
+    """time.monotonic() when the call was sent."""
+    ttft_s: float | None
+    """Time to the first content token; None when none arrived."""
+    itl_s: tuple[float, ...]
+    """Gaps between consecutive content chunks (inter-token latencies)."""
+    e2e_s: float
+    """Send to last byte."""
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    text: str
+    error: str | None = None
+    retries: int = 0
+    endpoint: str = ""
+    """Base URL of the server that answered (which replica)."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the call completed without an error."""
+        return self.error is None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters of one call (OpenAI names; vLLM extensions marked)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """vLLM extension: keep generating to max_tokens (fixed-length load for benchmarks)."""
+    json_schema: dict[str, Any] | None = None
+    """vLLM structured outputs: constrain the output to this JSON schema."""
+
+    def body(self) -> dict[str, Any]:
+        """The request-body fields for these parameters."""
+        body: dict[str, Any] = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": self.json_schema},
+            }
+        return body
+
+
+class ChatBackend(Protocol):
+    """Anything that runs a chat call for a model: one endpoint, or a router over replicas."""
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
+    ) -> CallRecord:
+        """Run one chat completion and measure it."""
+        ...
+
+
+@dataclass
+class _StreamState:
+    first_token_at: float | None = None
+    last_chunk_at: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    chunks_with_text: int = 0
+
+    def on_text(self, text: str, now: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif self.last_chunk_at is not None:
+            self.gaps.append(now - self.last_chunk_at)
+        self.last_chunk_at = now
+        self.parts.append(text)
+        self.chunks_with_text += 1
+
+
+def parse_sse_line(line: str) -> dict[str, Any] | None:
+    """The JSON payload of one server-sent-events line; None for keep-alives and [DONE]."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:") :].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    parsed = json.loads(payload)
+    return parsed if isinstance(parsed, dict) else None
+
+
+class EngineClient:
+    """Async client of one OpenAI-compatible server (a replica, or an existing endpoint).
+
+    Endpoint mode is this class pointed at any URL: no process is managed.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 300.0,
+        connect_retries: int = 3,
+        retry_backoff_s: float = 0.5,
+        api_key: str | None = None,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connect_retries = connect_retries
+        self.retry_backoff_s = retry_backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def models(self) -> list[str]:
+        """The model names the server serves."""
+        response = await self._http.get("/v1/models")
+        response.raise_for_status()
+        return [entry["id"] for entry in response.json().get("data", [])]
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
+    ) -> CallRecord:
+        """A streamed /v1/chat/completions call, measured."""
+        body = {"model": model, "messages": messages, **sampling.body()}
+        return await self._stream("/v1/chat/completions", body, chat=True)
+
+    async def complete(self, model: str, prompt: str, sampling: SamplingParams) -> CallRecord:
+        """A streamed /v1/completions call, measured."""
+        body = {"model": model, "prompt": prompt, **sampling.body()}
+        return await self._stream("/v1/completions", body, chat=False)
+
+    async def _stream(self, path: str, body: dict[str, Any], chat: bool) -> CallRecord:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        retries = 0
+        start = time.monotonic()
+        while True:
+            state = _StreamState()
+            start = time.monotonic()
+            try:
+                await asyncio.wait_for(
+                    self._consume(path, body, chat, state), timeout=self.timeout_s
+                )
+                return self._record(start, state, None, retries)
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
+                if state.first_token_at is None and retries < self.connect_retries:
+                    retries += 1
+                    logger.debug("retrying %s after %s (%d)", path, error, retries)
+                    await asyncio.sleep(self.retry_backoff_s * retries)
+                    continue
+                return self._record(start, state, f"connection: {error}", retries)
+            except TimeoutError:
+                return self._record(start, state, f"timeout after {self.timeout_s}s", retries)
+            except httpx.HTTPStatusError as error:
+                return self._record(start, state, _describe_status(error), retries)
+            except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as error:
+                return self._record(start, state, f"{type(error).__name__}: {error}", retries)
+
+    async def _consume(
+        self, path: str, body: dict[str, Any], chat: bool, state: _StreamState
+    ) -> None:
+        async with self._http.stream("POST", path, json=body) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                response.raise_for_status()
+            async for line in response.aiter_lines():
+                chunk = parse_sse_line(line)
+                if chunk is None:
+                    continue
+                now = time.monotonic()
+                if "error" in chunk:
+                    raise ValueError(str(chunk["error"]))
+                usage = chunk.get("usage")
+                if usage:
+                    state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    state.completion_tokens = int(usage.get("completion_tokens") or 0)
+                for choice in chunk.get("choices") or []:
+                    text = (
+                        (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    )
+                    if text:
+                        state.on_text(text, now)
+                    if choice.get("finish_reason"):
+                        state.finish_reason = choice["finish_reason"]
+
+    def _record(
+        self, start: float, state: _StreamState, error: str | None, retries: int
+    ) -> CallRecord:
+        end = time.monotonic()
+        return CallRecord(
+            start_s=start,
+            ttft_s=None if state.first_token_at is None else state.first_token_at - start,
+            itl_s=tuple(state.gaps),
+            e2e_s=end - start,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens or state.chunks_with_text,
+            finish_reason=state.finish_reason,
+            text="".join(state.parts),
+            error=error,
+            retries=retries,
+            endpoint=self.base_url,
+        )
+
+
+def _describe_status(error: httpx.HTTPStatusError) -> str:
+    """'HTTP 400: <server message>' from an error response."""
+    response = error.response
+    try:
+        detail = response.json()
+        message = detail.get("error", {}).get("message") if isinstance(detail, dict) else None
+        message = message or detail.get("message") or detail.get("detail") or response.text
+    except (ValueError, AttributeError):
+        message = response.text
+    return f"HTTP {response.status_code}: {str(message)[:300]}"

@@ -1,0 +1,60 @@
+"""Shared fixtures: the prepared bundled model and one real replica pool per session.
+
+Tests marked `engine` start real vLLM CPU replicas (about a minute each on 2 cores), so the
+session shares one hot replica of a small engine config among them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.config import EngineConfig
+from runtime.models import is_prepared, model_dir, prepare_model
+from runtime.pool import PoolLimits, ReplicaPool
+from runtime.replica import Replica
+
+BUNDLED = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The bundled model's folder, prepared once (make test prepares it beforehand)."""
+    if not is_prepared(BUNDLED):
+        prepare_model(BUNDLED)
+    return model_dir(BUNDLED)
+
+
+@pytest.fixture(scope="session")
+def small_engine(bundled_model: Path) -> EngineConfig:
+    """A small, fast CPU engine of the bundled model."""
+    return EngineConfig(model=BUNDLED, max_model_len=2048, max_num_seqs=16, block_size=128)
+
+
+@pytest.fixture(scope="session")
+def engine_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaPool]:
+    """One replica pool for the whole session; every replica is stopped at the end."""
+    log_dir = tmp_path_factory.mktemp("replica-logs")
+    with ReplicaPool(PoolLimits(max_replicas=3, max_memory_gib=18), log_dir=log_dir) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def hot_replica(engine_pool: ReplicaPool, small_engine: EngineConfig) -> Replica:
+    """A running replica of the small engine, shared by the session's engine tests."""
+    return engine_pool.acquire(small_engine)[0]
+
+
+@pytest.fixture
+def fmtune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty fmtune home for tests that must not see the prepared models."""
+    home = tmp_path / "fmtune-home"
+    monkeypatch.setenv("FMTUNE_HOME", str(home))
+    return home
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
