@@ -1,0 +1,320 @@
+"""The metrics of one run, computed from per-request outcomes.
+
+A run is judged the way its users would judge it: latency percentiles of the requests that
+succeeded, the share of all requests answered within the SLA deadline (failures and shed
+requests count as misses), the rate of such requests (goodput), what the replicas and API
+tokens cost per thousand requests, peak memory, and answer quality with a bootstrap
+confidence interval (a failed request scores 0, since its user got nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.formats import FormatTally
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)
+_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """What happened to one request of a run (an immutable record).
+
+    Attributes:
+        request_id: Index of the request within the run.
+        start_s: Monotonic time the request was sent, seconds.
+        end_s: Monotonic time its answer (or failure) came back, seconds.
+        ok: True when the application returned an answer.
+        error: Why it failed, None when ok.
+        quality: Task score of the answer in [0, 1]; None when unscored or failed.
+        llm_calls: LLM calls the request made.
+        prompt_tokens: Prompt tokens over all its LLM calls.
+        completion_tokens: Generated tokens over all its LLM calls.
+        ttfts_s: Time to first token of each LLM call, seconds.
+        tpots_s: Time per output token of each LLM call with more than one token,
+            (e2e - ttft) / (completion_tokens - 1), seconds.
+        format_statuses: Parse status of each structured LLM answer
+            ("clean", "repaired", "unparseable").
+        shed: True when the router refused the request to protect the SLA of others.
+    """
+
+    request_id: int
+    start_s: float
+    end_s: float
+    ok: bool
+    error: str | None = None
+    quality: float | None = None
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttfts_s: list[float] = field(default_factory=list)
+    tpots_s: list[float] = field(default_factory=list)
+    format_statuses: list[str] = field(default_factory=list)
+    shed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.end_s < self.start_s:
+            raise ValueError(
+                f"end_s must be >= start_s ({self.start_s}), got {self.end_s} "
+                f"(request {self.request_id})"
+            )
+        if self.quality is not None and not 0.0 <= self.quality <= 1.0:
+            raise ValueError(f"quality must be in [0, 1], got {self.quality}")
+
+    @property
+    def e2e_s(self) -> float:
+        """End-to-end latency, seconds."""
+        return self.end_s - self.start_s
+
+    @property
+    def succeeded(self) -> bool:
+        """Answered and not shed."""
+        return self.ok and not self.shed
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def percentiles(
+    values: Sequence[float], qs: Sequence[float] = DEFAULT_PERCENTILES
+) -> dict[str, float | None]:
+    """Percentiles keyed "p50", "p99", "p99.9" (linear interpolation, numpy's default).
+
+    Empty input gives None for every key rather than NaN; NaN input is an error.
+    """
+    keys = [f"p{q:g}" for q in qs]
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return dict.fromkeys(keys)
+    if np.isnan(array).any():
+        raise ValueError("values must not contain NaN")
+    for q in qs:
+        if not 0 <= q <= 100:
+            raise ValueError(f"percentiles must be in [0, 100], got {q}")
+    results = np.percentile(array, list(qs))
+    return {key: float(value) for key, value in zip(keys, results, strict=True)}
+
+
+def bootstrap_ci(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean (seeded, so reproducible)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        raise ValueError("values must not be empty")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // array.size)
+    means = np.concatenate(
+        [
+            array[
+                rng.integers(0, array.size, size=(min(chunk, n_resamples - done), array.size))
+            ].mean(axis=1)
+            for done in range(0, n_resamples, chunk)
+        ]
+    )
+    alpha = (1 - confidence) / 2
+    low, high = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
+    return float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost
+# --------------------------------------------------------------------------------------------
+
+
+class CostModel(BaseModel):
+    """Prices that turn replica time and API tokens into dollars."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    price_per_replica_hour_usd: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD per hour of one replica, by model name (what its machine costs).",
+    )
+    api_price_per_1k_tokens_usd: float = Field(
+        0.0, ge=0, description="USD per 1000 tokens sent to or from external LLM APIs."
+    )
+
+
+def cost_per_1k_requests(
+    replica_seconds: Mapping[str, float],
+    prices: Mapping[str, float],
+    api_tokens: int,
+    api_price_per_1k_tokens: float,
+    n_requests: int,
+) -> float:
+    """USD per 1000 requests: replica-hours times hourly prices plus API tokens, per request.
+
+    replica_seconds: seconds of replica time used in the run, by model name.
+    prices: USD per replica-hour, by model name; every model used needs a price.
+    """
+    if n_requests < 1:
+        raise ValueError(f"n_requests must be >= 1, got {n_requests}")
+    if api_tokens < 0:
+        raise ValueError(f"api_tokens must be >= 0, got {api_tokens}")
+    if api_price_per_1k_tokens < 0:
+        raise ValueError(f"api_price_per_1k_tokens must be >= 0, got {api_price_per_1k_tokens}")
+    total = 0.0
+    for model, seconds in replica_seconds.items():
+        if seconds < 0:
+            raise ValueError(f"replica_seconds[{model!r}] must be >= 0, got {seconds}")
+        if model not in prices:
+            raise ValueError(f"prices has no entry for model {model!r}, got {sorted(prices)}")
+        total += seconds / 3600.0 * prices[model]
+    total += api_tokens / 1000.0 * api_price_per_1k_tokens
+    return total / n_requests * 1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# Run summary
+# --------------------------------------------------------------------------------------------
+
+
+def _desc(text: str) -> Any:
+    """An optional metric field: None until defined, documented where declared."""
+    return Field(None, description=text)
+
+
+class RunMetrics(BaseModel):
+    """Everything measured about one run. Fields are None where they are undefined (no
+    successful request, no LLM call, zero wall time)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_requests: int = Field(ge=0, description="Requests in the run.")
+    num_failed: int = Field(ge=0, description="Requests that failed or were shed.")
+    num_shed: int = Field(0, ge=0, description="Requests the router shed.")
+    wall_s: float = Field(ge=0, description="Wall-clock length of the run, seconds.")
+    sla_e2e_s: float = Field(gt=0, description="The end-to-end deadline SLA attainment uses.")
+    e2e_p50_s: float | None = _desc("Median end-to-end latency of successful requests.")
+    e2e_p90_s: float | None = _desc("90th percentile end-to-end latency, successful requests.")
+    e2e_p95_s: float | None = _desc("95th percentile end-to-end latency, successful requests.")
+    e2e_p99_s: float | None = _desc("99th percentile end-to-end latency, successful requests.")
+    ttft_p50_s: float | None = _desc("Median time to first token over LLM calls.")
+    ttft_p99_s: float | None = _desc("99th percentile time to first token over LLM calls.")
+    tpot_p50_s: float | None = _desc("Median time per output token over LLM calls.")
+    tpot_p99_s: float | None = _desc("99th percentile time per output token over LLM calls.")
+    requests_per_s: float | None = _desc("Successful requests per wall second.")
+    output_tokens_per_s: float | None = _desc("Generated tokens (all requests) per wall second.")
+    sla_attainment: float | None = _desc(
+        "Share of all requests that succeeded within sla_e2e_s; failed and shed are misses."
+    )
+    goodput_rps: float | None = _desc("Requests that met the SLA, per wall second.")
+    error_rate: float | None = _desc("Share of requests that failed or were shed.")
+    cost_per_1k_usd: float | None = _desc("USD per 1000 requests (replicas + API tokens).")
+    peak_memory_gib: float | None = _desc("Peak memory of the deployment, GiB.")
+    quality: float | None = _desc(
+        "Mean task score over all requests, a failed request scoring 0; None if unscored."
+    )
+    quality_ci95: list[float] | None = _desc("95% bootstrap interval of quality: [low, high].")
+    format_clean_rate: float | None = _desc("Share of structured answers parsed strictly.")
+    format_repaired_rate: float | None = _desc("Share parsed only after CPU-side repair.")
+    format_unparseable_rate: float | None = _desc("Share that could not be parsed at all.")
+    llm_calls_per_request: float | None = _desc("Mean LLM calls per request.")
+    tokens_per_request: float | None = _desc("Mean prompt + completion tokens per request.")
+
+
+def _per_second(count: float, wall_s: float) -> float | None:
+    return count / wall_s if wall_s > 0 else None
+
+
+def _quality_scores(outcomes: Sequence[RequestOutcome]) -> list[float] | None:
+    """Per-request scores with failures as 0; None when no successful request was scored."""
+    if not any(o.succeeded and o.quality is not None for o in outcomes):
+        return None
+    return [o.quality if o.succeeded and o.quality is not None else 0.0 for o in outcomes]
+
+
+def summarize(
+    outcomes: Sequence[RequestOutcome],
+    wall_s: float,
+    sla_e2e_s: float,
+    replica_seconds: Mapping[str, float],
+    prices: CostModel,
+    peak_memory_gib: float | None,
+    api_tokens: int = 0,
+) -> RunMetrics:
+    """The run's metrics from its request outcomes and what the deployment used.
+
+    Latency percentiles cover successful requests (and their LLM calls); rates, SLA
+    attainment, quality and cost are over all requests, so failing fast never looks good.
+    """
+    if wall_s < 0 or math.isnan(wall_s):
+        raise ValueError(f"wall_s must be >= 0, got {wall_s}")
+    if sla_e2e_s <= 0:
+        raise ValueError(f"sla_e2e_s must be > 0, got {sla_e2e_s}")
+    n = len(outcomes)
+    good = [o for o in outcomes if o.succeeded]
+    e2e = percentiles([o.e2e_s for o in good])
+    ttft = percentiles([t for o in good for t in o.ttfts_s], (50, 99))
+    tpot = percentiles([t for o in good for t in o.tpots_s], (50, 99))
+    met_sla = sum(o.e2e_s <= sla_e2e_s for o in good)
+    num_failed = n - len(good)
+
+    tally = FormatTally()
+    for outcome in outcomes:
+        for status in outcome.format_statuses:
+            tally.add(status)
+    rates = tally.rates() if tally.total else None
+
+    scores = _quality_scores(outcomes)
+    cost = (
+        cost_per_1k_requests(
+            replica_seconds,
+            prices.price_per_replica_hour_usd,
+            api_tokens,
+            prices.api_price_per_1k_tokens_usd,
+            n,
+        )
+        if n
+        else None
+    )
+    if n == 0:
+        logger.warning("summarizing a run with no requests")
+    return RunMetrics(
+        num_requests=n,
+        num_failed=num_failed,
+        num_shed=sum(o.shed for o in outcomes),
+        wall_s=wall_s,
+        sla_e2e_s=sla_e2e_s,
+        e2e_p50_s=e2e["p50"],
+        e2e_p90_s=e2e["p90"],
+        e2e_p95_s=e2e["p95"],
+        e2e_p99_s=e2e["p99"],
+        ttft_p50_s=ttft["p50"],
+        ttft_p99_s=ttft["p99"],
+        tpot_p50_s=tpot["p50"],
+        tpot_p99_s=tpot["p99"],
+        requests_per_s=_per_second(len(good), wall_s),
+        output_tokens_per_s=_per_second(sum(o.completion_tokens for o in outcomes), wall_s),
+        sla_attainment=met_sla / n if n else None,
+        goodput_rps=_per_second(met_sla, wall_s),
+        error_rate=num_failed / n if n else None,
+        cost_per_1k_usd=cost,
+        peak_memory_gib=peak_memory_gib,
+        quality=float(np.mean(scores)) if scores else None,
+        quality_ci95=list(bootstrap_ci(scores)) if scores else None,
+        format_clean_rate=rates["clean"] if rates else None,
+        format_repaired_rate=rates["repaired"] if rates else None,
+        format_unparseable_rate=rates["unparseable"] if rates else None,
+        llm_calls_per_request=float(np.mean([o.llm_calls for o in outcomes])) if n else None,
+        tokens_per_request=(
+            float(np.mean([o.prompt_tokens + o.completion_tokens for o in outcomes])) if n else None
+        ),
+    )

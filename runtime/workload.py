@@ -1,0 +1,252 @@
+"""Workloads: when requests arrive and which dataset example each one carries.
+
+Open-loop arrivals (Poisson, bursty gamma, a replayed trace) fix the send times in advance,
+so a slow deployment builds a queue just as it would in production; a closed loop instead
+has a fixed number of users who each send the next request after the previous one finishes
+(plus think time), so it is paced by completions and has no precomputed schedule.
+Everything random is drawn from numpy Generators seeded from the spec: the same spec gives
+the same schedule and the same request mix on every run, which makes trials comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+_ARRIVAL_STREAM = 0
+_REQUEST_STREAM = 1
+
+
+class PoissonArrivals(BaseModel):
+    """Memoryless arrivals: exponential gaps with mean 1/rate_rps."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["poisson"] = Field("poisson", description="Discriminator.")
+    rate_rps: float = Field(gt=0, description="Mean arrival rate, requests per second.")
+
+
+class GammaArrivals(BaseModel):
+    """Bursty (cv > 1) or regular (cv < 1) arrivals: gamma gaps with mean 1/rate_rps."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["gamma"] = Field("gamma", description="Discriminator.")
+    rate_rps: float = Field(gt=0, description="Mean arrival rate, requests per second.")
+    cv: float = Field(
+        gt=0, description="Coefficient of variation of the gaps; 1 is Poisson, >1 is bursty."
+    )
+
+
+class ClosedLoop(BaseModel):
+    """A fixed population of users, each waiting for its answer before asking again."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["closed"] = Field("closed", description="Discriminator.")
+    users: int = Field(ge=1, description="Concurrent users, each with one request in flight.")
+    think_time_s: float = Field(
+        0.0, ge=0, description="Seconds a user waits after an answer before the next request."
+    )
+
+
+class TraceReplay(BaseModel):
+    """Arrival times read from a CSV or JSONL file, shifted to start at 0 and sped up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["trace"] = Field("trace", description="Discriminator.")
+    path: Path = Field(description="A .csv (with header) or .jsonl/.ndjson file of arrivals.")
+    time_column: str = Field(
+        "timestamp",
+        min_length=1,
+        description="Column (CSV) or key (JSONL) with the arrival time in seconds, absolute "
+        "(epoch) or relative, or an ISO-8601 date-time.",
+    )
+    speedup: float = Field(
+        1.0, gt=0, description="Replay this many times faster than recorded (2 halves gaps)."
+    )
+
+
+Arrivals = Annotated[
+    PoissonArrivals | GammaArrivals | ClosedLoop | TraceReplay, Field(discriminator="kind")
+]
+
+
+class WorkloadSpec(BaseModel):
+    """A complete, reproducible workload: arrival process, request count, seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arrivals: Arrivals = Field(description="How requests arrive; chosen by its 'kind'.")
+    num_requests: int = Field(ge=1, description="Requests sent in one run.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw in the workload.")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure schedule functions
+# --------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """Independent generators for arrivals and request choice from one seed."""
+    return np.random.default_rng([seed, stream])
+
+
+def _offsets_from_gaps(gaps: np.ndarray) -> list[float]:
+    """The first request goes at 0; each later one a gap after the previous."""
+    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    return offsets.tolist()
+
+
+def poisson_offsets(rate_rps: float, n: int, rng: np.random.Generator) -> list[float]:
+    """n send times (seconds from start) of a Poisson process of the given rate."""
+    return _offsets_from_gaps(rng.exponential(1.0 / rate_rps, size=n))
+
+
+def gamma_offsets(rate_rps: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
+    """n send times with gamma gaps: mean 1/rate_rps, coefficient of variation cv.
+
+    A gamma with shape k has CV 1/sqrt(k), so k = 1/cv^2 and scale = 1/(rate * k).
+    """
+    shape = 1.0 / cv**2
+    return _offsets_from_gaps(rng.gamma(shape, 1.0 / (rate_rps * shape), size=n))
+
+
+def trace_offsets(timestamps: Sequence[float], speedup: float) -> list[float]:
+    """Recorded times as offsets from the earliest, sorted, divided by speedup."""
+    if not timestamps:
+        raise ValueError("timestamps must not be empty, got []")
+    if speedup <= 0:
+        raise ValueError(f"speedup must be > 0, got {speedup}")
+    times = np.sort(np.asarray(timestamps, dtype=float))
+    return ((times - times[0]) / speedup).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Trace files
+# --------------------------------------------------------------------------------------------
+
+
+def _seconds(value: Any, where: str) -> float:
+    """A timestamp as seconds: a number, a numeric string or an ISO-8601 date-time."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: expected a time in seconds, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = datetime.fromisoformat(value.strip()).timestamp()
+            except ValueError:
+                raise ValueError(
+                    f"{where}: expected a time in seconds or an ISO-8601 date-time, got {value!r}"
+                ) from None
+    else:
+        raise ValueError(f"{where}: expected a time in seconds, got {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{where}: time must be finite, got {value!r}")
+    return seconds
+
+
+def _read_csv(path: Path, column: str) -> list[float]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise ValueError(
+                f"{path}: no column {column!r} in the header (columns: {reader.fieldnames})"
+            )
+        times = []
+        for row in reader:
+            where = f"{path} line {reader.line_num}, column {column!r}"
+            value = row.get(column)
+            if value is None or not value.strip():
+                raise ValueError(f"{where}: missing value")
+            times.append(_seconds(value, where))
+    return times
+
+
+def _read_jsonl(path: Path, column: str) -> list[float]:
+    times = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_number}"
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{where}: not valid JSON ({error})") from None
+            if not isinstance(record, dict) or column not in record:
+                raise ValueError(f"{where}: no key {column!r} in {line.strip()[:80]!r}")
+            times.append(_seconds(record[column], f"{where}, key {column!r}"))
+    return times
+
+
+def read_trace(path: Path, time_column: str = "timestamp") -> list[float]:
+    """Arrival times (seconds) from a .csv or .jsonl/.ndjson file, in file order."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        times = _read_csv(path, time_column)
+    elif suffix in (".jsonl", ".ndjson"):
+        times = _read_jsonl(path, time_column)
+    else:
+        raise ValueError(f"trace path must end in .csv, .jsonl or .ndjson, got {str(path)!r}")
+    if not times:
+        raise ValueError(f"{path}: the trace has no arrivals")
+    logger.debug("read %d arrivals from %s", len(times), path)
+    return times
+
+
+# --------------------------------------------------------------------------------------------
+# The spec's schedule and request mix
+# --------------------------------------------------------------------------------------------
+
+
+def arrival_offsets(spec: WorkloadSpec) -> list[float] | None:
+    """Send times, in seconds from the start, of spec.num_requests requests.
+
+    None for a closed loop, whose requests are sent as earlier ones complete. A trace must
+    hold at least num_requests arrivals; the earliest num_requests are replayed.
+    """
+    arrivals = spec.arrivals
+    n = spec.num_requests
+    if isinstance(arrivals, ClosedLoop):
+        return None
+    if isinstance(arrivals, PoissonArrivals):
+        return poisson_offsets(arrivals.rate_rps, n, _rng(spec.seed, _ARRIVAL_STREAM))
+    if isinstance(arrivals, GammaArrivals):
+        return gamma_offsets(arrivals.rate_rps, arrivals.cv, n, _rng(spec.seed, _ARRIVAL_STREAM))
+    offsets = trace_offsets(read_trace(arrivals.path, arrivals.time_column), arrivals.speedup)
+    if len(offsets) < n:
+        raise ValueError(
+            f"num_requests must be <= the {len(offsets)} arrivals in {arrivals.path}, got {n}"
+        )
+    return offsets[:n]
+
+
+def sample_requests(spec: WorkloadSpec, dataset_size: int) -> list[int]:
+    """Which dataset example each of the spec's requests carries (indices, seeded).
+
+    Walks a seeded permutation of the dataset, drawing a fresh one each time it is used
+    up, so every example is sent once before any is sent twice.
+    """
+    if dataset_size < 1:
+        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+    rng = _rng(spec.seed, _REQUEST_STREAM)
+    cycles = -(-spec.num_requests // dataset_size)
+    order = np.concatenate([rng.permutation(dataset_size) for _ in range(cycles)])
+    return order[: spec.num_requests].tolist()

@@ -1,0 +1,213 @@
+"""Run metrics on hand-computed inputs: percentiles, SLA, goodput, cost, quality, formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.metrics import (
+    CostModel,
+    RequestOutcome,
+    RunMetrics,
+    bootstrap_ci,
+    cost_per_1k_requests,
+    percentiles,
+    summarize,
+)
+
+PRICES = CostModel(price_per_replica_hour_usd={"smollm2": 0.36}, api_price_per_1k_tokens_usd=0.0)
+
+
+def _ok(i: int, e2e: float, quality: float | None = 1.0, **extra: object) -> RequestOutcome:
+    return RequestOutcome(
+        request_id=i,
+        start_s=10.0 + i,
+        end_s=10.0 + i + e2e,
+        ok=True,
+        error=None,
+        quality=quality,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _failed(i: int, e2e: float = 0.1, shed: bool = False) -> RequestOutcome:
+    return RequestOutcome(
+        request_id=i, start_s=float(i), end_s=i + e2e, ok=False, error="timeout", shed=shed
+    )
+
+
+def test_percentiles_hand_computed() -> None:
+    # numpy 'linear': position q/100 * (n - 1) into the sorted values.
+    result = percentiles([4.0, 1.0, 3.0, 2.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert result == pytest.approx({"p50": 5.5, "p90": 9.1, "p95": 9.55, "p99": 9.91})
+    assert percentiles([2.0], qs=(50, 99.9)) == {"p50": 2.0, "p99.9": 2.0}
+
+
+def test_percentiles_empty_and_nan() -> None:
+    assert percentiles([]) == {"p50": None, "p90": None, "p95": None, "p99": None}
+    with pytest.raises(ValueError, match="NaN"):
+        percentiles([1.0, float("nan")])
+    with pytest.raises(ValueError, match="got 101"):
+        percentiles([1.0], qs=(101,))
+
+
+def test_bootstrap_ci_contains_mean_and_narrows_with_data() -> None:
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0, 1, 30).tolist()
+    large = rng.uniform(0, 1, 3000).tolist()
+    low_s, high_s = bootstrap_ci(small)
+    low_l, high_l = bootstrap_ci(large)
+    assert low_s < float(np.mean(small)) < high_s
+    assert low_l < float(np.mean(large)) < high_l
+    assert (high_l - low_l) < (high_s - low_s) / 5
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
+
+
+def test_bootstrap_ci_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1\.5"):
+        bootstrap_ci([1.0], confidence=1.5)
+
+
+def test_cost_arithmetic() -> None:
+    # 2 replica-hours at $0.36 + 1.5 hours at $2.00 + 50k API tokens at $0.01/1k = $3.72 + $0.50
+    cost = cost_per_1k_requests(
+        {"small": 7200.0, "large": 5400.0}, {"small": 0.36, "large": 2.0}, 50_000, 0.01, 500
+    )
+    assert cost == pytest.approx((0.72 + 3.0 + 0.5) / 500 * 1000)
+
+
+def test_cost_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="no entry for model 'big'"):
+        cost_per_1k_requests({"big": 1.0}, {"small": 1.0}, 0, 0.0, 10)
+    with pytest.raises(ValueError, match="n_requests must be >= 1, got 0"):
+        cost_per_1k_requests({}, {}, 0, 0.0, 0)
+
+
+def test_outcome_rejects_end_before_start() -> None:
+    with pytest.raises(ValueError, match="end_s must be >= start_s"):
+        RequestOutcome(request_id=1, start_s=5.0, end_s=4.0, ok=True, error=None)
+
+
+def test_summary_sla_goodput_errors_and_quality() -> None:
+    outcomes = [
+        _ok(0, 0.5, quality=1.0, ttfts_s=[0.1], tpots_s=[0.01], completion_tokens=20),
+        _ok(1, 1.0, quality=0.5, ttfts_s=[0.2, 0.3], tpots_s=[0.02], completion_tokens=30),
+        _ok(2, 3.0, quality=1.0, ttfts_s=[0.4], tpots_s=[0.03], completion_tokens=50),
+        _failed(3),
+        _failed(4, shed=True),
+    ]
+    metrics = summarize(
+        outcomes,
+        wall_s=10.0,
+        sla_e2e_s=2.0,
+        replica_seconds={"smollm2": 3600.0},
+        prices=PRICES,
+        peak_memory_gib=1.5,
+    )
+    assert metrics.num_requests == 5
+    assert metrics.num_failed == 2 and metrics.num_shed == 1
+    assert metrics.error_rate == pytest.approx(0.4)
+    # Two of five requests met the 2 s deadline; failures and shed ones are misses.
+    assert metrics.sla_attainment == pytest.approx(0.4)
+    assert metrics.goodput_rps == pytest.approx(0.2)
+    assert metrics.requests_per_s == pytest.approx(0.3)
+    assert metrics.output_tokens_per_s == pytest.approx(10.0)
+    assert metrics.e2e_p50_s == pytest.approx(1.0)
+    assert metrics.e2e_p99_s == pytest.approx(1.0 + 0.98 * 2.0)
+    assert metrics.ttft_p50_s == pytest.approx(0.25)
+    assert metrics.tpot_p50_s == pytest.approx(0.02)
+    # Failed requests score 0: (1 + 0.5 + 1 + 0 + 0) / 5.
+    assert metrics.quality == pytest.approx(0.5)
+    assert metrics.quality_ci95 is not None
+    assert metrics.quality_ci95[0] <= 0.5 <= metrics.quality_ci95[1]
+    assert metrics.cost_per_1k_usd == pytest.approx(0.36 / 5 * 1000)
+    assert metrics.peak_memory_gib == 1.5
+    assert metrics.format_clean_rate is None
+
+
+def test_summary_format_rates_tokens_and_calls() -> None:
+    outcomes = [
+        _ok(
+            0,
+            0.5,
+            llm_calls=2,
+            prompt_tokens=100,
+            completion_tokens=10,
+            format_statuses=["clean", "repaired"],
+        ),
+        _ok(
+            1,
+            0.5,
+            llm_calls=1,
+            prompt_tokens=50,
+            completion_tokens=20,
+            format_statuses=["clean", "unparseable"],
+        ),
+    ]
+    metrics = summarize(
+        outcomes,
+        wall_s=2.0,
+        sla_e2e_s=1.0,
+        replica_seconds={},
+        prices=PRICES,
+        peak_memory_gib=None,
+        api_tokens=1000,
+    )
+    assert (metrics.format_clean_rate, metrics.format_repaired_rate) == (0.5, 0.25)
+    assert metrics.format_unparseable_rate == 0.25
+    assert metrics.llm_calls_per_request == 1.5
+    assert metrics.tokens_per_request == 90.0
+    assert metrics.cost_per_1k_usd == 0.0
+
+
+def test_unscored_app_has_no_quality() -> None:
+    metrics = summarize(
+        [_ok(0, 0.2, quality=None)],
+        wall_s=1.0,
+        sla_e2e_s=1.0,
+        replica_seconds={},
+        prices=PRICES,
+        peak_memory_gib=None,
+    )
+    assert metrics.quality is None and metrics.quality_ci95 is None
+    assert metrics.sla_attainment == 1.0
+
+
+def test_empty_run() -> None:
+    metrics = summarize(
+        [], wall_s=0.0, sla_e2e_s=1.0, replica_seconds={}, prices=PRICES, peak_memory_gib=None
+    )
+    assert metrics.num_requests == 0 and metrics.num_failed == 0
+    undefined = set(RunMetrics.model_fields) - {
+        "num_requests",
+        "num_failed",
+        "num_shed",
+        "wall_s",
+        "sla_e2e_s",
+    }
+    assert all(getattr(metrics, name) is None for name in undefined)
+
+
+def test_all_failed_run() -> None:
+    metrics = summarize(
+        [_failed(0), _failed(1)],
+        wall_s=4.0,
+        sla_e2e_s=1.0,
+        replica_seconds={"smollm2": 10.0},
+        prices=PRICES,
+        peak_memory_gib=0.8,
+    )
+    assert metrics.sla_attainment == 0.0 and metrics.goodput_rps == 0.0
+    assert metrics.error_rate == 1.0
+    assert metrics.e2e_p50_s is None and metrics.ttft_p99_s is None
+    assert metrics.quality is None
+
+
+def test_summary_rejects_bad_deadline() -> None:
+    with pytest.raises(ValueError, match="sla_e2e_s must be > 0, got 0"):
+        summarize(
+            [], wall_s=1.0, sla_e2e_s=0, replica_seconds={}, prices=PRICES, peak_memory_gib=None
+        )
