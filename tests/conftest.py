@@ -42,9 +42,10 @@ def engine_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaPoo
         yield pool
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def hot_replica(engine_pool: ReplicaPool, small_engine: EngineConfig) -> Replica:
-    """A running replica of the small engine, shared by the session's engine tests."""
+    """A running replica of the small engine, shared by the session's engine tests (the pool
+    keeps it hot between tests and restarts it if a test stopped it)."""
     return engine_pool.acquire(small_engine)[0]
 
 
@@ -58,3 +59,15 @@ def fmtune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests first, then real-engine tests, and the one that stops the hot replica last,
+    so a failure shows early and the shared replica is started once."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("stops_hot_replica"):
+            return 2
+        return 1 if item.get_closest_marker("engine") else 0
+
+    items.sort(key=rank)

@@ -261,3 +261,7 @@ def main() -> None:
     except KeyboardInterrupt:
         error_console.print("interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
