@@ -1,0 +1,373 @@
+"""The router's live side: endpoints, their refreshed state, and the dispatch of each call.
+
+`Router` implements the ChatBackend protocol over the replicas of every model key. For each
+call it builds snapshots of the replicas (its own outstanding counters plus the engine's
+/metrics, refreshed in the background), asks the configured pure policy (runtime.router) for
+a replica, and sends the call there. Around that decision:
+- calls wait in a bounded least-slack-first queue while every replica of their model is full
+  (outstanding calls >= max_num_seqs), so the tightest deadlines go first;
+- with the sla_aware policy, admission control sheds a call whose deadline is already out of
+  reach, before it takes capacity from calls that can still make it;
+- a replica that fails a call at the connection level (it died) is taken out of rotation and
+  the call is retried once on another replica.
+Deadlines come from the request: `request_deadline()` sets one for every call made inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import httpx
+
+from runtime.client import CallRecord, EngineClient, SamplingParams
+from runtime.replica import Replica, parse_metrics
+from runtime.router import (
+    CallDemand,
+    QueueFull,
+    ReplicaSnapshot,
+    RouteContext,
+    RouterConfig,
+    SlackQueue,
+    SpeedEstimator,
+    admit,
+    get_policy,
+    predict_completion_s,
+)
+
+logger = logging.getLogger(__name__)
+
+SHED_PREFIX = "shed:"
+QUEUE_FULL_PREFIX = "queue full:"
+#: Characters per token when estimating a prompt's length before the server counts it.
+CHARS_PER_TOKEN = 4.0
+
+_DEADLINE: ContextVar[float | None] = ContextVar("fmtune_call_deadline", default=None)
+
+
+@contextlib.contextmanager
+def request_deadline(deadline_s: float | None) -> Iterator[None]:
+    """Every call made inside this block (and tasks it starts) has this absolute deadline."""
+    token = _DEADLINE.set(deadline_s)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+@dataclass
+class Endpoint:
+    """One server of a model key, and what the router tracks about it."""
+
+    endpoint_id: str
+    model_key: str
+    served_model: str
+    base_url: str
+    max_num_seqs: int
+    replica: Replica | None = None
+    client: EngineClient | None = None
+    healthy: bool = True
+    outstanding: int = 0
+    outstanding_prefill_tokens: int = 0
+    outstanding_decode_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    calls: int = 0
+
+    def snapshot(self) -> ReplicaSnapshot:
+        """The state a pure policy decides on."""
+        return ReplicaSnapshot(
+            replica_id=self.endpoint_id,
+            model=self.model_key,
+            healthy=self.healthy,
+            outstanding_requests=self.outstanding,
+            outstanding_prefill_tokens=self.outstanding_prefill_tokens,
+            outstanding_decode_tokens=self.outstanding_decode_tokens,
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache_usage,
+            max_num_seqs=self.max_num_seqs,
+        )
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+
+
+@dataclass
+class RouterStats:
+    """Counters the server's /metrics and the run report read."""
+
+    routed: int = 0
+    shed: int = 0
+    queue_rejected: int = 0
+    retried: int = 0
+    queue_depth: dict[str, int] = field(default_factory=dict)
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """A quick token estimate of a chat prompt (the server's count arrives only later)."""
+    return max(1, int(sum(len(m.get("content", "")) for m in messages) / CHARS_PER_TOKEN) + 8)
+
+
+class Router:
+    """Routes chat calls by model key over endpoints, per a RouterConfig (a ChatBackend)."""
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        config: RouterConfig | None = None,
+        *,
+        default_deadline_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_unhealthy: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.policy = get_policy(self.config.policy)
+        self.default_deadline_s = default_deadline_s
+        self.clock = clock
+        self.on_unhealthy = on_unhealthy
+        self.speeds = SpeedEstimator(alpha=self.config.ewma_alpha)
+        self.endpoints: list[Endpoint] = []
+        self.stats = RouterStats()
+        self._queues: dict[str, SlackQueue[_Waiter]] = {}
+        self._counter = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=5.0)
+        for endpoint in endpoints:
+            self.add_endpoint(endpoint)
+
+    # --- membership ----------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        """Put an endpoint into rotation (e.g. a replica the provisioner just started)."""
+        if endpoint.client is None:
+            endpoint.client = EngineClient(endpoint.base_url, connect_retries=1)
+        self.endpoints.append(endpoint)
+        self._queues.setdefault(endpoint.model_key, SlackQueue(self.config.queue_capacity))
+        self._wake(endpoint.model_key)
+
+    async def remove_endpoint(self, endpoint: Endpoint) -> None:
+        """Take an endpoint out of rotation and close its connections."""
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+        if endpoint.client is not None:
+            await endpoint.client.aclose()
+
+    def model_keys(self) -> list[str]:
+        """Model keys with at least one endpoint."""
+        return sorted({endpoint.model_key for endpoint in self.endpoints})
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Router:
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop refreshing and close every connection."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        for endpoint in self.endpoints:
+            if endpoint.client is not None:
+                await endpoint.client.aclose()
+        await self._http.aclose()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metrics_refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Scrape every endpoint's /metrics into its state; mark failures unhealthy."""
+        await asyncio.gather(*(self._refresh_one(endpoint) for endpoint in self.endpoints))
+
+    async def _refresh_one(self, endpoint: Endpoint) -> None:
+        if endpoint.replica is not None and not endpoint.replica.running():
+            self._mark_unhealthy(endpoint, "process exited")
+            return
+        try:
+            response = await self._http.get(f"{endpoint.base_url}/metrics")
+            response.raise_for_status()
+            metrics = parse_metrics(response.text)
+        except (httpx.HTTPError, ValueError) as error:
+            if endpoint.replica is not None:
+                self._mark_unhealthy(endpoint, f"metrics scrape failed: {error}")
+            return
+        endpoint.num_running = int(metrics.num_requests_running)
+        endpoint.num_waiting = int(metrics.num_requests_waiting)
+        endpoint.kv_cache_usage = metrics.kv_cache_usage
+
+    def _mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
+        if endpoint.healthy:
+            logger.warning("endpoint %s out of rotation: %s", endpoint.endpoint_id, reason)
+            endpoint.healthy = False
+            if self.on_unhealthy is not None:
+                self.on_unhealthy(endpoint)
+            self._wake(endpoint.model_key)
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def _healthy(self, model_key: str) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.model_key == model_key and e.healthy]
+
+    def _has_room(self, model_key: str) -> bool:
+        return any(e.outstanding < e.max_num_seqs for e in self._healthy(model_key))
+
+    def _wake(self, model_key: str) -> None:
+        """Release waiting calls, least slack first, while the model has room."""
+        queue = self._queues.get(model_key)
+        if queue is None:
+            return
+        for waiter in queue.drop_expired(self.clock()):
+            if not waiter.future.done():
+                waiter.future.set_exception(TimeoutError("deadline passed while queued"))
+        while len(queue) and (self._has_room(model_key) or not self._healthy(model_key)):
+            waiter = queue.pop(self.clock()).item
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        self.stats.queue_depth[model_key] = len(queue)
+
+    def _demand(
+        self, model_key: str, messages: list[dict[str, str]], max_tokens: int
+    ) -> CallDemand:
+        now = self.clock()
+        deadline = _DEADLINE.get()
+        return CallDemand(
+            model=model_key,
+            prompt_tokens=estimate_prompt_tokens(messages),
+            max_tokens=max_tokens,
+            deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
+            now_s=now,
+        )
+
+    def _failed(self, error: str) -> CallRecord:
+        return CallRecord(
+            start_s=self.clock(), ttft_s=None, itl_s=(), e2e_s=0.0, prompt_tokens=0,
+            completion_tokens=0, finish_reason=None, text="", error=error,
+        )  # fmt: skip
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
+    ) -> CallRecord:
+        """Route one chat call for model key `model` and run it (ChatBackend)."""
+        if model not in self._queues:
+            return self._failed(f"no endpoint serves model key '{model}'")
+        demand = self._demand(model, messages, sampling.max_tokens)
+        context = RouteContext(
+            counter=self._counter,
+            speeds=self.speeds.snapshot(),
+            safety_factor=self.config.safety_factor,
+        )
+        if self.config.policy == "sla_aware":
+            candidates = [e.snapshot() for e in self._healthy(model)]
+            if candidates:
+                best = min(
+                    predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
+                )
+                decision = admit(demand, best, self.config.shed_tolerance_s)
+                if not decision.admit:
+                    self.stats.shed += 1
+                    return self._failed(f"{SHED_PREFIX} {decision.reason}")
+        if not self._has_room(model):
+            waiter = _Waiter(asyncio.get_running_loop().create_future())
+            try:
+                self._queues[model].push(waiter, demand.deadline_s, 0.0)
+            except QueueFull as full:
+                self.stats.queue_rejected += 1
+                return self._failed(f"{QUEUE_FULL_PREFIX} {full}")
+            self.stats.queue_depth[model] = len(self._queues[model])
+            try:
+                await waiter.future
+            except TimeoutError:
+                self.stats.shed += 1
+                return self._failed(f"{SHED_PREFIX} deadline passed while queued")
+        return await self._dispatch(model, messages, sampling, demand, tried=set())
+
+    async def _dispatch(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        sampling: SamplingParams,
+        demand: CallDemand,
+        tried: set[str],
+    ) -> CallRecord:
+        snapshots = [e.snapshot() for e in self._healthy(model) if e.endpoint_id not in tried]
+        context = RouteContext(
+            counter=self._counter, speeds=self.speeds.snapshot(),
+            safety_factor=self.config.safety_factor,
+        )  # fmt: skip
+        decision = self.policy(snapshots, demand, context)
+        self._counter += 1
+        endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
+        if endpoint is None:
+            return self._failed(decision.reason)
+        self.stats.routed += 1
+        endpoint.calls += 1
+        endpoint.outstanding += 1
+        endpoint.outstanding_prefill_tokens += demand.prompt_tokens
+        endpoint.outstanding_decode_tokens += demand.max_tokens
+        running_at_start = max(endpoint.num_running, endpoint.outstanding)
+        assert endpoint.client is not None
+        try:
+            record = await endpoint.client.chat(endpoint.served_model, messages, sampling)
+        finally:
+            endpoint.outstanding -= 1
+            endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+            endpoint.outstanding_decode_tokens -= demand.max_tokens
+            self._wake(model)
+        if record.error is not None and record.error.startswith("connection:"):
+            self._mark_unhealthy(endpoint, record.error)
+            if not tried:
+                self.stats.retried += 1
+                retry = await self._dispatch(
+                    model, messages, sampling, demand, tried={endpoint.endpoint_id}
+                )
+                return _with_retry(retry)
+            return record
+        if record.ok and record.ttft_s is not None:
+            self.speeds.observe(
+                endpoint.endpoint_id,
+                record.ttft_s,
+                record.prompt_tokens,
+                list(record.itl_s),
+                running_at_start,
+            )
+        return record
+
+
+def _with_retry(record: CallRecord) -> CallRecord:
+    from dataclasses import replace
+
+    return replace(record, retries=record.retries + 1)
+
+
+def endpoints_for_replicas(
+    model_key: str, replicas: list[Replica], max_num_seqs_default: int = 256
+) -> list[Endpoint]:
+    """Endpoints for pool replicas of one model key."""
+    return [
+        Endpoint(
+            endpoint_id=f"{model_key}/{replica.replica_id}",
+            model_key=model_key,
+            served_model=replica.config.model,
+            base_url=replica.base_url,
+            max_num_seqs=replica.config.max_num_seqs or max_num_seqs_default,
+            replica=replica,
+        )
+        for replica in replicas
+    ]

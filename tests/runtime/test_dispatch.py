@@ -1,0 +1,131 @@
+"""The router's live side against scripted endpoints: policy use, queueing, shedding, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from runtime.client import EngineClient, SamplingParams
+from runtime.dispatch import Endpoint, Router, request_deadline
+from runtime.router import RouterConfig
+
+USER = [{"role": "user", "content": "hello there"}]
+
+
+def sse_answer(text: str) -> bytes:
+    chunks = [
+        {"choices": [{"delta": {"content": text}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+    ]
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+
+
+def scripted(name: str, delay_s: float = 0.0, refuse: bool = False) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if refuse:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        await asyncio.sleep(delay_s)
+        return httpx.Response(200, content=sse_answer(name))
+
+    return httpx.MockTransport(handler)
+
+
+def endpoint(name: str, max_num_seqs: int = 4, **script: object) -> Endpoint:
+    url = f"http://{name}"
+    client = EngineClient(url, connect_retries=0, transport=scripted(name, **script))  # type: ignore[arg-type]
+    return Endpoint(
+        endpoint_id=name, model_key="llm", served_model="m", base_url=url,
+        max_num_seqs=max_num_seqs, client=client,
+    )  # fmt: skip
+
+
+async def test_round_robin_alternates_between_endpoints() -> None:
+    router = Router([endpoint("a"), endpoint("b")], RouterConfig(policy="round_robin"))
+    texts = [(await router.chat("llm", USER, SamplingParams())).text for _ in range(4)]
+    assert texts == ["a", "b", "a", "b"]
+    await router.aclose()
+
+
+async def test_unknown_model_key_fails_the_call_with_a_reason() -> None:
+    router = Router([endpoint("a")])
+    record = await router.chat("judge", USER, SamplingParams())
+    assert record.error == "no endpoint serves model key 'judge'"
+    await router.aclose()
+
+
+async def test_full_replicas_queue_calls_and_release_least_slack_first() -> None:
+    router = Router(
+        [endpoint("a", max_num_seqs=1, delay_s=0.2)], RouterConfig(policy="round_robin")
+    )
+    order: list[str] = []
+
+    async def call(tag: str, deadline: float) -> None:
+        with request_deadline(deadline):
+            record = await router.chat("llm", USER, SamplingParams())
+        assert record.ok, record.error
+        order.append(tag)
+
+    now = router.clock()
+    first = asyncio.create_task(call("first", now + 100))
+    await asyncio.sleep(0.05)  # "first" occupies the only slot
+    loose = asyncio.create_task(call("loose", now + 100))
+    await asyncio.sleep(0.01)
+    tight = asyncio.create_task(call("tight", now + 10))
+    await asyncio.gather(first, loose, tight)
+    assert order == ["first", "tight", "loose"]
+    await router.aclose()
+
+
+async def test_queue_capacity_rejects_with_queue_full() -> None:
+    config = RouterConfig(policy="round_robin", queue_capacity=1)
+    router = Router([endpoint("a", max_num_seqs=1, delay_s=0.3)], config)
+    records = await asyncio.gather(*(router.chat("llm", USER, SamplingParams()) for _ in range(3)))
+    errors = sorted(str(r.error) for r in records if r.error)
+    assert len(errors) == 1 and errors[0].startswith("queue full:")
+    assert router.stats.queue_rejected == 1
+    await router.aclose()
+
+
+async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
+    router = Router([endpoint("a")], RouterConfig(policy="sla_aware"))
+    with request_deadline(router.clock() - 1.0):
+        record = await router.chat("llm", USER, SamplingParams(max_tokens=50))
+    assert record.error is not None and record.error.startswith("shed:")
+    assert router.stats.shed == 1
+    with request_deadline(router.clock() + 60.0):
+        assert (await router.chat("llm", USER, SamplingParams())).ok
+    await router.aclose()
+
+
+async def test_dead_endpoint_is_taken_out_and_the_call_retried_elsewhere() -> None:
+    dead_seen: list[str] = []
+    router = Router(
+        [endpoint("dead", refuse=True), endpoint("alive")],
+        RouterConfig(policy="round_robin"),
+        on_unhealthy=lambda e: dead_seen.append(e.endpoint_id),
+    )
+    records = [await router.chat("llm", USER, SamplingParams()) for _ in range(4)]
+    assert all(r.ok and r.text == "alive" for r in records)
+    assert sum(r.retries for r in records) == 1 and router.stats.retried == 1
+    assert dead_seen == ["dead"]
+    assert [e.healthy for e in router.endpoints] == [False, True]
+    await router.aclose()
+
+
+async def test_sla_aware_learns_and_prefers_the_faster_endpoint() -> None:
+    router = Router(
+        [endpoint("slow", delay_s=0.15), endpoint("fast", delay_s=0.01)],
+        RouterConfig(policy="sla_aware"),
+    )
+    for _ in range(6):  # warm up both estimates
+        await router.chat("llm", USER, SamplingParams(max_tokens=1))
+    tally = {"slow": 0, "fast": 0}
+    for _ in range(10):
+        with request_deadline(router.clock() + 30):
+            tally[(await router.chat("llm", USER, SamplingParams(max_tokens=1))).text] += 1
+    assert tally["fast"] > tally["slow"]
+    await router.aclose()
