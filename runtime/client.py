@@ -9,9 +9,12 @@ before any byte arrived are retried a bounded number of times (the server never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,6 +92,25 @@ class SamplingParams:
         return body
 
 
+_CALL_DEADLINE: ContextVar[float | None] = ContextVar("fmtune_call_deadline", default=None)
+
+
+@contextlib.contextmanager
+def call_deadline(deadline_s: float | None) -> Iterator[None]:
+    """Calls made inside this block (and tasks it starts) must finish by this absolute
+    time.monotonic() deadline; SLA-aware routing reads it through `current_call_deadline`."""
+    token = _CALL_DEADLINE.set(deadline_s)
+    try:
+        yield
+    finally:
+        _CALL_DEADLINE.reset(token)
+
+
+def current_call_deadline() -> float | None:
+    """The deadline set by the innermost `call_deadline` block, if any."""
+    return _CALL_DEADLINE.get()
+
+
 class ChatBackend(Protocol):
     """Anything that runs a chat call for a model: one endpoint, or a router over replicas."""
 
@@ -159,6 +181,11 @@ class EngineClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
             transport=transport,
         )
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying HTTP client (for proxying raw streams through this connection pool)."""
+        return self._http
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -658,6 +658,39 @@ class App(BaseModel):
             best[stage.id] = (before[0] + own_cost, [*before[1], *own_chain])
         return _best(best[stage.id] for stage in self.stages)[1]
 
+    def deadline_shares(self) -> dict[str, float]:
+        """Each node's share of the request's end-to-end budget by which it should finish.
+
+        The budget is split along the critical path: a node's share is the length of the
+        longest chain ending with it over the length of the critical path, counting an llm or
+        api node as 1, a code node as 0.1 (it runs on the CPU in microseconds) and a loop as
+        max_rounds times its body's longest chain (its nodes get the loop's end). So the first
+        of three sequential calls should be done within a third of the SLA, and parallel
+        branches share the same intermediate deadline.
+        """
+        depth: dict[str, float] = {}
+        shares: dict[str, float] = {}
+        nodes = self.node_map
+
+        def cost(node_id: str) -> float:
+            return 0.1 if nodes[node_id].kind == "code" else 1.0
+
+        for stage in self._ordered_stages():
+            before = max((depth[d] for d in stage.deps), default=0.0)
+            if stage.loop is None:
+                depth[stage.id] = before + cost(stage.id)
+            else:
+                inner: dict[str, float] = {}
+                for node_id in _topological(stage.loop.body, stage.inner_deps):
+                    inner[node_id] = max((inner[d] for d in stage.inner_deps[node_id]), default=0.0)
+                    inner[node_id] += cost(node_id)
+                depth[stage.id] = before + max(inner.values()) * stage.loop.max_rounds
+        total = max(depth.values(), default=1.0)
+        for stage in self.stages:
+            for node_id in stage.node_ids:
+                shares[node_id] = depth[stage.id] / total
+        return shares
+
     def _ordered_stages(self) -> list[Stage]:
         by_id = {stage.id: stage for stage in self.stages}
         order = _topological([s.id for s in self.stages], {s.id: s.deps for s in self.stages})

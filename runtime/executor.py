@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from runtime.client import CallRecord, ChatBackend
+from runtime.client import CallRecord, ChatBackend, call_deadline
 from runtime.dag import (
     FORMAT_INSTRUCTIONS,
     ApiNode,
@@ -149,6 +149,8 @@ class _Context:
     fmt: OutputFormat
     node_timeout_s: float | None
     http: httpx.AsyncClient | None
+    sla_e2e_s: float | None = None
+    deadline_shares: Mapping[str, float] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=256)
@@ -171,10 +173,18 @@ class _RequestRun:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     ended_at: dict[str, float] = field(default_factory=dict)
     spans: list[Span] = field(default_factory=list)
+    start_s: float = 0.0
+
+    def call_deadline_s(self, node_id: str) -> float | None:
+        """When this node's call should finish: its share of the request's SLA."""
+        if self.ctx.sla_e2e_s is None:
+            return None
+        return self.start_s + self.ctx.sla_e2e_s * self.ctx.deadline_shares.get(node_id, 1.0)
 
     async def run(self) -> RequestResult:
         """Run every stage; a node failure ends the request with ok=False, never raises."""
         start = time.monotonic()
+        self.start_s = start
         app = self.ctx.app
         missing = [name for name in app.inputs if name not in self.inputs]
         if missing:
@@ -319,7 +329,8 @@ class _RequestRun:
         messages.append({"role": "user", "content": render(node.prompt, lookup)})
         schema = json_schema(node.output_fields) if node.structured_output else None
         model = self.ctx.models[node.model]
-        record = await self.ctx.backend.chat(model, messages, node.sampling.params(schema))
+        with call_deadline(self.call_deadline_s(node.id)):
+            record = await self.ctx.backend.chat(model, messages, node.sampling.params(schema))
         measured = _measured(record)
         if record.error is not None:
             raise _StepError(record.error, measured)
@@ -431,19 +442,24 @@ async def run_request(
     node_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     request_id: int = 0,
+    sla_e2e_s: float | None = None,
 ) -> RequestResult:
     """Run one request through the app.
 
     models maps the app's model keys to served model names; fmt overrides app.format (the
     format knob) without rebuilding the app; node_timeout_s bounds every node; http is the
     client API nodes use (one is opened for this request if the app needs it and none is
-    given). ConfigError if the app names a model key not in models.
+    given); sla_e2e_s gives every LLM call a deadline (its share of the SLA along the critical
+    path) for SLA-aware routing. ConfigError if the app names a model key not in models.
     """
     app.validate_against(set(models))
     async with contextlib.AsyncExitStack() as stack:
         if http is None and _has_api_nodes(app):
             http = await stack.enter_async_context(httpx.AsyncClient())
-        ctx = _Context(app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http)
+        ctx = _Context(
+            app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
+            sla_e2e_s, app.deadline_shares(),
+        )  # fmt: skip
         return await _RequestRun(ctx, inputs, request_id).run()
 
 
@@ -465,6 +481,7 @@ async def run_requests(
     node_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     on_done: Callable[[RequestResult], None] | None = None,
+    sla_e2e_s: float | None = None,
 ) -> list[RequestResult]:
     """Run every request and return their results in request order (request_id = index).
 
@@ -494,7 +511,10 @@ async def run_requests(
     async with contextlib.AsyncExitStack() as stack:
         if http is None and _has_api_nodes(app):
             http = await stack.enter_async_context(httpx.AsyncClient())
-        ctx = _Context(app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http)
+        ctx = _Context(
+            app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
+            sla_e2e_s, app.deadline_shares(),
+        )  # fmt: skip
 
         async def one(index: int) -> None:
             result = await _RequestRun(ctx, requests[index], index).run()

@@ -439,3 +439,16 @@ def test_critical_path_counts_loop_rounds() -> None:
     assert app.critical_path() == ["a", "b", "c", "end"]
     looped = app.model_copy(update={"loops": (app.loops[0].model_copy(update={"max_rounds": 3}),)})
     assert App.model_validate(looped.model_dump()).critical_path() == ["a", "x", "y", "end"]
+
+
+def test_deadline_shares_follow_the_critical_path() -> None:
+    from runtime.apps.extraction_archs import build_app
+
+    sequential = build_app("sequential", OutputFormat.JSON).deadline_shares()
+    assert sorted(sequential.values()) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    parallel = build_app("parallel", OutputFormat.JSON).deadline_shares()
+    assert parallel["merge"] == 1.0
+    asks = {value for key, value in parallel.items() if key != "merge"}
+    assert len(asks) == 1 and asks.pop() == pytest.approx(1 / 1.1)
+    judge = build_app("judge", OutputFormat.JSON, judge_rounds=2).deadline_shares()
+    assert set(judge.values()) == {1.0}

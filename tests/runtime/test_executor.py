@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.client import CallRecord, SamplingParams
+from runtime.client import CallRecord, SamplingParams, current_call_deadline
 from runtime.dag import App, app_from_dict
 from runtime.errors import ConfigError
 from runtime.executor import RequestResult, Span, run_request, run_requests, to_outcome
@@ -44,6 +44,7 @@ class FakeBackend:
         self.respond = respond
         self.delay_s = delay_s
         self.calls: list[tuple[str, str, SamplingParams]] = []
+        self.deadlines: list[float | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -52,6 +53,7 @@ class FakeBackend:
     ) -> CallRecord:
         prompt = messages[-1]["content"]
         self.calls.append((model, prompt, sampling))
+        self.deadlines.append(current_call_deadline())
         reply = self.respond(prompt, sampling)
         if isinstance(reply, str):
             reply = Reply(reply)
@@ -582,3 +584,19 @@ async def test_run_requests_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="users must be >= 1, got 0"):
         await run_requests(app, [{"article": "x"}], backend, MODELS, users=0)
     assert await run_requests(app, [], backend, MODELS, users=2) == []
+
+
+async def test_calls_get_their_share_of_the_sla_along_the_critical_path() -> None:
+    app = make_app(
+        [llm("a", "first"), llm("b", "second {a.text}", depends_on=["a"]),
+         llm("c", "third {b.text}", depends_on=["b"])],
+        {"answer": "c.text"},
+    )  # fmt: skip
+    backend = FakeBackend(by_pattern([]), delay_s=0.01)
+    result = await run_request(app, {"article": "x"}, backend, {"llm": "m"}, sla_e2e_s=30.0)
+    assert result.ok
+    offsets = [deadline - result.start_s for deadline in backend.deadlines]  # type: ignore[operator]
+    assert offsets == pytest.approx([10.0, 20.0, 30.0])
+    backend_without = FakeBackend(by_pattern([]), delay_s=0.01)
+    await run_request(app, {"article": "x"}, backend_without, {"llm": "m"})
+    assert backend_without.deadlines == [None, None, None]
