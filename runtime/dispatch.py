@@ -10,7 +10,8 @@ a replica, and sends the call there. Around that decision:
   reach, before it takes capacity from calls that can still make it;
 - a replica that fails a call at the connection level (it died) is taken out of rotation and
   the call is retried once on another replica.
-Deadlines come from the request: `request_deadline()` sets one for every call made inside it.
+Deadlines come from `client.call_deadline()`, which the executor sets for every call from
+the request's end-to-end SLA split along the app's critical path.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 
-from runtime.client import CallRecord, EngineClient, SamplingParams
+from runtime.client import CallRecord, EngineClient, SamplingParams, current_call_deadline
 from runtime.replica import Replica, parse_metrics
 from runtime.router import (
     CallDemand,
@@ -46,18 +46,6 @@ SHED_PREFIX = "shed:"
 QUEUE_FULL_PREFIX = "queue full:"
 #: Characters per token when estimating a prompt's length before the server counts it.
 CHARS_PER_TOKEN = 4.0
-
-_DEADLINE: ContextVar[float | None] = ContextVar("fmtune_call_deadline", default=None)
-
-
-@contextlib.contextmanager
-def request_deadline(deadline_s: float | None) -> Iterator[None]:
-    """Every call made inside this block (and tasks it starts) has this absolute deadline."""
-    token = _DEADLINE.set(deadline_s)
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
 
 
 @dataclass
@@ -94,6 +82,14 @@ class Endpoint:
             kv_cache_usage=self.kv_cache_usage,
             max_num_seqs=self.max_num_seqs,
         )
+
+
+class Rejected(Exception):
+    """A call the router will not run: `kind` is no_endpoint, shed or queue_full."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -191,6 +187,8 @@ class Router:
         while True:
             await asyncio.sleep(self.config.metrics_refresh_s)
             await self.refresh()
+            for model_key in list(self._queues):
+                self._wake(model_key)  # sheds waiters whose deadline passed
 
     async def refresh(self) -> None:
         """Scrape every endpoint's /metrics into its state; mark failures unhealthy."""
@@ -199,6 +197,12 @@ class Router:
     async def _refresh_one(self, endpoint: Endpoint) -> None:
         if endpoint.replica is not None and not endpoint.replica.running():
             self._mark_unhealthy(endpoint, "process exited")
+            return
+        if not endpoint.healthy:
+            if endpoint.replica is None and await self._answers(endpoint):
+                logger.info("endpoint %s answers again; back in rotation", endpoint.endpoint_id)
+                endpoint.healthy = True
+                self._wake(endpoint.model_key)
             return
         try:
             response = await self._http.get(f"{endpoint.base_url}/metrics")
@@ -212,6 +216,14 @@ class Router:
         endpoint.num_waiting = int(metrics.num_requests_waiting)
         endpoint.kv_cache_usage = metrics.kv_cache_usage
 
+    async def _answers(self, endpoint: Endpoint) -> bool:
+        """Whether an external endpoint answers /v1/models again."""
+        try:
+            response = await self._http.get(f"{endpoint.base_url}/v1/models")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
     def _mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
         if endpoint.healthy:
             logger.warning("endpoint %s out of rotation: %s", endpoint.endpoint_id, reason)
@@ -220,13 +232,18 @@ class Router:
                 self.on_unhealthy(endpoint)
             self._wake(endpoint.model_key)
 
-    # --- dispatch ------------------------------------------------------------------------
+    # --- dispatch steps (public: the server's streaming proxy uses them too) ---------------
 
-    def _healthy(self, model_key: str) -> list[Endpoint]:
+    def healthy(self, model_key: str) -> list[Endpoint]:
+        """Endpoints of a model key that are in rotation."""
         return [e for e in self.endpoints if e.model_key == model_key and e.healthy]
 
+    def mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
+        """Take an endpoint out of rotation (its process died, its connection broke)."""
+        self._mark_unhealthy(endpoint, reason)
+
     def _has_room(self, model_key: str) -> bool:
-        return any(e.outstanding < e.max_num_seqs for e in self._healthy(model_key))
+        return any(e.outstanding < e.max_num_seqs for e in self.healthy(model_key))
 
     def _wake(self, model_key: str) -> None:
         """Release waiting calls, least slack first, while the model has room."""
@@ -236,17 +253,16 @@ class Router:
         for waiter in queue.drop_expired(self.clock()):
             if not waiter.future.done():
                 waiter.future.set_exception(TimeoutError("deadline passed while queued"))
-        while len(queue) and (self._has_room(model_key) or not self._healthy(model_key)):
+        while len(queue) and (self._has_room(model_key) or not self.healthy(model_key)):
             waiter = queue.pop(self.clock()).item
             if not waiter.future.done():
                 waiter.future.set_result(None)
         self.stats.queue_depth[model_key] = len(queue)
 
-    def _demand(
-        self, model_key: str, messages: list[dict[str, str]], max_tokens: int
-    ) -> CallDemand:
+    def demand(self, model_key: str, messages: list[dict[str, str]], max_tokens: int) -> CallDemand:
+        """What a call asks of a replica, with its deadline (from `call_deadline`)."""
         now = self.clock()
-        deadline = _DEADLINE.get()
+        deadline = current_call_deadline()
         return CallDemand(
             model=model_key,
             prompt_tokens=estimate_prompt_tokens(messages),
@@ -254,6 +270,81 @@ class Router:
             deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
             now_s=now,
         )
+
+    def _context(self) -> RouteContext:
+        return RouteContext(
+            counter=self._counter,
+            speeds=self.speeds.snapshot(),
+            safety_factor=self.config.safety_factor,
+        )
+
+    async def admit(self, model_key: str, demand: CallDemand) -> None:
+        """Shed a call that cannot make its deadline, or wait (least slack first) while every
+        replica of its model is full; raises Rejected with the reason."""
+        if model_key not in self._queues:
+            raise Rejected("no_endpoint", f"no endpoint serves model key '{model_key}'")
+        candidates = [e.snapshot() for e in self.healthy(model_key)]
+        if not candidates:
+            raise Rejected("no_endpoint", f"no healthy endpoint serves model key '{model_key}'")
+        if self.config.policy == "sla_aware":
+            context = self._context()
+            best = min(
+                predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
+            )
+            decision = admit(demand, best, self.config.shed_tolerance_s)
+            if not decision.admit:
+                self.stats.shed += 1
+                raise Rejected("shed", decision.reason)
+        if self._has_room(model_key):
+            return
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        queue = self._queues[model_key]
+        try:
+            queue.push(waiter, demand.deadline_s, 0.0)
+        except QueueFull as full:
+            self.stats.queue_rejected += 1
+            raise Rejected("queue_full", f"{QUEUE_FULL_PREFIX} {full}") from None
+        self.stats.queue_depth[model_key] = len(queue)
+        try:
+            await waiter.future
+        except TimeoutError:
+            self.stats.shed += 1
+            raise Rejected("shed", f"{SHED_PREFIX} deadline passed while queued") from None
+
+    def pick(self, model_key: str, demand: CallDemand, tried: set[str]) -> Endpoint:
+        """Ask the policy for an endpoint (not one of `tried`) and count the call on it."""
+        snapshots = [e.snapshot() for e in self.healthy(model_key) if e.endpoint_id not in tried]
+        decision = self.policy(snapshots, demand, self._context())
+        self._counter += 1
+        endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
+        if endpoint is None:
+            raise Rejected("no_endpoint", decision.reason)
+        self.stats.routed += 1
+        endpoint.calls += 1
+        endpoint.outstanding += 1
+        endpoint.outstanding_prefill_tokens += demand.prompt_tokens
+        endpoint.outstanding_decode_tokens += demand.max_tokens
+        return endpoint
+
+    def release(self, endpoint: Endpoint, demand: CallDemand) -> None:
+        """The call picked onto this endpoint ended: free its slot, let a waiter in."""
+        endpoint.outstanding -= 1
+        endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+        endpoint.outstanding_decode_tokens -= demand.max_tokens
+        self._wake(endpoint.model_key)
+
+    def observe(
+        self,
+        endpoint: Endpoint,
+        ttft_s: float,
+        prompt_tokens: int,
+        gaps_s: list[float],
+        running_at_start: int,
+    ) -> None:
+        """Teach the speed estimator what a finished call on this endpoint measured."""
+        self.speeds.observe(endpoint.endpoint_id, ttft_s, prompt_tokens, gaps_s, running_at_start)
+
+    # --- the ChatBackend call ------------------------------------------------------------
 
     def _failed(self, error: str) -> CallRecord:
         return CallRecord(
@@ -265,89 +356,36 @@ class Router:
         self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
     ) -> CallRecord:
         """Route one chat call for model key `model` and run it (ChatBackend)."""
-        if model not in self._queues:
-            return self._failed(f"no endpoint serves model key '{model}'")
-        demand = self._demand(model, messages, sampling.max_tokens)
-        context = RouteContext(
-            counter=self._counter,
-            speeds=self.speeds.snapshot(),
-            safety_factor=self.config.safety_factor,
-        )
-        if self.config.policy == "sla_aware":
-            candidates = [e.snapshot() for e in self._healthy(model)]
-            if candidates:
-                best = min(
-                    predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
-                )
-                decision = admit(demand, best, self.config.shed_tolerance_s)
-                if not decision.admit:
-                    self.stats.shed += 1
-                    return self._failed(f"{SHED_PREFIX} {decision.reason}")
-        if not self._has_room(model):
-            waiter = _Waiter(asyncio.get_running_loop().create_future())
-            try:
-                self._queues[model].push(waiter, demand.deadline_s, 0.0)
-            except QueueFull as full:
-                self.stats.queue_rejected += 1
-                return self._failed(f"{QUEUE_FULL_PREFIX} {full}")
-            self.stats.queue_depth[model] = len(self._queues[model])
-            try:
-                await waiter.future
-            except TimeoutError:
-                self.stats.shed += 1
-                return self._failed(f"{SHED_PREFIX} deadline passed while queued")
-        return await self._dispatch(model, messages, sampling, demand, tried=set())
-
-    async def _dispatch(
-        self,
-        model: str,
-        messages: list[dict[str, str]],
-        sampling: SamplingParams,
-        demand: CallDemand,
-        tried: set[str],
-    ) -> CallRecord:
-        snapshots = [e.snapshot() for e in self._healthy(model) if e.endpoint_id not in tried]
-        context = RouteContext(
-            counter=self._counter, speeds=self.speeds.snapshot(),
-            safety_factor=self.config.safety_factor,
-        )  # fmt: skip
-        decision = self.policy(snapshots, demand, context)
-        self._counter += 1
-        endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
-        if endpoint is None:
-            return self._failed(decision.reason)
-        self.stats.routed += 1
-        endpoint.calls += 1
-        endpoint.outstanding += 1
-        endpoint.outstanding_prefill_tokens += demand.prompt_tokens
-        endpoint.outstanding_decode_tokens += demand.max_tokens
-        running_at_start = max(endpoint.num_running, endpoint.outstanding)
-        assert endpoint.client is not None
+        demand = self.demand(model, messages, sampling.max_tokens)
         try:
-            record = await endpoint.client.chat(endpoint.served_model, messages, sampling)
-        finally:
-            endpoint.outstanding -= 1
-            endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
-            endpoint.outstanding_decode_tokens -= demand.max_tokens
-            self._wake(model)
-        if record.error is not None and record.error.startswith("connection:"):
-            self._mark_unhealthy(endpoint, record.error)
-            if not tried:
-                self.stats.retried += 1
-                retry = await self._dispatch(
-                    model, messages, sampling, demand, tried={endpoint.endpoint_id}
-                )
-                return _with_retry(retry)
-            return record
-        if record.ok and record.ttft_s is not None:
-            self.speeds.observe(
-                endpoint.endpoint_id,
-                record.ttft_s,
-                record.prompt_tokens,
-                list(record.itl_s),
-                running_at_start,
-            )
-        return record
+            await self.admit(model, demand)
+        except Rejected as rejected:
+            return self._failed(str(rejected))
+        tried: set[str] = set()
+        while True:
+            try:
+                endpoint = self.pick(model, demand, tried)
+            except Rejected as rejected:
+                return self._failed(str(rejected))
+            running_at_start = max(endpoint.num_running, endpoint.outstanding)
+            assert endpoint.client is not None
+            try:
+                record = await endpoint.client.chat(endpoint.served_model, messages, sampling)
+            finally:
+                self.release(endpoint, demand)
+            if record.error is not None and record.error.startswith("connection:"):
+                self.mark_unhealthy(endpoint, record.error)
+                tried.add(endpoint.endpoint_id)
+                if len(tried) == 1 and self.healthy(model):
+                    self.stats.retried += 1
+                    continue  # once, elsewhere
+                return _with_retry(record) if len(tried) > 1 else record
+            if record.ok and record.ttft_s is not None:
+                self.observe(
+                    endpoint, record.ttft_s, record.prompt_tokens, list(record.itl_s),
+                    running_at_start,
+                )  # fmt: skip
+            return _with_retry(record) if tried else record
 
 
 def _with_retry(record: CallRecord) -> CallRecord:

@@ -7,8 +7,8 @@ import json
 
 import httpx
 
-from runtime.client import EngineClient, SamplingParams
-from runtime.dispatch import Endpoint, Router, request_deadline
+from runtime.client import EngineClient, SamplingParams, call_deadline
+from runtime.dispatch import Endpoint, Router
 from runtime.router import RouterConfig
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -64,7 +64,7 @@ async def test_full_replicas_queue_calls_and_release_least_slack_first() -> None
     order: list[str] = []
 
     async def call(tag: str, deadline: float) -> None:
-        with request_deadline(deadline):
+        with call_deadline(deadline):
             record = await router.chat("llm", USER, SamplingParams())
         assert record.ok, record.error
         order.append(tag)
@@ -92,11 +92,11 @@ async def test_queue_capacity_rejects_with_queue_full() -> None:
 
 async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
     router = Router([endpoint("a")], RouterConfig(policy="sla_aware"))
-    with request_deadline(router.clock() - 1.0):
+    with call_deadline(router.clock() - 1.0):
         record = await router.chat("llm", USER, SamplingParams(max_tokens=50))
     assert record.error is not None and record.error.startswith("shed:")
     assert router.stats.shed == 1
-    with request_deadline(router.clock() + 60.0):
+    with call_deadline(router.clock() + 60.0):
         assert (await router.chat("llm", USER, SamplingParams())).ok
     await router.aclose()
 
@@ -125,7 +125,7 @@ async def test_sla_aware_learns_and_prefers_the_faster_endpoint() -> None:
         await router.chat("llm", USER, SamplingParams(max_tokens=1))
     tally = {"slow": 0, "fast": 0}
     for _ in range(10):
-        with request_deadline(router.clock() + 30):
+        with call_deadline(router.clock() + 30):
             tally[(await router.chat("llm", USER, SamplingParams(max_tokens=1))).text] += 1
     assert tally["fast"] > tally["slow"]
     await router.aclose()
