@@ -1,0 +1,306 @@
+"""One measured run of an application on a real deployment: what `fmtune run` does.
+
+A RunSpec (the runtime part of an experiment file) names the app and its knobs, the dataset,
+the workload, the SLA, the deployment and the prices. `execute_run` serves the deployment
+(replicas from the pool, kept hot for the caller), drives the workload through the router,
+scores every answer, and returns the run's metrics and its trace (one row per span).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.apps.extraction import generate_dataset, score
+from runtime.apps.extraction_archs import build_app
+from runtime.cluster import start_endpoints
+from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
+from runtime.dispatch import SHED_PREFIX, Endpoint, Router, RouterStats
+from runtime.errors import ConfigError, config_error
+from runtime.executor import RequestResult, run_requests, to_outcome
+from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
+from runtime.pool import ReplicaPool
+from runtime.replica import GIB
+from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetSpec(BaseModel):
+    """Which examples of the task's seeded dataset the workload draws from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(default=40, ge=1, le=100_000, description="Examples generated.")
+    seed: int = Field(default=0, ge=0, description="Seed of the dataset generator.")
+
+
+class SlaSpec(BaseModel):
+    """The service-level agreement a run is measured against."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    e2e_s: float = Field(
+        gt=0, description="End-to-end deadline of one application request, in seconds."
+    )
+
+
+class Pricing(BaseModel):
+    """Prices that turn replica time and API tokens into dollars."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replica_hour_usd: float = Field(
+        default=0.0832,
+        ge=0,
+        description="Price of one replica-hour for model keys without their own price "
+        "(default: a 2-vCPU, 8 GiB on-demand cloud VM).",
+    )
+    per_model_key: dict[str, float] = Field(
+        default_factory=dict, description="Replica-hour price by model key, overriding the default."
+    )
+    api_per_1k_tokens_usd: float = Field(
+        default=0.0, ge=0, description="Price of 1000 tokens through external API nodes."
+    )
+
+    def cost_model(self, model_keys: list[str]) -> CostModel:
+        """Prices for these model keys."""
+        prices = {key: self.per_model_key.get(key, self.replica_hour_usd) for key in model_keys}
+        return CostModel(
+            price_per_replica_hour_usd=prices,
+            api_price_per_1k_tokens_usd=self.api_per_1k_tokens_usd,
+        )
+
+
+class RunSpec(BaseModel):
+    """The runtime part of an experiment file: what to run, on what, against which SLA."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Name of the experiment.")
+    description: str = Field(default="", description="What this experiment is for.")
+    app: AppSpec = Field(description="The application and its app-layer knobs.")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Task examples.")
+    workload: WorkloadSpec = Field(description="Arrivals and number of requests.")
+    sla: SlaSpec = Field(description="The end-to-end deadline.")
+    deployment: Deployment = Field(description="Models, engines, replicas and router.")
+    pricing: Pricing = Field(default_factory=Pricing, description="Replica and API prices.")
+    node_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest any one DAG node may take before it fails."
+    )
+
+
+@dataclass
+class RunResult:
+    """What a run measured."""
+
+    metrics: RunMetrics
+    trace: pd.DataFrame
+    results: list[RequestResult]
+    router_stats: RouterStats
+    replica_start_s: dict[str, float]
+    endpoints: list[str] = field(default_factory=list)
+    replica_logs: dict[str, str] = field(default_factory=dict)
+    """The end of each replica's server log, for artifacts and failure reports."""
+
+    def metrics_dict(self) -> dict[str, Any]:
+        """metrics.json: the run metrics plus replica start times and router counters."""
+        data = self.metrics.model_dump(mode="json")
+        data["replica_start_s"] = max(self.replica_start_s.values(), default=None)
+        data["router_shed"] = self.router_stats.shed
+        data["router_retried"] = self.router_stats.retried
+        data["router_queue_rejected"] = self.router_stats.queue_rejected
+        return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings, creating levels; errors name the path."""
+    parts = dotted.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:depth])}' is not a mapping")
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:-1])}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an experiment mapping with dotted-path overrides applied."""
+    import copy
+
+    merged = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        set_dotted(merged, dotted, value)
+    return merged
+
+
+def load_run_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> RunSpec:
+    """Read an experiment file (with `--set` overrides); errors name file, field and value."""
+    data = apply_overrides(read_yaml_mapping(path), overrides or {})
+    data.pop("tune", None)  # the tuner's section; a run ignores it
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as error:
+        raise config_error(error, str(path)) from None
+
+
+def _trace_frame(
+    results: list[RequestResult], t0: float, quality: list[float | None]
+) -> pd.DataFrame:
+    """One row per span, times relative to the run's start."""
+    rows = []
+    for result, request_quality in zip(results, quality, strict=True):
+        for span in result.spans:
+            row = dataclasses.asdict(span)
+            row["itl_s"] = list(row.get("itl_s") or [])
+            row["start_s"] = span.start_s - t0
+            row["end_s"] = span.end_s - t0
+            row["request_ok"] = result.ok
+            row["request_error"] = result.error
+            row["request_e2e_s"] = result.e2e_s
+            row["request_quality"] = request_quality
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+class _MemorySampler:
+    """Samples the resident memory of the deployment's replicas to find the peak."""
+
+    def __init__(self, endpoints: list[Endpoint], interval_s: float = 0.5) -> None:
+        self.endpoints = endpoints
+        self.interval_s = interval_s
+        self.peak_gib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fmtune-memory", daemon=True)
+
+    def _sample(self) -> None:
+        total = sum(e.replica.rss_bytes() for e in self.endpoints if e.replica is not None)
+        self.peak_gib = max(self.peak_gib, total / GIB)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> _MemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+
+def execute_run(
+    spec: RunSpec,
+    pool: ReplicaPool | None,
+    *,
+    on_phase: Callable[[str], None] | None = None,
+    on_request_done: Callable[[RequestResult], None] | None = None,
+) -> RunResult:
+    """Serve the deployment, drive the workload through the router, score, measure."""
+    app = build_app(
+        spec.app.architecture,
+        spec.app.format,
+        judge_rounds=spec.app.judge_rounds,
+        structured_output=spec.app.structured_output,
+    )
+    keys = sorted(spec.deployment.models)
+    app.validate_against(set(keys))
+    dataset = generate_dataset(spec.dataset.size, spec.dataset.seed)
+    chosen = [dataset[index] for index in sample_requests(spec.workload, len(dataset))]
+    offsets = arrival_offsets(spec.workload)
+    arrivals = spec.workload.arrivals
+    users = getattr(arrivals, "users", None) if offsets is None else None
+    think_s = float(getattr(arrivals, "think_time_s", 0.0) or 0.0)
+
+    def phase(text: str) -> None:
+        logger.info(text)
+        if on_phase is not None:
+            on_phase(text)
+
+    phase("starting replicas")
+    endpoints = start_endpoints(spec.deployment, pool)
+    starts = {e.endpoint_id: float(e.replica.start_s or 0.0) for e in endpoints if e.replica}
+    phase(f"running {len(chosen)} requests")
+
+    async def drive() -> tuple[list[RequestResult], RouterStats, float, float]:
+        router = Router(endpoints, spec.deployment.router, default_deadline_s=spec.sla.e2e_s)
+        async with router:
+            t0 = time.monotonic()
+            results = await run_requests(
+                app,
+                [{"article": example.article} for example in chosen],
+                router,
+                {key: key for key in keys},
+                arrival_offsets_s=offsets,
+                users=users,
+                think_time_s=think_s,
+                node_timeout_s=spec.node_timeout_s,
+                on_done=on_request_done,
+                sla_e2e_s=spec.sla.e2e_s,
+            )
+            wall = time.monotonic() - t0
+        return results, router.stats, t0, wall
+
+    with _MemorySampler(endpoints) as memory:
+        results, stats, t0, wall = asyncio.run(drive())
+
+    qualities: list[float | None] = []
+    outcomes: list[RequestOutcome] = []
+    for result, example in zip(results, chosen, strict=True):
+        quality = score(result.outputs, example.truth).accuracy if result.ok else None
+        qualities.append(quality)
+        outcome = to_outcome(result, quality)
+        if result.error is not None and SHED_PREFIX in result.error:
+            outcome = dataclasses.replace(outcome, shed=True)
+        outcomes.append(outcome)
+    replica_seconds = {
+        key: wall * sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
+        for key in keys
+    }
+    metrics = summarize(
+        outcomes,
+        wall_s=wall,
+        sla_e2e_s=spec.sla.e2e_s,
+        replica_seconds=replica_seconds,
+        prices=spec.pricing.cost_model(keys),
+        peak_memory_gib=memory.peak_gib if starts else None,
+    )
+    return RunResult(
+        metrics=metrics,
+        trace=_trace_frame(results, t0, qualities),
+        results=results,
+        router_stats=stats,
+        replica_start_s=starts,
+        endpoints=[e.endpoint_id for e in endpoints],
+        replica_logs={e.endpoint_id: e.replica.log_tail() for e in endpoints if e.replica},
+    )
+
+
+def write_run(result: RunResult, out: Path) -> list[Path]:
+    """metrics.json and trace.parquet in `out`."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(result.metrics_dict(), indent=2) + "\n")
+    trace_path = out / "trace.parquet"
+    with contextlib.suppress(FileNotFoundError):
+        trace_path.unlink()
+    result.trace.to_parquet(trace_path, index=False)
+    return [metrics_path, trace_path]
