@@ -1,0 +1,96 @@
+"""Export the Pareto-optimal deployments of a study as bundles people deploy.
+
+Each bundle (DEPLOY.yaml for `fmtune serve`, vLLM command lines, docker-compose.yaml,
+Kubernetes manifests and a README with the trial's metrics) is rebuilt from what the study
+storage holds: the experiment the study was created with and the trial's knobs. Nothing is
+read from the trial's output folder, so `fmtune export --storage URL` works on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from runtime.deployment import Deployment
+from runtime.errors import ConfigError
+from runtime.render import write_bundle
+from runtime.run import RunSpec, apply_overrides
+from tuner.experiment import Experiment, run_spec_of
+from tuner.pareto import Objective, front_table, pareto_front
+from tuner.space import load_space
+from tuner.study import ATTR_METRICS, deployment_of, trial_overrides
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportedBundle:
+    """One written bundle."""
+
+    trial: int
+    folder: Path
+    files: tuple[Path, ...]
+    metrics: dict[str, Any]
+
+
+def load_study(study_name: str, storage_url: str) -> optuna.Study:
+    """An existing study; a clear error when the name or storage is wrong."""
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage_url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage_url)]
+        raise ConfigError(
+            f"study must be one of {names} in {storage_url}, got '{study_name}'"
+        ) from None
+
+
+def study_experiment(study: optuna.Study) -> Experiment:
+    """The experiment a study was created with (stored in its user attributes)."""
+    data = study.user_attrs.get("fmtune.experiment")
+    if data is None:
+        raise ConfigError(f"study '{study.study_name}' was not created by fmtune tune")
+    return Experiment.model_validate(data)
+
+
+def study_objectives(study: optuna.Study) -> list[Objective]:
+    """The objectives a study optimizes."""
+    return [Objective.model_validate(o) for o in study.user_attrs.get("fmtune.objectives", [])]
+
+
+def trial_deployment(experiment: Experiment, trial: optuna.trial.FrozenTrial) -> Deployment:
+    """The DEPLOY.yaml content of a trial: the experiment with the trial's knobs applied."""
+    assert experiment.tune is not None
+    space = load_space(experiment.tune.search_space)
+    keys = sorted(experiment.deployment.models)
+    base = run_spec_of(experiment).model_dump(mode="json")
+    spec = RunSpec.model_validate(apply_overrides(base, trial_overrides(space, trial.params, keys)))
+    return deployment_of(spec)
+
+
+def export_front(study: optuna.Study, out_dir: Path) -> list[ExportedBundle]:
+    """Write one bundle per Pareto-optimal trial into out_dir/trial-NNNN/."""
+    experiment = study_experiment(study)
+    front = pareto_front(study)
+    if not front:
+        raise ConfigError(
+            f"study '{study.study_name}' has no feasible complete trial to export yet"
+        )
+    bundles = []
+    for trial in front:
+        deployment = trial_deployment(experiment, trial)
+        metrics = dict(trial.user_attrs.get(ATTR_METRICS, {}))
+        folder = out_dir / f"trial-{trial.number:04d}"
+        title = f"{study.study_name} trial {trial.number}"
+        files = write_bundle(deployment, folder, metrics=metrics, title=title)
+        bundles.append(ExportedBundle(trial.number, folder, tuple(files), metrics))
+    logger.info("exported %d bundles to %s", len(bundles), out_dir)
+    return bundles
+
+
+def front_frame(study: optuna.Study) -> Any:
+    """The study's trials with objective values and front membership (pandas DataFrame)."""
+    return front_table(study, study_objectives(study))

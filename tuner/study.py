@@ -1,0 +1,501 @@
+"""The tuning loop: ask a sampler for knobs, measure them on real replicas, tell the result.
+
+Every trial is a real deployment measured by the runtime's one entry point
+(`runtime.run.execute_run`), which keeps engines hot across trials through the replica pool:
+trials that share an engine config reuse the running replicas, and trials that change only
+app or router knobs never restart one.
+
+Bookkeeping that makes a study trustworthy:
+- The budget counts evaluated trials (complete or failed), across every worker on the
+  storage. A trial asked for beyond the budget by a racing worker is closed as
+  `over_budget` and does not count.
+- A trial that crashes (replica fails to start, out of memory, timeouts) is recorded FAIL
+  with its reason and counts. Its engine config is remembered: once it failed
+  `max_failures_per_config` times, trials sampling it again are skipped without running
+  (FAIL, reason `skipped`), so the search stops paying for regions that keep failing.
+- `--resume` after a crash or Ctrl-C: trials left RUNNING are closed FAIL `interrupted`
+  (not counted), their knobs are queued again, and their MLflow runs are marked KILLED.
+  Several workers on one storage record heartbeats, and a worker that died has its trial
+  failed and re-queued by optuna's stale-trial handling.
+- SLA bounds become optuna constraints (`trial.set_constraint`), so infeasible trials stay
+  in the study and never reach the Pareto front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import TrialState
+
+from runtime.deployment import Deployment
+from runtime.errors import ConfigError, FmtuneError
+from runtime.run import RunResult, RunSpec, apply_overrides, write_run
+from tuner.experiment import Experiment, TuneSpec, run_spec_of
+from tuner.space import SearchSpace, load_space
+
+logger = logging.getLogger(__name__)
+
+#: User attributes fmtune sets on trials.
+ATTR_METRICS = "fmtune.metrics"
+ATTR_FAILURE = "fmtune.failure_reason"
+ATTR_KIND = "fmtune.failure_kind"
+ATTR_CONFIG_HASH = "fmtune.config_hash"
+ATTR_NOT_COUNTED = "fmtune.not_counted"
+ATTR_RUN_ID = "fmtune.mlflow_run_id"
+
+FailureKind = Literal["engine", "evaluation", "invalid", "skipped", "interrupted", "over_budget"]
+Evaluate = Callable[[RunSpec], RunResult]
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+
+
+class TrialFailed(FmtuneError):
+    """A trial could not be measured; `kind` says why in a word, the message in a line."""
+
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """What one trial ended as (for the progress display and logs)."""
+
+    number: int
+    state: str
+    values: tuple[float, ...] | None
+    failure: str | None
+    params: dict[str, Any]
+    seconds: float
+    feasible: bool | None = None
+
+
+@dataclass
+class StudyEvents:
+    """Callbacks for a live display; each is optional."""
+
+    on_phase: Callable[[int, str], None] | None = None
+    on_trial_done: Callable[[TrialReport], None] | None = None
+    on_request_done: Callable[[], None] | None = None
+
+
+# --- storage ----------------------------------------------------------------------------
+
+
+def default_storage_url(out_dir: Path) -> str:
+    """SQLite in the study's output folder."""
+    return f"sqlite:///{(out_dir / 'study.db').resolve()}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An optuna storage with heartbeats, so dead workers' trials are failed and re-queued."""
+    if url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=HEARTBEAT_GRACE_S,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    return optuna.storages.get_storage(url)
+
+
+# --- samplers ---------------------------------------------------------------------------
+
+
+def make_sampler(tune: TuneSpec, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The optuna sampler named in the experiment (pymoo is driven separately)."""
+    name = tune.sampler_name()
+    if name in ("nsga2", "pymoo-nsga2"):
+        return optuna.samplers.NSGAIISampler(population_size=tune.population_size, seed=tune.seed)
+    if name == "nsga3":
+        return optuna.samplers.NSGAIIISampler(population_size=tune.population_size, seed=tune.seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=tune.seed, multivariate=True, n_startup_trials=min(5, tune.trials)
+        )
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=tune.seed)
+    raise ConfigError(f"tune.sampler: unknown sampler '{name}'")
+
+
+# --- counting ---------------------------------------------------------------------------
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a finished trial uses up budget (interrupted and over-budget ones do not)."""
+    if trial.state not in (TrialState.COMPLETE, TrialState.FAIL):
+        return False
+    return not trial.user_attrs.get(ATTR_NOT_COUNTED, False)
+
+
+def budget_used(study: optuna.Study) -> tuple[int, int]:
+    """(evaluated trials that count, trials running now) across all workers."""
+    trials = study.get_trials(deepcopy=False)
+    done = sum(1 for trial in trials if counted(trial))
+    running = sum(1 for trial in trials if trial.state == TrialState.RUNNING)
+    return done, running
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def normalize_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Knob values as the configs take them ('none' in a space file means None)."""
+    return {key: (None if value == "none" else value) for key, value in params.items()}
+
+
+def trial_overrides(
+    space: SearchSpace, params: dict[str, Any], model_keys: list[str]
+) -> dict[str, Any]:
+    """Sampled knobs as dotted overrides of the experiment file."""
+    overrides: dict[str, Any] = {}
+    for path, value in space.deployment_overrides(params, model_keys).items():
+        if path.startswith("app."):
+            overrides[path] = value
+        elif path.startswith("models.") and path.endswith(".model"):
+            key = path.split(".")[1]
+            overrides[f"deployment.models.{key}.engine.model"] = value
+        else:
+            overrides[f"deployment.{path}"] = value
+    return normalize_params(overrides)
+
+
+class StudyRunner:
+    """Runs a study's ask/tell loop on one worker."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        *,
+        storage_url: str,
+        study_name: str,
+        out_dir: Path,
+        evaluate: Evaluate,
+        tracker: Any | None = None,
+        events: StudyEvents | None = None,
+        sampler_name: str | None = None,
+    ) -> None:
+        if experiment.tune is None:
+            raise ConfigError("experiment has no tune section")
+        tune = experiment.tune
+        if sampler_name is not None:
+            tune = TuneSpec.model_validate({**tune.model_dump(), "sampler": sampler_name})
+        self.experiment = experiment
+        self.tune = tune
+        self.space = load_space(tune.search_space)
+        self.model_keys = sorted(experiment.deployment.models)
+        self.base = run_spec_of(experiment).model_dump(mode="json")
+        self.out_dir = out_dir
+        self.evaluate = evaluate
+        self.tracker = tracker
+        self.events = events or StudyEvents()
+        self.study_name = study_name
+        self.storage = make_storage(storage_url)
+        self.directions = [objective.direction for objective in tune.objectives]
+        self.study = optuna.create_study(
+            study_name=study_name,
+            storage=self.storage,
+            directions=self.directions,
+            sampler=make_sampler(tune, self.space),
+            load_if_exists=True,
+        )
+        self._check_same_objectives()
+        self.study.set_user_attr("fmtune.objectives", [o.model_dump() for o in tune.objectives])
+        self.study.set_user_attr("fmtune.constraints", list(tune.constraints))
+        self.study.set_user_attr("fmtune.experiment", experiment.model_dump(mode="json"))
+        self._pymoo = None
+        if tune.sampler_name() == "pymoo-nsga2":
+            from tuner.pymoo_driver import PymooDriver
+
+            self._pymoo = PymooDriver(self.space, tune, self.study)
+
+    def _check_same_objectives(self) -> None:
+        stored = self.study.user_attrs.get("fmtune.objectives")
+        mine = [o.model_dump() for o in self.tune.objectives]
+        if stored is not None and stored != mine:
+            raise ConfigError(
+                f"study '{self.study_name}' was created with objectives {stored}, got {mine}"
+            )
+
+    # --- resume ----------------------------------------------------------------------
+
+    def recover_interrupted(self) -> list[int]:
+        """Close trials left RUNNING by a crash: FAIL 'interrupted', knobs queued again."""
+        numbers = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage = self.study._storage
+            storage.set_trial_user_attr(trial._trial_id, ATTR_FAILURE, "interrupted")
+            storage.set_trial_user_attr(trial._trial_id, ATTR_KIND, "interrupted")
+            storage.set_trial_user_attr(trial._trial_id, ATTR_NOT_COUNTED, True)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            if trial.params:
+                self.study.enqueue_trial(trial.params, skip_if_exists=False)
+            numbers.append(trial.number)
+        if self.tracker is not None:
+            self.tracker.mark_interrupted()
+        if numbers:
+            logger.warning("trials %s were interrupted; their knobs are queued again", numbers)
+        return numbers
+
+    # --- loop ------------------------------------------------------------------------
+
+    def run(self, trials: int | None = None) -> list[TrialReport]:
+        """Evaluate trials until the study's budget of counted trials is used up."""
+        budget = trials or self.tune.trials
+        reports: list[TrialReport] = []
+        while True:
+            with contextlib.suppress(Exception):
+                optuna.storages.fail_stale_trials(self.study)
+            done, running = budget_used(self.study)
+            if done + running >= budget:
+                break
+            report = self._one_trial(budget)
+            if report is not None:
+                reports.append(report)
+                if self.events.on_trial_done is not None:
+                    self.events.on_trial_done(report)
+        return reports
+
+    def _ask(self) -> tuple[optuna.trial.Trial, dict[str, Any]]:
+        if self._pymoo is not None:
+            params = self._pymoo.next_params()
+            self.study.enqueue_trial(params, skip_if_exists=False)
+        trial = self.study.ask()
+        return trial, self.space.suggest(trial)
+
+    def _one_trial(self, budget: int) -> TrialReport | None:
+        started = time.monotonic()
+        trial, params = self._ask()
+        done, running = budget_used(self.study)
+        if done + running > budget and self._is_newest_running(trial):
+            self._close(trial, "over_budget", "asked beyond the budget by a racing worker")
+            return None
+        self._phase(trial.number, "preparing")
+        run_id: str | None = None
+        try:
+            spec = self._spec_for(params)
+            engine_hashes = sorted(m.engine.config_hash() for m in spec.deployment.models.values())
+            trial.set_user_attr(ATTR_CONFIG_HASH, ",".join(engine_hashes))
+            self._skip_known_failures(engine_hashes)
+            if self.tracker is not None:
+                run_id = self.tracker.start_trial(
+                    trial.number, params, {"fmtune.config_hash": ",".join(engine_hashes)}
+                )
+                trial.set_user_attr(ATTR_RUN_ID, run_id)
+            self._phase(trial.number, "starting replicas")
+            with self._heartbeat(trial):
+                result = self._measure(trial.number, spec)
+            metrics = result.metrics_dict()
+            values = self._objective_values(metrics)
+        except TrialFailed as failure:
+            self._close(trial, failure.kind, str(failure))
+            if self._pymoo is not None:
+                self._pymoo.fail()
+            self._finish_tracking(run_id, "FAIL", {}, failure, trial.number, None)
+            return TrialReport(
+                trial.number, "FAIL", None, f"{failure.kind}: {failure}", params,
+                time.monotonic() - started,
+            )  # fmt: skip
+        feasible = True
+        for bound in self.tune.bounds():
+            violation = bound.violation(metrics)
+            trial.set_constraint(bound.text, violation)
+            feasible = feasible and violation <= 0
+        trial.set_user_attr(ATTR_METRICS, _json_safe(metrics))
+        self.study.tell(trial, values)
+        if self._pymoo is not None:
+            self._pymoo.tell(params, values, feasible)
+        self._finish_tracking(run_id, "COMPLETE", metrics, None, trial.number, result)
+        return TrialReport(
+            trial.number, "COMPLETE", tuple(values), None, params,
+            time.monotonic() - started, feasible,
+        )  # fmt: skip
+
+    def _is_newest_running(self, trial: optuna.trial.Trial) -> bool:
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return trial.number == max(t.number for t in running)
+
+    def _phase(self, number: int, text: str) -> None:
+        if self.events.on_phase is not None:
+            self.events.on_phase(number, text)
+
+    def _spec_for(self, params: dict[str, Any]) -> RunSpec:
+        violations = self.space.violations(params)
+        if violations:
+            raise TrialFailed("invalid", "violates " + "; ".join(violations))
+        overrides = trial_overrides(self.space, params, self.model_keys)
+        try:
+            return RunSpec.model_validate(apply_overrides(self.base, overrides))
+        except Exception as error:  # a knob combination the configs reject
+            from pydantic import ValidationError
+
+            from runtime.errors import describe_validation_error
+
+            if isinstance(error, ValidationError):
+                raise TrialFailed("invalid", describe_validation_error(error)) from None
+            raise TrialFailed("invalid", str(error)) from None
+
+    def _skip_known_failures(self, engine_hashes: list[str]) -> None:
+        failures: dict[str, list[str]] = {}
+        for past in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if past.user_attrs.get(ATTR_KIND) != "engine":
+                continue
+            for config_hash in str(past.user_attrs.get(ATTR_CONFIG_HASH, "")).split(","):
+                failures.setdefault(config_hash, []).append(past.user_attrs.get(ATTR_FAILURE, ""))
+        for config_hash in engine_hashes:
+            seen = failures.get(config_hash, [])
+            if len(seen) >= self.tune.max_failures_per_config:
+                raise TrialFailed(
+                    "skipped",
+                    f"engine config {config_hash} failed {len(seen)} time(s) before: "
+                    f"{seen[-1][:200]}",
+                )
+
+    def _measure(self, number: int, spec: RunSpec) -> RunResult:
+        from runtime.pool import PoolCapacityError
+        from runtime.replica import ReplicaStartError
+
+        try:
+            result = self.evaluate(spec)
+        except (ReplicaStartError, PoolCapacityError) as error:
+            raise TrialFailed("engine", str(error).splitlines()[0]) from None
+        except (FmtuneError, OSError, RuntimeError, ValueError, TimeoutError) as error:
+            raise TrialFailed("evaluation", f"{type(error).__name__}: {error}") from None
+        trial_dir = self.out_dir / "trials" / f"{number:04d}"
+        write_run(result, trial_dir)
+        (trial_dir / "DEPLOY.yaml").write_text(deployment_of(spec).to_yaml())
+        if result.replica_logs:
+            logs = "\n\n".join(f"== {k} ==\n{v}" for k, v in result.replica_logs.items())
+            (trial_dir / "replica-logs.txt").write_text(logs + "\n")
+        return result
+
+    def _objective_values(self, metrics: dict[str, Any]) -> list[float]:
+        values = []
+        for objective in self.tune.objectives:
+            value = metrics.get(objective.metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise TrialFailed(
+                    "evaluation",
+                    f"objective '{objective.metric}' is undefined for this run "
+                    f"(error rate {metrics.get('error_rate')})",
+                )
+            values.append(float(value))
+        return values
+
+    def _close(self, trial: optuna.trial.Trial, kind: FailureKind, reason: str) -> None:
+        trial.set_user_attr(ATTR_FAILURE, reason)
+        trial.set_user_attr(ATTR_KIND, kind)
+        if kind == "over_budget":
+            trial.set_user_attr(ATTR_NOT_COUNTED, True)
+        logger.warning("trial %d failed (%s): %s", trial.number, kind, reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    def _finish_tracking(
+        self,
+        run_id: str | None,
+        state: str,
+        metrics: dict[str, Any],
+        failure: TrialFailed | None,
+        number: int,
+        result: RunResult | None,
+    ) -> None:
+        if self.tracker is None or run_id is None:
+            return
+        trial_dir = self.out_dir / "trials" / f"{number:04d}"
+        artifacts: dict[str, Any] = {}
+        for name in ("metrics.json", "trace.parquet", "replica-logs.txt"):
+            if (trial_dir / name).exists():
+                artifacts[name] = trial_dir / name
+        spec_path = trial_dir / "DEPLOY.yaml"
+        if result is not None and spec_path.exists():
+            artifacts["DEPLOY.yaml"] = spec_path
+        tags = {"fmtune.state": state}
+        if failure is not None:
+            tags["fmtune.failure_reason"] = str(failure)[:500]
+            tags["fmtune.failure_kind"] = failure.kind
+        self.tracker.finish_trial(
+            run_id, state=state, metrics=metrics, tags=tags, artifacts=artifacts
+        )
+
+    @contextlib.contextmanager
+    def _heartbeat(self, trial: optuna.trial.Trial) -> Iterator[None]:
+        """Record heartbeats while a trial runs, so other workers can tell it is alive."""
+        storage = self.study._storage
+        if not isinstance(storage, optuna.storages.RDBStorage | optuna.storages._CachedStorage):
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_INTERVAL_S):
+                with contextlib.suppress(Exception):
+                    storage.record_heartbeat(trial._trial_id)
+
+        with contextlib.suppress(Exception):
+            storage.record_heartbeat(trial._trial_id)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+def deployment_of(spec: RunSpec) -> Deployment:
+    """The DEPLOY.yaml of a trial: its deployment serving its app under the task's name."""
+    return spec.deployment.model_copy(update={"apps": {spec.app.task: spec.app}})
+
+
+def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as plain JSON values (NaN and inf become None)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        return value
+
+    return json.loads(json.dumps({key: clean(value) for key, value in data.items()}))
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """Counts of a study's trials by how they ended."""
+
+    complete: int
+    failed: int
+    not_counted: int
+    running: int
+    by_failure_kind: dict[str, int] = field(default_factory=dict)
+
+
+def summarize_study(study: optuna.Study) -> StudySummary:
+    """How a study's trials ended."""
+    trials = study.get_trials(deepcopy=False)
+    kinds: dict[str, int] = {}
+    for trial in trials:
+        if trial.state == TrialState.FAIL:
+            kind = str(trial.user_attrs.get(ATTR_KIND, "unknown"))
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return StudySummary(
+        complete=sum(1 for t in trials if t.state == TrialState.COMPLETE),
+        failed=sum(1 for t in trials if t.state == TrialState.FAIL and counted(t)),
+        not_counted=sum(1 for t in trials if t.user_attrs.get(ATTR_NOT_COUNTED)),
+        running=sum(1 for t in trials if t.state == TrialState.RUNNING),
+        by_failure_kind=kinds,
+    )
