@@ -9,6 +9,7 @@ stops idle replicas of other configs, least recently used first.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -66,17 +67,36 @@ class _Entry:
     replica: Replica
     config_hash: str
     estimate_gib: float
+    cpu_core: int | None = None
 
 
-ReplicaFactory = Callable[[EngineConfig, str], Replica]
+def choose_cpu_core(available: list[int], in_use: list[int]) -> int:
+    """The core to pin a new CPU replica's compute to: the one fewest replicas use (lowest id
+    on ties). vLLM's automatic binding pins every replica to the same first core, so two
+    replicas on one machine would otherwise share one core while the others idle."""
+    if not available:
+        raise ValueError("available must list at least one CPU core")
+    return min(available, key=lambda core: (in_use.count(core), core))
+
+
+def available_cpu_cores() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+ReplicaFactory = Callable[[EngineConfig, str, dict[str, str]], Replica]
 
 
 def default_factory(log_dir: Path | None, startup_timeout_s: float) -> ReplicaFactory:
     """Make real replicas logging under log_dir."""
 
-    def make(config: EngineConfig, replica_id: str) -> Replica:
+    def make(config: EngineConfig, replica_id: str, env: dict[str, str]) -> Replica:
         return Replica(
-            config, log_dir=log_dir, startup_timeout_s=startup_timeout_s, replica_id=replica_id
+            config,
+            log_dir=log_dir,
+            startup_timeout_s=startup_timeout_s,
+            replica_id=replica_id,
+            extra_env=env,
         )
 
     return make
@@ -149,8 +169,16 @@ class ReplicaPool:
         self._make_room(estimate, keep)
         self._counter += 1
         replica_id = f"{config.config_hash()}-{self._counter}"
-        replica = self._factory(config, replica_id)
-        entry = _Entry(replica=replica, config_hash=config.config_hash(), estimate_gib=estimate)
+        env: dict[str, str] = {}
+        core: int | None = None
+        if config.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            in_use = [e.cpu_core for e in self._entries if e.cpu_core is not None]
+            core = choose_cpu_core(available_cpu_cores(), in_use)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+        replica = self._factory(config, replica_id, env)
+        entry = _Entry(
+            replica=replica, config_hash=config.config_hash(), estimate_gib=estimate, cpu_core=core
+        )
         replica.start()
         self._entries.append(entry)
         return entry

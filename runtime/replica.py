@@ -133,8 +133,11 @@ class Replica:
         host: str = "127.0.0.1",
         log_dir: Path | None = None,
         replica_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.extra_env = dict(extra_env or {})
+        """Placement settings beside the config's own (e.g. the CPU core to compute on)."""
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.host = host
@@ -173,7 +176,7 @@ class Replica:
         model_path = str(resolve_model(self.config.model))
         self.port = free_port(self.host)
         argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)
-        env = {**os.environ, **self.config.environment(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.config.environment(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting replica %s on port %d: %s", self.replica_id, self.port, argv)
         launched = time.monotonic()

@@ -27,6 +27,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +54,7 @@ ATTR_KIND = "fmtune.failure_kind"
 ATTR_CONFIG_HASH = "fmtune.config_hash"
 ATTR_NOT_COUNTED = "fmtune.not_counted"
 ATTR_RUN_ID = "fmtune.mlflow_run_id"
+ATTR_WORKER = "fmtune.worker"
 
 FailureKind = Literal["engine", "evaluation", "invalid", "skipped", "interrupted", "over_budget"]
 Evaluate = Callable[[RunSpec], RunResult]
@@ -150,6 +153,11 @@ def budget_used(study: optuna.Study) -> tuple[int, int]:
 
 
 # --- the loop ---------------------------------------------------------------------------
+
+
+def worker_id() -> str:
+    """This worker's name in the study: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def normalize_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +282,7 @@ class StudyRunner:
             params = self._pymoo.next_params()
             self.study.enqueue_trial(params, skip_if_exists=False)
         trial = self.study.ask()
+        trial.set_user_attr(ATTR_WORKER, worker_id())
         return trial, self.space.suggest(trial)
 
     def _one_trial(self, budget: int) -> TrialReport | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.config import EngineConfig
-from runtime.pool import PoolCapacityError, PoolLimits, ReplicaPool
+from runtime.pool import PoolCapacityError, PoolLimits, ReplicaPool, choose_cpu_core
 
 
 class FakeReplica:
@@ -19,6 +19,7 @@ class FakeReplica:
         self.stopped = 0
         self.alive = False
         self.last_used = 0.0
+        self.env: dict[str, str] = {}
 
     def start(self) -> FakeReplica:
         self.started += 1
@@ -39,8 +40,9 @@ class FakeReplica:
 def make_pool(limits: PoolLimits, rss_gib: float = 1.0) -> tuple[ReplicaPool, list[FakeReplica]]:
     made: list[FakeReplica] = []
 
-    def factory(config: EngineConfig, replica_id: str) -> FakeReplica:
+    def factory(config: EngineConfig, replica_id: str, env: dict[str, str]) -> FakeReplica:
         made.append(FakeReplica(config, replica_id, rss_gib))
+        made[-1].env = env
         return made[-1]
 
     return ReplicaPool(limits, factory=factory), made  # type: ignore[arg-type]
@@ -119,3 +121,21 @@ def test_retain_only_and_close_stop_replicas() -> None:
     assert [replica.alive for replica in made] == [False, True]
     pool.close()
     assert not any(replica.alive for replica in made) and pool.replicas() == []
+
+
+def test_cpu_core_choice_spreads_replicas() -> None:
+    assert choose_cpu_core([0, 1], []) == 0
+    assert choose_cpu_core([0, 1], [0]) == 1
+    assert choose_cpu_core([0, 1], [0, 1]) == 0
+    assert choose_cpu_core([2, 3], [2, 2, 3]) == 3
+
+
+def test_replicas_of_a_pool_are_pinned_to_different_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("runtime.pool.available_cpu_cores", lambda: [0, 1])
+    pool, made = make_pool(ROOMY)
+    pool.acquire(A, count=2)
+    binds = [replica.env["VLLM_CPU_OMP_THREADS_BIND"] for replica in made]
+    assert binds == ["0", "1"]
