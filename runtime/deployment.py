@@ -163,6 +163,8 @@ class Deployment(BaseModel):
             }
             for key, model in self.models.items()
         }
+        if self.apps:  # an app's knobs are what a bundle is about: spell them all out
+            data["apps"] = {name: app.model_dump(mode="json") for name, app in self.apps.items()}
         return yaml.safe_dump(data, sort_keys=False)
 
 

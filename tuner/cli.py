@@ -88,6 +88,8 @@ def validated(build: Callable[[], T], source: str | None = None) -> T:
 
 
 def _configure_logging(verbose: bool) -> None:
+    for noisy in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -452,9 +454,9 @@ def _finish_study(study: Any, out: Path, tracker: Any | None) -> None:
     summary = summarize_study(study)
     facts: dict[str, Any] = {
         "study": study.study_name,
-        "complete trials": summary.complete,
-        "failed trials": summary.failed,
-        "not counted (interrupted, over budget)": summary.not_counted,
+        "complete_trials": summary.complete,
+        "failed_trials": summary.failed,
+        "not_counted_trials": summary.not_counted,
     }
     if table.empty or not table["on_front"].any():
         console.print("[yellow]no feasible complete trial: no Pareto front yet[/]")
@@ -538,6 +540,9 @@ def tune(
     with user_errors():
         loaded = load_experiment(experiment, parse_assignments(set_ or []), need_tune=True)
         assert loaded.tune is not None
+        if trials is not None:  # stored with the study, so `fmtune worker` keeps this budget
+            tune_spec = loaded.tune.model_copy(update={"trials": trials})
+            loaded = loaded.model_copy(update={"tune": tune_spec})
         if sampler is not None:
             _check_sampler(sampler)
         folder = out or Path("out") / loaded.name

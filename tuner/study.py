@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ from tuner.experiment import Experiment, TuneSpec, run_spec_of
 from tuner.space import SearchSpace, load_space
 
 logger = logging.getLogger(__name__)
+
+# Heartbeats in ask/tell mode are what fmtune wants (workers running trials it evaluates
+# itself); optuna flags them as experimental and meant for Study.optimize.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 #: User attributes fmtune sets on trials.
 ATTR_METRICS = "fmtune.metrics"
@@ -107,7 +113,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             url,
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
             grace_period=HEARTBEAT_GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1
+            ),
             engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
         )
     return optuna.storages.get_storage(url)
@@ -138,9 +146,12 @@ def make_sampler(tune: TuneSpec, space: SearchSpace) -> optuna.samplers.BaseSamp
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a finished trial uses up budget (interrupted and over-budget ones do not)."""
+    """Whether a finished trial uses up budget (interrupted, over-budget and dead workers'
+    trials do not)."""
     if trial.state not in (TrialState.COMPLETE, TrialState.FAIL):
         return False
+    if trial.state == TrialState.FAIL and ATTR_KIND not in trial.user_attrs:
+        return False  # failed by optuna's stale-trial handling: its worker died, knobs re-queued
     return not trial.user_attrs.get(ATTR_NOT_COUNTED, False)
 
 
@@ -201,7 +212,9 @@ class StudyRunner:
         tune = experiment.tune
         if sampler_name is not None:
             tune = TuneSpec.model_validate({**tune.model_dump(), "sampler": sampler_name})
-        self.experiment = experiment
+        # The stored experiment carries the tune section in force (sampler override included),
+        # so workers that join the study from storage search the same way.
+        self.experiment = experiment.model_copy(update={"tune": tune})
         self.tune = tune
         self.space = load_space(tune.search_space)
         self.model_keys = sorted(experiment.deployment.models)
@@ -223,7 +236,7 @@ class StudyRunner:
         self._check_same_objectives()
         self.study.set_user_attr("fmtune.objectives", [o.model_dump() for o in tune.objectives])
         self.study.set_user_attr("fmtune.constraints", list(tune.constraints))
-        self.study.set_user_attr("fmtune.experiment", experiment.model_dump(mode="json"))
+        self.study.set_user_attr("fmtune.experiment", self.experiment.model_dump(mode="json"))
         self._pymoo = None
         if tune.sampler_name() == "pymoo-nsga2":
             from tuner.pymoo_driver import PymooDriver
@@ -288,8 +301,7 @@ class StudyRunner:
     def _one_trial(self, budget: int) -> TrialReport | None:
         started = time.monotonic()
         trial, params = self._ask()
-        done, running = budget_used(self.study)
-        if done + running > budget and self._is_newest_running(trial):
+        if self._beyond_budget(trial, budget):
             self._close(trial, "over_budget", "asked beyond the budget by a racing worker")
             return None
         self._phase(trial.number, "preparing")
@@ -333,9 +345,13 @@ class StudyRunner:
             time.monotonic() - started, feasible,
         )  # fmt: skip
 
-    def _is_newest_running(self, trial: optuna.trial.Trial) -> bool:
+    def _beyond_budget(self, trial: optuna.trial.Trial, budget: int) -> bool:
+        """Whether racing workers asked for more trials than the budget has left, and this one
+        is among the newest that do not fit (the oldest running trials keep the budget)."""
+        done, _ = budget_used(self.study)
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return trial.number == max(t.number for t in running)
+        older = sum(1 for other in running if other.number < trial.number)
+        return done + older >= budget
 
     def _phase(self, number: int, text: str) -> None:
         if self.events.on_phase is not None:
@@ -504,7 +520,7 @@ def summarize_study(study: optuna.Study) -> StudySummary:
     return StudySummary(
         complete=sum(1 for t in trials if t.state == TrialState.COMPLETE),
         failed=sum(1 for t in trials if t.state == TrialState.FAIL and counted(t)),
-        not_counted=sum(1 for t in trials if t.user_attrs.get(ATTR_NOT_COUNTED)),
+        not_counted=sum(1 for t in trials if t.state == TrialState.FAIL and not counted(t)),
         running=sum(1 for t in trials if t.state == TrialState.RUNNING),
         by_failure_kind=kinds,
     )
