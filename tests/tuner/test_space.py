@@ -37,18 +37,37 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_shipped_files_are_the_two_expected() -> None:
-    assert [p.name for p in SHIPPED] == ["cpu-smollm2.yaml", "gpu-vllm.yaml"]
+def test_shipped_files_include_the_cpu_gpu_and_quickstart_spaces() -> None:
+    assert {"cpu-smollm2.yaml", "gpu-vllm.yaml", "quickstart.yaml"} <= {p.name for p in SHIPPED}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_files_load_and_sample(path: Path) -> None:
     space = load_space(path)
-    assert "engine.num_speculative_tokens" in space.knob_names()
-    assert "deployment.router.policy" in space.knob_names()
     for params in sample(space, 50):
         assert space.violations(params) == []
         assert set(params) <= set(space.knob_names())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_sample_of_a_shipped_space_is_a_valid_experiment(path: Path) -> None:
+    """Knob names are real EngineConfig / DEPLOY.yaml paths and their values are accepted."""
+    from runtime.run import RunSpec, apply_overrides, load_run_spec
+    from tuner.study import trial_overrides
+
+    base = load_run_spec(ROOT / "experiments" / "extract-cpu.yaml").model_dump(mode="json")
+    if "gpu" in path.name:
+        engine = base["deployment"]["models"]["llm"]["engine"]
+        engine.update(device="cuda", dtype="bfloat16", kv_cache_space_gib=None, block_size=16)
+    space = load_space(path)
+    for params in sample(space, 40):
+        overrides = trial_overrides(space, params, ["llm"])
+        spec = RunSpec.model_validate(apply_overrides(base, overrides))
+        engine = spec.deployment.models["llm"].engine
+        for name, value in params.items():
+            if name.startswith("engine."):
+                expected = None if value == "none" else value
+                assert getattr(engine, name.removeprefix("engine.")) == expected
 
 
 def test_cpu_space_knobs() -> None:
