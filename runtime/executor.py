@@ -454,13 +454,28 @@ async def run_request(
     """
     app.validate_against(set(models))
     async with contextlib.AsyncExitStack() as stack:
-        if http is None and _has_api_nodes(app):
-            http = await stack.enter_async_context(httpx.AsyncClient())
-        ctx = _Context(
-            app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
-            sla_e2e_s, app.deadline_shares(),
-        )  # fmt: skip
+        ctx = await _open_context(stack, app, backend, models, fmt, node_timeout_s, http, sla_e2e_s)
         return await _RequestRun(ctx, inputs, request_id).run()
+
+
+async def _open_context(
+    stack: contextlib.AsyncExitStack,
+    app: App,
+    backend: ChatBackend,
+    models: Mapping[str, str],
+    fmt: OutputFormat | None,
+    node_timeout_s: float | None,
+    http: httpx.AsyncClient | None,
+    sla_e2e_s: float | None,
+) -> _Context:
+    """What every request of a run shares; opens an HTTP client (closed with the stack)
+    when the app has API nodes and the caller gave none."""
+    if http is None and _has_api_nodes(app):
+        http = await stack.enter_async_context(httpx.AsyncClient())
+    return _Context(
+        app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
+        sla_e2e_s, app.deadline_shares(),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,12 +524,7 @@ async def run_requests(
 
     results: list[RequestResult | None] = [None] * len(requests)
     async with contextlib.AsyncExitStack() as stack:
-        if http is None and _has_api_nodes(app):
-            http = await stack.enter_async_context(httpx.AsyncClient())
-        ctx = _Context(
-            app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
-            sla_e2e_s, app.deadline_shares(),
-        )  # fmt: skip
+        ctx = await _open_context(stack, app, backend, models, fmt, node_timeout_s, http, sla_e2e_s)
 
         async def one(index: int) -> None:
             result = await _RequestRun(ctx, requests[index], index).run()

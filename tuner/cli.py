@@ -351,14 +351,7 @@ def serve(
 
 
 def _tune_display(total: int) -> tuple[Progress, Any]:
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    progress = _progress()
     return progress, progress.add_task("trials", total=total)
 
 
