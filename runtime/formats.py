@@ -144,9 +144,38 @@ def _count(values: Mapping[str, str | None]) -> int:
     return sum(value is not None for value in values.values())
 
 
+_PLACEHOLDER = re.compile(r"^[\s.\u2026]*$")
+
+
 def _clean_value(value: str) -> str | None:
+    """A field value, or None when empty or only the template's placeholder ('...')."""
     value = value.strip()
-    return value or None
+    if _PLACEHOLDER.match(value):
+        return None
+    return value
+
+
+_QUOTED = re.compile(r'"([^"\n]{2,})"')
+_AFTER_IS = re.compile(r"\b(?:is|are|:)\s+(.+?)\s*(?:[.;]\s*$|[.;]\s+[A-Z]|$)", re.MULTILINE)
+
+
+def _prose_answer(text: str, fields: Sequence[str]) -> tuple[Values, list[str]] | None:
+    """A one-field answer written as a sentence ('The email address is "a@b.org"' or
+    'The address is 1 Main St, Leeds.'): the first quoted value, else what follows 'is'."""
+    if len(fields) != 1 or text.lstrip().startswith(("{", "<", "[")):
+        return None  # structured output that simply left the field out is not prose
+    keys = {_key(name) for name in fields}
+    first_line = next((line for line in text.strip().splitlines() if line.strip()), "")
+    for match in _QUOTED.finditer(text):
+        value = _clean_value(match.group(1))
+        if value is not None and _key(value) not in keys:
+            return {fields[0]: value}, ["prose_answer"]
+    match = _AFTER_IS.search(first_line)
+    if match:
+        value = _clean_value(match.group(1).strip().strip('"'))
+        if value is not None:
+            return {fields[0]: value}, ["prose_answer"]
+    return None
 
 
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)```", re.DOTALL)
@@ -763,6 +792,10 @@ def parse_output(fmt: OutputFormat | str, text: str, fields: Sequence[str]) -> P
         attempt = salvage(_strip_fences(text)[0], fields)
         if attempt is not None:
             consider(attempt[0], attempt[1])
+    if best is None:
+        prose = _prose_answer(_strip_fences(text)[0], fields)
+        if prose is not None:
+            consider(*prose)
 
     if best is None:
         logger.debug("unparseable %s output: %.200r", fmt.value, text)

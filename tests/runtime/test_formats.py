@@ -240,9 +240,44 @@ def test_well_formed_rendering_parses_clean(fmt: OutputFormat, values: dict[str,
 def test_instructions_template_parses_and_names_every_field(fmt: OutputFormat) -> None:
     text = format_instructions(fmt, FIELDS)
     template = text.split("\n", 1)[1]
-    parsed = parse_output(fmt, template, FIELDS)
+    filled = template
+    for value in ("Ada Lovelace", "ada@example.org", "12 Analytical Row, London"):
+        filled = filled.replace("...", value, 1)
+    parsed = parse_output(fmt, filled, FIELDS)
     assert parsed.status == "clean"
-    assert parsed.values == dict.fromkeys(FIELDS, "...")
+    assert list(parsed.values.values()) == [
+        "Ada Lovelace", "ada@example.org", "12 Analytical Row, London",
+    ]  # fmt: skip
+    # a model that copies the template verbatim has answered nothing
+    copied = parse_output(fmt, template, FIELDS)
+    assert copied.values == dict.fromkeys(FIELDS)
+    assert copied.status == "unparseable"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "expected"),
+    [
+        (
+            'The postal address of the contact person is "167 Brunswick Road, Perth".',
+            "address",
+            "167 Brunswick Road, Perth",
+        ),
+        (
+            "The contact person's address is 3-4-3 Nishiki, Naka-ku, Nagoya 438-7735, Japan.",
+            "address",
+            "3-4-3 Nishiki, Naka-ku, Nagoya 438-7735, Japan",
+        ),
+        ("The email address of the contact person is jo@x.org", "email", "jo@x.org"),
+        ('{"email": "..."}', "email", None),
+        ('The postal address of the contact person is: "..."', "address", None),
+    ],
+)
+def test_one_field_prose_answers_are_salvaged(text: str, field: str, expected: str | None) -> None:
+    parsed = parse_output("json", text, [field])
+    assert parsed.values == {field: expected}
+    assert parsed.status == ("unparseable" if expected is None else "repaired")
+    if expected is not None:
+        assert "prose_answer" in parsed.repairs
 
 
 def test_tag_instructions_use_uppercase_names() -> None:
