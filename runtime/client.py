@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -131,10 +131,13 @@ class _StreamState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     chunks_with_text: int = 0
+    on_first_token: Callable[[], None] | None = None
 
     def on_text(self, text: str, now: float) -> None:
         if self.first_token_at is None:
             self.first_token_at = now
+            if self.on_first_token is not None:
+                self.on_first_token()
         elif self.last_chunk_at is not None:
             self.gaps.append(now - self.last_chunk_at)
         self.last_chunk_at = now
@@ -204,23 +207,37 @@ class EngineClient:
         return [entry["id"] for entry in response.json().get("data", [])]
 
     async def chat(
-        self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        sampling: SamplingParams,
+        *,
+        on_first_token: Callable[[], None] | None = None,
     ) -> CallRecord:
-        """A streamed /v1/chat/completions call, measured."""
+        """A streamed /v1/chat/completions call, measured; `on_first_token` is called once,
+        when the first content token arrives (the router's prefill bookkeeping)."""
         body = {"model": model, "messages": messages, **sampling.body()}
-        return await self._stream("/v1/chat/completions", body, chat=True)
+        return await self._stream(
+            "/v1/chat/completions", body, chat=True, on_first_token=on_first_token
+        )
 
     async def complete(self, model: str, prompt: str, sampling: SamplingParams) -> CallRecord:
         """A streamed /v1/completions call, measured."""
         body = {"model": model, "prompt": prompt, **sampling.body()}
         return await self._stream("/v1/completions", body, chat=False)
 
-    async def _stream(self, path: str, body: dict[str, Any], chat: bool) -> CallRecord:
+    async def _stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        chat: bool,
+        on_first_token: Callable[[], None] | None = None,
+    ) -> CallRecord:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         retries = 0
         start = time.monotonic()
         while True:
-            state = _StreamState()
+            state = _StreamState(on_first_token=on_first_token)
             start = time.monotonic()
             try:
                 await asyncio.wait_for(

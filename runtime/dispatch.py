@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ SHED_PREFIX = "shed:"
 QUEUE_FULL_PREFIX = "queue full:"
 #: Characters per token when estimating a prompt's length before the server counts it.
 CHARS_PER_TOKEN = 4.0
+#: Finished-request outcomes `RouterStats.outcomes` keeps (the autoscaler's window).
+OUTCOME_HISTORY = 10_000
 
 
 @dataclass
@@ -106,6 +109,12 @@ class RouterStats:
     queue_rejected: int = 0
     retried: int = 0
     queue_depth: dict[str, int] = field(default_factory=dict)
+    outcomes: deque[tuple[float, bool]] = field(
+        default_factory=lambda: deque(maxlen=OUTCOME_HISTORY)
+    )
+    """(end time on the router's clock, met its SLA) of the last finished requests, recorded
+    with `Router.record_outcome` by whoever sees requests end (the front door); the
+    autoscaler's SLA attainment per window."""
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -150,12 +159,28 @@ class Router:
         self._queues.setdefault(endpoint.model_key, SlackQueue(self.config.queue_capacity))
         self._wake(endpoint.model_key)
 
-    async def remove_endpoint(self, endpoint: Endpoint) -> None:
-        """Take an endpoint out of rotation and close its connections."""
+    async def remove_endpoint(self, endpoint: Endpoint, drain_timeout_s: float = 0.0) -> None:
+        """Take an endpoint out of rotation and close its connections.
+
+        With drain_timeout_s > 0, its open calls (outstanding) may finish first, for at most
+        that many seconds, before the connections close (scaling down).
+        """
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
+        deadline = time.monotonic() + drain_timeout_s
+        while endpoint.outstanding > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if endpoint.outstanding > 0 and drain_timeout_s > 0:
+            logger.warning(
+                "endpoint %s removed with %d calls still open after draining %gs",
+                endpoint.endpoint_id, endpoint.outstanding, drain_timeout_s,
+            )  # fmt: skip
         if endpoint.client is not None:
             await endpoint.client.aclose()
+
+    def record_outcome(self, met_sla: bool, end_s: float | None = None) -> None:
+        """Note that a request finished (at end_s, default now) and whether it met its SLA."""
+        self.stats.outcomes.append((self.clock() if end_s is None else end_s, met_sla))
 
     def model_keys(self) -> list[str]:
         """Model keys with at least one endpoint."""
@@ -326,10 +351,19 @@ class Router:
         endpoint.outstanding_decode_tokens += demand.max_tokens
         return endpoint
 
-    def release(self, endpoint: Endpoint, demand: CallDemand) -> None:
-        """The call picked onto this endpoint ended: free its slot, let a waiter in."""
-        endpoint.outstanding -= 1
+    def first_token(self, endpoint: Endpoint, demand: CallDemand) -> None:
+        """The call's first token arrived: its prompt no longer waits for prefill (the
+        snapshot's outstanding_prefill_tokens counts only calls still before their first
+        token; counting decoding calls too made sla_aware predict a busy replica several
+        times too slow, and shed calls it would have served in time)."""
         endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+
+    def release(self, endpoint: Endpoint, demand: CallDemand, *, prefilled: bool = False) -> None:
+        """The call picked onto this endpoint ended: free its slot, let a waiter in.
+        `prefilled`: `first_token` was already called for it."""
+        endpoint.outstanding -= 1
+        if not prefilled:
+            endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
         endpoint.outstanding_decode_tokens -= demand.max_tokens
         self._wake(endpoint.model_key)
 
@@ -369,10 +403,13 @@ class Router:
                 return self._failed(str(rejected))
             running_at_start = max(endpoint.num_running, endpoint.outstanding)
             assert endpoint.client is not None
+            first = _FirstToken(self, endpoint, demand)
             try:
-                record = await endpoint.client.chat(endpoint.served_model, messages, sampling)
+                record = await endpoint.client.chat(
+                    endpoint.served_model, messages, sampling, on_first_token=first
+                )
             finally:
-                self.release(endpoint, demand)
+                self.release(endpoint, demand, prefilled=first.seen)
             if record.error is not None and record.error.startswith("connection:"):
                 self.mark_unhealthy(endpoint, record.error)
                 tried.add(endpoint.endpoint_id)
@@ -386,6 +423,21 @@ class Router:
                     running_at_start,
                 )  # fmt: skip
             return _with_retry(record) if tried else record
+
+
+@dataclass
+class _FirstToken:
+    """The first-token callback of one dispatched call (see `Router.first_token`)."""
+
+    router: Router
+    endpoint: Endpoint
+    demand: CallDemand
+    seen: bool = False
+
+    def __call__(self) -> None:
+        if not self.seen:
+            self.seen = True
+            self.router.first_token(self.endpoint, self.demand)
 
 
 def _with_retry(record: CallRecord) -> CallRecord:

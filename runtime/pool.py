@@ -118,6 +118,9 @@ class ReplicaPool:
         self._entries: list[_Entry] = []
         self._lock = threading.RLock()
         self._counter = 0
+        self._starting: set[Replica] = set()
+        """Replicas whose start() is under way (their thread holds _lock meanwhile)."""
+        self._starting_lock = threading.Lock()
 
     # --- queries -------------------------------------------------------------------------
 
@@ -179,7 +182,13 @@ class ReplicaPool:
         entry = _Entry(
             replica=replica, config_hash=config.config_hash(), estimate_gib=estimate, cpu_core=core
         )
-        replica.start()
+        with self._starting_lock:
+            self._starting.add(replica)
+        try:
+            replica.start()
+        finally:
+            with self._starting_lock:
+                self._starting.discard(replica)
         self._entries.append(entry)
         return entry
 
@@ -223,7 +232,13 @@ class ReplicaPool:
                 self._stop_entry(entry)
 
     def close(self) -> None:
-        """Stop every replica of the pool."""
+        """Stop every replica of the pool. A start under way in another thread (e.g. a
+        replacement for a dead replica) is aborted first: it holds the pool's lock until its
+        replica is ready, which would otherwise delay closing by a whole cold start."""
+        with self._starting_lock:
+            starting = list(self._starting)
+        for replica in starting:
+            replica.stop()
         with self._lock:
             for entry in list(self._entries):
                 self._stop_entry(entry)

@@ -222,8 +222,12 @@ class Replica:
         deadline = launched + self.startup_timeout_s
         url = f"{self.base_url}/v1/models"
         while True:
-            assert self.process is not None
-            code = self.process.poll()
+            process = self.process  # None once stop() ran in another thread (pool closing)
+            if process is None:
+                raise ReplicaStartError(
+                    f"replica of '{self.config.model}' was stopped before it was ready"
+                )
+            code = process.poll()
             if code is not None:
                 raise ReplicaStartError(
                     f"replica of '{self.config.model}' exited with code {code} before it was "

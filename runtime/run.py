@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.apps.extraction import generate_dataset, score
 from runtime.apps.extraction_archs import build_app
+from runtime.autoscaler import app_sampler, llm_calls_per_request, size_deployment
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
 from runtime.dispatch import SHED_PREFIX, Endpoint, Router, RouterStats
@@ -31,6 +32,7 @@ from runtime.errors import ConfigError, config_error
 from runtime.executor import RequestResult, run_requests, to_outcome
 from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
 from runtime.pool import ReplicaPool
+from runtime.provisioner import SizingResult
 from runtime.replica import GIB
 from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
 
@@ -113,6 +115,10 @@ class RunResult:
     endpoints: list[str] = field(default_factory=list)
     replica_logs: dict[str, str] = field(default_factory=dict)
     """The end of each replica's server log, for artifacts and failure reports."""
+    sizing: dict[str, SizingResult] = field(default_factory=dict)
+    """How each model key with replicas 'auto' was sized before the run (none otherwise);
+    the count stays fixed during the run (no autoscaling: runs are short, and the cost
+    accounting counts a fixed number of replicas)."""
 
     def metrics_dict(self) -> dict[str, Any]:
         """metrics.json: the run metrics plus replica start times and router counters."""
@@ -212,7 +218,11 @@ def execute_run(
     on_phase: Callable[[str], None] | None = None,
     on_request_done: Callable[[RequestResult], None] | None = None,
 ) -> RunResult:
-    """Serve the deployment, drive the workload through the router, score, measure."""
+    """Serve the deployment, drive the workload through the router, score, measure.
+
+    Model keys with replicas 'auto' are sized first (runtime.autoscaler.initial_size,
+    calibrated with the app's own calls on the run's first examples) and keep that count.
+    """
     app = build_app(
         spec.app.architecture,
         spec.app.format,
@@ -234,7 +244,15 @@ def execute_run(
             on_phase(text)
 
     phase("starting replicas")
-    endpoints = start_endpoints(spec.deployment, pool)
+    inputs = [{"article": example.article} for example in chosen]
+    calls = {key: llm_calls_per_request(app, key) for key in keys}
+    deployment, sizing = size_deployment(
+        spec.deployment,
+        pool,
+        calls={key: max(1, count) for key, count in calls.items()},
+        samplers={key: app_sampler(app, inputs, key) for key, count in calls.items() if count},
+    )
+    endpoints = start_endpoints(deployment, pool)
     starts = {e.endpoint_id: float(e.replica.start_s or 0.0) for e in endpoints if e.replica}
     phase(f"running {len(chosen)} requests")
 
@@ -244,7 +262,7 @@ def execute_run(
             t0 = time.monotonic()
             results = await run_requests(
                 app,
-                [{"article": example.article} for example in chosen],
+                inputs,
                 router,
                 {key: key for key in keys},
                 arrival_offsets_s=offsets,
@@ -289,6 +307,7 @@ def execute_run(
         replica_start_s=starts,
         endpoints=[e.endpoint_id for e in endpoints],
         replica_logs={e.endpoint_id: e.replica.log_tail() for e in endpoints if e.replica},
+        sizing=sizing,
     )
 
 

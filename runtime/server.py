@@ -58,6 +58,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.apps.extraction_archs import MODEL_KEY, build_app
+from runtime.autoscaler import (
+    Autoscaler,
+    autoscalers_for,
+    size_deployment,
+)
 from runtime.client import call_deadline, parse_sse_line
 from runtime.cluster import start_endpoints
 from runtime.dag import App
@@ -344,6 +349,7 @@ class Upstream:
     start_s: float
     running_at_start: int
     meter: _StreamMeter | None = None
+    prefilled: bool = False
     closed: bool = False
 
 
@@ -410,7 +416,7 @@ class RouterProxy:
         if upstream.closed:
             return
         upstream.closed = True
-        self._release(upstream.endpoint, upstream.demand)
+        self.router.release(upstream.endpoint, upstream.demand, prefilled=upstream.prefilled)
         meter = upstream.meter
         if meter is not None and meter.complete and meter.first_token_s is not None:
             self.router.observe(
@@ -494,10 +500,17 @@ class _FrontDoorState:
 class _StateCollector(Collector):
     """Metrics read from live state at scrape time (router counters, endpoint health)."""
 
-    def __init__(self, router: Router, deployment: Deployment, state: _FrontDoorState) -> None:
+    def __init__(
+        self,
+        router: Router,
+        deployment: Deployment,
+        state: _FrontDoorState,
+        autoscalers: Mapping[str, Autoscaler],
+    ) -> None:
         self.router = router
         self.deployment = deployment
         self.state = state
+        self.autoscalers = autoscalers
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Yield the current values."""
@@ -542,6 +555,22 @@ class _StateCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        if self.autoscalers:
+            replicas = GaugeMetricFamily(
+                "fmtune_autoscaler_replicas",
+                "Replicas of an 'auto' model key now (its endpoints in the router).",
+                labels=["model_key"],
+            )
+            decisions = CounterMetricFamily(
+                "fmtune_autoscaler_decisions",
+                "Scaling decisions of an 'auto' model key, by action (up, down, hold).",
+                labels=["model_key", "action"],
+            )
+            for key, scaler in sorted(self.autoscalers.items()):
+                replicas.add_metric([key], scaler.current)
+                for action in ("up", "down", "hold"):
+                    decisions.add_metric([key, action], scaler.counts[action])
+            yield from (replicas, decisions)
 
 
 @dataclass
@@ -555,9 +584,14 @@ class _Metrics:
     endpoint_failures: Counter
 
 
-def _metrics(router: Router, deployment: Deployment, state: _FrontDoorState) -> _Metrics:
+def _metrics(
+    router: Router,
+    deployment: Deployment,
+    state: _FrontDoorState,
+    autoscalers: Mapping[str, Autoscaler],
+) -> _Metrics:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(_StateCollector(router, deployment, state))
+    registry.register(_StateCollector(router, deployment, state, autoscalers))
     return _Metrics(
         registry=registry,
         latency=Histogram(
@@ -621,8 +655,10 @@ class _FrontDoor:
         sla_s: float,
         state: _FrontDoorState,
         metrics: _Metrics,
+        on_outcome: Callable[[bool], None] | None = None,
     ) -> None:
         self.app = app
+        self.on_outcome = on_outcome
         self.config = config
         self.sla_s = sla_s
         self.state = state
@@ -684,6 +720,8 @@ class _FrontDoor:
                 if status < 400 or status == 429 or status >= 500:
                     state.finished += 1
                     state.within_sla += int(status < 400 and elapsed <= self.sla_s)
+                    if self.on_outcome is not None:
+                        self.on_outcome(status < 400 and elapsed <= self.sla_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,19 +772,22 @@ def create_app(
     config: ServeConfig,
     *,
     on_replica_dead: Callable[[Endpoint], None] | None = None,
+    autoscalers: Mapping[str, Autoscaler] | None = None,
 ) -> FastAPI:
     """The front door of a deployment over a router the caller has entered.
 
     It chains onto `router.on_unhealthy` to count failed endpoints and to call
     on_replica_dead(endpoint) (on the event loop; must not block) for every endpoint taken
-    out of rotation, so the caller can start a replacement.
+    out of rotation, so the caller can start a replacement. Every finished LLM or app request
+    is recorded with `router.record_outcome` (the autoscalers' SLA attainment); /metrics shows
+    the `autoscalers` (by model key) replica counts and decisions.
     """
     sla_s = config.sla_e2e_s or deployment.provisioner.sla_p99_s
     names = _model_names(deployment)
     apps = _build_apps(deployment)
     proxy = RouterProxy(router, config.request_timeout_s)
     state = _FrontDoorState()
-    metrics = _metrics(router, deployment, state)
+    metrics = _metrics(router, deployment, state, autoscalers or {})
 
     previous = router.on_unhealthy
 
@@ -764,7 +805,14 @@ def create_app(
         summary="OpenAI-compatible front door of an fmtune deployment.",
         version="0.1.0",
     )
-    app.add_middleware(_FrontDoor, config=config, sla_s=sla_s, state=state, metrics=metrics)
+    app.add_middleware(
+        _FrontDoor,
+        config=config,
+        sla_s=sla_s,
+        state=state,
+        metrics=metrics,
+        on_outcome=router.record_outcome,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -965,6 +1013,9 @@ async def _relay(proxy: RouterProxy, upstream: Upstream) -> AsyncIterator[bytes]
         async for chunk in upstream.response.aiter_bytes():
             if meter is not None:
                 meter.feed(chunk, time.monotonic())
+                if meter.first_token_s is not None and not upstream.prefilled:
+                    upstream.prefilled = True
+                    proxy.router.first_token(upstream.endpoint, upstream.demand)
             yield chunk
     except httpx.HTTPError as error:
         if isinstance(error, CONNECTION_ERRORS):
@@ -1108,8 +1159,13 @@ async def _serve_async(
         replacer = ReplicaReplacer(
             router, deployment, pool, asyncio.get_running_loop(), config.replace_dead
         )
+    autoscalers = autoscalers_for(deployment, router, pool)
     async with router:
-        app = create_app(router, deployment, config, on_replica_dead=replacer)
+        app = create_app(
+            router, deployment, config, on_replica_dead=replacer, autoscalers=autoscalers
+        )
+        for scaler in autoscalers.values():
+            scaler.start()
         server = _Server(
             uvicorn.Config(
                 app,
@@ -1128,6 +1184,8 @@ async def _serve_async(
             ) from None
         finally:
             signals.server = None
+            for scaler in autoscalers.values():
+                await scaler.aclose()
 
 
 def serve(
@@ -1136,7 +1194,9 @@ def serve(
     """Serve a DEPLOY.yaml until Ctrl-C or SIGTERM (blocking; the CLI's `fmtune serve`).
 
     With cluster 'local' its replicas start in `pool` (a new pool with default limits if
-    None); with cluster 'endpoints' nothing is started. Whatever stops the server (a signal,
+    None), models with replicas 'auto' sized first (runtime.autoscaler.size_deployment, with
+    a calibration on the deployment's apps) and then scaled by an Autoscaler each; with
+    cluster 'endpoints' nothing is started. Whatever stops the server (a signal,
     an error, a failed start), the pool is closed on the way out, so no replica outlives it.
     """
     deployment = load_deployment(Path(deployment_path))
@@ -1145,7 +1205,8 @@ def serve(
         if pool is None and deployment.cluster == "local":
             pool = ReplicaPool()
         try:
-            endpoints = start_endpoints(deployment, pool)
+            sized, _ = size_deployment(deployment, pool)
+            endpoints = start_endpoints(sized, pool)
             logger.info(
                 "serving %s on http://%s:%d with %d endpoints",
                 deployment_path,

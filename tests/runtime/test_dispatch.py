@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -128,4 +129,38 @@ async def test_sla_aware_learns_and_prefers_the_faster_endpoint() -> None:
         with call_deadline(router.clock() + 30):
             tally[(await router.chat("llm", USER, SamplingParams(max_tokens=1))).text] += 1
     assert tally["fast"] > tally["slow"]
+    await router.aclose()
+
+
+async def test_prompt_leaves_the_prefill_count_at_the_first_token() -> None:
+    """outstanding_prefill_tokens counts only calls still before their first token."""
+    first_sent, finish = asyncio.Event(), asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+        first_sent.set()
+        await finish.wait()
+        yield sse_answer("b")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        return httpx.Response(200, content=body())
+
+    client = EngineClient("http://a", connect_retries=0, transport=httpx.MockTransport(handler))
+    target = Endpoint(
+        endpoint_id="a", model_key="llm", served_model="m", base_url="http://a",
+        max_num_seqs=4, client=client,
+    )  # fmt: skip
+    router = Router([target], RouterConfig(policy="sla_aware"))
+    call = asyncio.create_task(router.chat("llm", USER, SamplingParams(max_tokens=8)))
+    await first_sent.wait()
+    await asyncio.sleep(0.01)
+    assert target.outstanding == 1 and target.outstanding_decode_tokens == 8
+    assert target.outstanding_prefill_tokens == 0  # decoding, no longer waiting for prefill
+    finish.set()
+    record = await call
+    assert record.ok and record.text == "ab"
+    assert (target.outstanding, target.outstanding_prefill_tokens) == (0, 0)
+    assert target.outstanding_decode_tokens == 0
     await router.aclose()

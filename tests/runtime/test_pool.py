@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
+from runtime import replica as replica_module
 from runtime.config import EngineConfig
 from runtime.pool import PoolCapacityError, PoolLimits, ReplicaPool, choose_cpu_core
+from runtime.reaper import group_alive
+from runtime.replica import ReplicaStartError
 
 
 class FakeReplica:
@@ -139,3 +147,39 @@ def test_replicas_of_a_pool_are_pinned_to_different_cores(
     pool.acquire(A, count=2)
     binds = [replica.env["VLLM_CPU_OMP_THREADS_BIND"] for replica in made]
     assert binds == ["0", "1"]
+
+
+def test_close_aborts_a_start_under_way_in_another_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A replacement still starting (its thread holds the pool's lock) must not hold up
+    close() for a whole cold start: close stops it, the starting thread fails fast."""
+    never_ready = [sys.executable, "-c", "import time; time.sleep(120)"]
+    monkeypatch.setattr(EngineConfig, "server_argv", lambda self, *args, **kwargs: never_ready)
+    monkeypatch.setattr(replica_module, "resolve_model", lambda name: tmp_path)
+    pool = ReplicaPool(ROOMY, log_dir=tmp_path, startup_timeout_s=300)
+    failure: list[BaseException] = []
+
+    def acquire() -> None:
+        try:
+            pool.acquire(A)
+        except BaseException as error:
+            failure.append(error)
+
+    starter = threading.Thread(target=acquire, daemon=True)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while not replica_module.live_replicas() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (starting,) = replica_module.live_replicas()  # launched, not ready: it never will be
+    pgid = starting.pid
+    assert pgid is not None
+
+    began = time.monotonic()
+    pool.close()
+    assert time.monotonic() - began < 15  # the grace of one stop, not the startup timeout
+    starter.join(timeout=5)
+    assert not starter.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], ReplicaStartError)
+    assert "stopped before it was ready" in str(failure[0])
+    assert not group_alive(pgid) and pool.replicas() == []

@@ -211,6 +211,9 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
                 async for line in response.aiter_lines():
                     if line.startswith("data:"):
                         arrivals.append(time.monotonic() - start)
+                    if len(arrivals) == 2:  # mid-stream: decoding, past its prefill
+                        mid = router.endpoints[0]
+                        assert (mid.outstanding, mid.outstanding_prefill_tokens) == (1, 0)
             assert len(arrivals) == 7  # six chunks and [DONE]
             assert arrivals[0] < 0.5 < 1.2 < arrivals[-1]  # first token long before the end
             assert engines[0][0].bodies[0]["model"] == SERVED
@@ -476,7 +479,7 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
     )
     started: list[FakeReplica] = []
 
-    def factory(config: EngineConfig, replica_id: str) -> FakeReplica:
+    def factory(config: EngineConfig, replica_id: str, env: dict[str, str]) -> FakeReplica:
         replica = FakeReplica(config, replica_id)
         started.append(replica)
         return replica
