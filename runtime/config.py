@@ -126,6 +126,15 @@ class EngineConfig(BaseModel):
             json_schema_extra={"flag": "--enable-prefix-caching"},
         ),
     ] = None
+    enforce_eager: Annotated[
+        bool | None,
+        Field(
+            description="Run the model eagerly instead of compiling it: on this CPU a replica "
+            "starts in about 34 s instead of 87 s for about 10% fewer tokens/s. None: vLLM's "
+            "default (compiled).",
+            json_schema_extra={"flag": "--enforce-eager"},
+        ),
+    ] = None
     speculative_method: Annotated[
         SpeculativeMethod | None,
         Field(

@@ -30,8 +30,10 @@ def bundled_model() -> Path:
 
 @pytest.fixture(scope="session")
 def small_engine(bundled_model: Path) -> EngineConfig:
-    """A small, fast CPU engine of the bundled model."""
-    return EngineConfig(model=BUNDLED, max_model_len=2048, max_num_seqs=16, block_size=128)
+    """A small CPU engine of the bundled model that starts fast (eager: no compilation)."""
+    return EngineConfig(
+        model=BUNDLED, max_model_len=2048, max_num_seqs=16, block_size=128, enforce_eager=True
+    )
 
 
 @pytest.fixture(scope="session")

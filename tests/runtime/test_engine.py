@@ -89,7 +89,10 @@ async def test_a_bad_request_is_recorded_not_raised(hot_replica: Replica) -> Non
 
 
 def test_pool_reuses_the_hot_replica(engine_pool: ReplicaPool, hot_replica: Replica) -> None:
-    same = EngineConfig(model="smollm2-135m", block_size=128, max_num_seqs=16, max_model_len=2048)
+    same = EngineConfig(
+        model="smollm2-135m", block_size=128, max_num_seqs=16, max_model_len=2048,
+        enforce_eager=True,
+    )  # fmt: skip
     started = time.monotonic()
     (again,) = engine_pool.acquire(same)
     assert again is hot_replica
@@ -154,7 +157,9 @@ CHILD = """
 import sys, time
 from runtime.config import EngineConfig
 from runtime.replica import Replica
-replica = Replica(EngineConfig(model="smollm2-135m", max_model_len=1024, seed=11))
+replica = Replica(
+    EngineConfig(model="smollm2-135m", max_model_len=1024, seed=11, enforce_eager=True)
+)
 replica.start()
 print(replica.pid, flush=True)
 time.sleep(600)

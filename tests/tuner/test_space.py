@@ -83,6 +83,7 @@ def test_cpu_space_knobs() -> None:
         "engine.enable_prefix_caching",
         "engine.speculative_method",
         "engine.num_speculative_tokens",
+        "engine.enforce_eager",
         "engine.kv_cache_space_gib",
         "deployment.replicas",
         "deployment.router.policy",
@@ -191,7 +192,8 @@ def test_suggest_with_fixed_trial() -> None:
             "engine.max_num_batched_tokens": 2048,
             "engine.enable_prefix_caching": False,
             "engine.speculative_method": "none",
-            "engine.kv_cache_space_gib": 1.0,
+            "engine.enforce_eager": True,
+            "engine.kv_cache_space_gib": 1,
             "deployment.replicas": 2,
             "deployment.router.policy": "sla_aware",
         }
