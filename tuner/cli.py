@@ -572,7 +572,7 @@ def worker(
     from tuner.export import load_study, study_experiment
 
     with user_errors():
-        existing = study_experiment(load_study(study, storage))
+        existing = study_experiment(load_study(study, storage), wait_s=30.0)
         assert existing.tune is not None
         _run_study(
             existing, storage=storage, study_name=study, out=out, trials=existing.tune.trials,

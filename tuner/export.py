@@ -9,6 +9,7 @@ read from the trial's output folder, so `fmtune export --storage URL` works on a
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,16 @@ def load_study(study_name: str, storage_url: str) -> optuna.Study:
         ) from None
 
 
-def study_experiment(study: optuna.Study) -> Experiment:
-    """The experiment a study was created with (stored in its user attributes)."""
+def study_experiment(study: optuna.Study, wait_s: float = 0.0) -> Experiment:
+    """The experiment a study was created with (stored in its user attributes); waits up to
+    wait_s for a study that `fmtune tune` is creating at this moment."""
+    deadline = time.monotonic() + wait_s
     data = study.user_attrs.get("fmtune.experiment")
+    while data is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        data = optuna.load_study(
+            study_name=study.study_name, storage=study._storage
+        ).user_attrs.get("fmtune.experiment")
     if data is None:
         raise ConfigError(f"study '{study.study_name}' was not created by fmtune tune")
     return Experiment.model_validate(data)

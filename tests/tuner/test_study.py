@@ -1,0 +1,669 @@
+"""StudyRunner's ask/tell loop and the Pareto-front export, with a deterministic evaluation.
+
+The evaluation is a test double of `runtime.run.execute_run`: it turns a trial's RunSpec into
+RunMetrics by fixed rules (cost falls with max_num_seqs, quality depends on the architecture
+and format), so every bookkeeping rule of the study can be checked in seconds: the budget,
+every sampler, engine failures and skipped configs, SLA constraints, resume after a crash,
+racing workers, undefined objectives, objective mismatches and the MLflow runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from runtime.deployment import load_deployment
+from runtime.dispatch import RouterStats
+from runtime.errors import ConfigError
+from runtime.metrics import RunMetrics
+from runtime.replica import ReplicaStartError
+from runtime.run import RunResult, RunSpec
+from tuner.experiment import Experiment, load_experiment
+from tuner.export import export_front, load_study, study_experiment
+from tuner.pareto import pareto_front, trial_constraints
+from tuner.study import (
+    ATTR_CONFIG_HASH,
+    ATTR_FAILURE,
+    ATTR_KIND,
+    ATTR_METRICS,
+    ATTR_NOT_COUNTED,
+    ATTR_RUN_ID,
+    ATTR_WORKER,
+    StudyRunner,
+    budget_used,
+    counted,
+    summarize_study,
+    worker_id,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = "study-under-test"
+
+# MLflow's own SQLAlchemy store uses a loader strategy SQLAlchemy deprecates; not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used"),
+]
+
+SPACE = """
+description: tiny space for the study tests
+app:
+  architecture: [single, parallel]
+  format: [json, tag]
+engine:
+  max_num_seqs: {type: int, low: 4, high: 16, step: 4}
+"""
+
+QUALITY = {"single": 0.3, "parallel": 0.7, "sequential": 0.5, "judge": 0.6}
+
+
+# --- the test double of execute_run -----------------------------------------------------
+
+
+def fake_metrics(spec: RunSpec, **changes: Any) -> RunMetrics:
+    """Metrics from the knobs alone: more sequences per batch is cheaper; parallel is better
+    but dearer than single, and the tag format a little better but dearer than json."""
+    seqs = spec.deployment.models["llm"].engine.max_num_seqs or 1
+    parallel = spec.app.architecture == "parallel"
+    tag = spec.app.format.value == "tag"
+    quality = QUALITY[spec.app.architecture] + (0.05 if tag else 0.0)
+    data: dict[str, Any] = {
+        "num_requests": 4,
+        "num_failed": 0,
+        "wall_s": 2.0,
+        "sla_e2e_s": spec.sla.e2e_s,
+        "e2e_p95_s": 1.0 + seqs / 16,
+        "cost_per_1k_usd": 1.0 / seqs + (0.5 if parallel else 0.0) + (0.1 if tag else 0.0),
+        "quality": quality,
+        "quality_ci95": [quality - 0.1, quality + 0.1],
+        "error_rate": 0.0,
+    }
+    return RunMetrics(**(data | changes))
+
+
+def fake_result(metrics: RunMetrics) -> RunResult:
+    return RunResult(
+        metrics=metrics,
+        trace=pd.DataFrame(),
+        results=[],
+        router_stats=RouterStats(),
+        replica_start_s={},
+    )
+
+
+class Evaluation:
+    """Records every RunSpec it is handed; `fail` decides per spec whether it raises."""
+
+    def __init__(
+        self,
+        fail: Callable[[RunSpec], BaseException | None] | None = None,
+        **metric_changes: Any,
+    ) -> None:
+        self.specs: list[RunSpec] = []
+        self.fail = fail
+        self.metric_changes = metric_changes
+
+    def __call__(self, spec: RunSpec) -> RunResult:
+        self.specs.append(spec)
+        error = self.fail(spec) if self.fail is not None else None
+        if error is not None:
+            raise error
+        return fake_result(fake_metrics(spec, **self.metric_changes))
+
+    def knobs(self) -> list[tuple[str, str, int | None]]:
+        return [
+            (s.app.architecture, s.app.format.value, s.deployment.models["llm"].engine.max_num_seqs)
+            for s in self.specs
+        ]
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def write_experiment(tmp_path: Path, **tune: Any) -> Path:
+    """experiments/extract-cpu.yaml plus a tune section over the tiny space."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    data = yaml.safe_load((ROOT / "experiments" / "extract-cpu.yaml").read_text())
+    data["tune"] = {
+        "search_space": space.name,
+        "objectives": [
+            {"metric": "cost_per_1k_usd", "direction": "minimize"},
+            {"metric": "quality", "direction": "maximize"},
+        ],
+        "trials": 4,
+        "sampler": "random",
+        "population_size": 2,
+    } | tune
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def experiment(tmp_path: Path, **tune: Any) -> Experiment:
+    return load_experiment(write_experiment(tmp_path, **tune), need_tune=True)
+
+
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def runner(
+    tmp_path: Path, exp: Experiment, evaluate: Callable[[RunSpec], RunResult], **kwargs: Any
+) -> StudyRunner:
+    return StudyRunner(
+        exp,
+        storage_url=storage_url(tmp_path),
+        study_name=STUDY,
+        out_dir=tmp_path / "out",
+        evaluate=evaluate,
+        **kwargs,
+    )
+
+
+def enqueue(study: optuna.Study, architecture: str, fmt: str, seqs: int) -> None:
+    study.enqueue_trial(
+        {"app.architecture": architecture, "app.format": fmt, "engine.max_num_seqs": seqs},
+        skip_if_exists=False,
+    )
+
+
+def knobs_of(params: dict[str, Any]) -> tuple[str, str, int]:
+    return params["app.architecture"], params["app.format"], params["engine.max_num_seqs"]
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if counted(t)]
+
+
+# --- budget and samplers ----------------------------------------------------------------
+
+
+def test_budget_is_exactly_the_number_of_counted_trials(tmp_path: Path) -> None:
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=5), evaluate)
+
+    reports = study_runner.run()
+
+    assert len(reports) == 5
+    assert len(evaluate.specs) == 5
+    assert budget_used(study_runner.study) == (5, 0)
+    trials = study_runner.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    for trial in trials:
+        assert trial.user_attrs[ATTR_WORKER] == worker_id()
+        assert trial.user_attrs[ATTR_METRICS]["quality"] == pytest.approx(trial.values[1])
+        folder = tmp_path / "out" / "trials" / f"{trial.number:04d}"
+        assert (folder / "metrics.json").is_file()
+        assert (folder / "trace.parquet").is_file()
+        deployed = load_deployment(folder / "DEPLOY.yaml")
+        assert deployed.apps["extraction"].architecture == trial.params["app.architecture"]
+        engine = deployed.models["llm"].engine
+        assert engine.max_num_seqs == trial.params["engine.max_num_seqs"]
+        assert trial.user_attrs[ATTR_CONFIG_HASH] == engine.config_hash()
+
+    # The budget is used up: running again evaluates nothing.
+    assert runner(tmp_path, experiment(tmp_path, trials=5), evaluate).run() == []
+    assert len(evaluate.specs) == 5
+    # A larger budget continues the same study up to the new total.
+    assert len(study_runner.run(trials=7)) == 2
+    assert budget_used(study_runner.study) == (7, 0)
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "nsga3", "random", "grid", "pymoo-nsga2"])
+def test_every_sampler_completes_a_short_study(tmp_path: Path, sampler: str) -> None:
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=6, sampler=sampler), evaluate)
+
+    reports = study_runner.run()
+
+    assert [r.state for r in reports] == ["COMPLETE"] * 6
+    assert len(evaluate.specs) == 6
+    trials = study_runner.study.get_trials()
+    assert len(trials) == 6
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # Every trial evaluated the knobs it recorded.
+    assert evaluate.knobs() == [knobs_of(t.params) for t in trials]
+    assert pareto_front(study_runner.study)
+    if sampler == "grid":  # the grid sampler never repeats a point of the grid
+        assert len({knobs_of(t.params) for t in trials}) == 6
+
+
+def test_sampler_override_is_used_and_stored(tmp_path: Path) -> None:
+    study_runner = runner(
+        tmp_path, experiment(tmp_path, sampler="random"), Evaluation(), sampler_name="grid"
+    )
+    assert isinstance(study_runner.study.sampler, optuna.samplers.GridSampler)
+    stored = study_experiment(study_runner.study)
+    assert stored.tune is not None
+    assert stored.tune.sampler == "grid"
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+def test_engine_failure_is_counted_and_its_config_skipped_afterwards(tmp_path: Path) -> None:
+    def fail(spec: RunSpec) -> BaseException | None:
+        if spec.deployment.models["llm"].engine.max_num_seqs == 8:
+            return ReplicaStartError("replica llm/0 exited with code 1\n...log tail: OOM...")
+        return None
+
+    evaluate = Evaluation(fail)
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=3), evaluate)
+    enqueue(study_runner.study, "single", "json", 8)  # fails to start
+    enqueue(study_runner.study, "parallel", "tag", 8)  # same engine config: skipped
+    enqueue(study_runner.study, "single", "json", 4)  # another engine: runs
+
+    reports = study_runner.run()
+
+    assert [r.state for r in reports] == ["FAIL", "FAIL", "COMPLETE"]
+    assert evaluate.knobs() == [("single", "json", 8), ("single", "json", 4)]
+    first, second, third = study_runner.study.get_trials()
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs[ATTR_KIND] == "engine"
+    assert first.user_attrs[ATTR_FAILURE] == "replica llm/0 exited with code 1"
+    assert reports[0].failure == "engine: replica llm/0 exited with code 1"
+    assert second.state == TrialState.FAIL
+    assert second.user_attrs[ATTR_KIND] == "skipped"
+    assert first.user_attrs[ATTR_CONFIG_HASH] in second.user_attrs[ATTR_FAILURE]
+    assert "replica llm/0 exited with code 1" in second.user_attrs[ATTR_FAILURE]
+    assert second.user_attrs[ATTR_CONFIG_HASH] == first.user_attrs[ATTR_CONFIG_HASH]
+    assert third.state == TrialState.COMPLETE
+    # Failed and skipped trials use up budget.
+    assert budget_used(study_runner.study) == (3, 0)
+    summary = summarize_study(study_runner.study)
+    assert (summary.complete, summary.failed, summary.not_counted) == (1, 2, 0)
+    assert summary.by_failure_kind == {"engine": 1, "skipped": 1}
+
+
+def test_engine_config_is_retried_until_max_failures_per_config(tmp_path: Path) -> None:
+    evaluate = Evaluation(lambda spec: ReplicaStartError("did not become ready"))
+    study_runner = runner(
+        tmp_path, experiment(tmp_path, trials=3, max_failures_per_config=2), evaluate
+    )
+    for fmt in ("json", "tag", "json"):
+        enqueue(study_runner.study, "single", fmt, 12)
+
+    study_runner.run()
+
+    kinds = [t.user_attrs[ATTR_KIND] for t in study_runner.study.get_trials()]
+    assert kinds == ["engine", "engine", "skipped"]
+    assert len(evaluate.specs) == 2
+
+
+def test_evaluation_error_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
+    evaluate = Evaluation(lambda spec: TimeoutError("node llm timed out after 300 s"))
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=2), evaluate)
+
+    reports = study_runner.run()
+
+    assert [r.state for r in reports] == ["FAIL", "FAIL"]
+    for trial in study_runner.study.get_trials():
+        assert trial.user_attrs[ATTR_KIND] == "evaluation"
+        assert trial.user_attrs[ATTR_FAILURE] == "TimeoutError: node llm timed out after 300 s"
+    # Not an engine failure: the config is not skipped.
+    assert len(evaluate.specs) == 2
+
+
+def test_undefined_objective_fails_the_trial(tmp_path: Path) -> None:
+    evaluate = Evaluation(quality=None, quality_ci95=None, num_failed=4, error_rate=1.0)
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=2), evaluate)
+
+    reports = study_runner.run()
+
+    assert [r.state for r in reports] == ["FAIL", "FAIL"]
+    for trial in study_runner.study.get_trials():
+        assert trial.state == TrialState.FAIL
+        assert trial.user_attrs[ATTR_KIND] == "evaluation"
+        reason = trial.user_attrs[ATTR_FAILURE]
+        assert "objective 'quality' is undefined" in reason
+        assert "error rate 1.0" in reason
+    assert budget_used(study_runner.study) == (2, 0)
+    assert pareto_front(study_runner.study) == []
+
+
+def test_invalid_knob_combination_fails_without_evaluating(tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    exp = experiment(tmp_path, trials=1)
+    space.write_text(SPACE + "constraints: ['engine.max_num_seqs <= 8']\n")
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, exp, evaluate)
+    enqueue(study_runner.study, "single", "json", 16)
+
+    study_runner.run()
+
+    (trial,) = study_runner.study.get_trials()
+    assert trial.user_attrs[ATTR_KIND] == "invalid"
+    assert "engine.max_num_seqs <= 8" in trial.user_attrs[ATTR_FAILURE]
+    assert evaluate.specs == []
+
+
+# --- SLA constraints --------------------------------------------------------------------
+
+
+def test_sla_bounds_keep_infeasible_trials_off_the_front(tmp_path: Path) -> None:
+    evaluate = Evaluation()
+    exp = experiment(tmp_path, trials=4, constraints=["quality >= 0.5"])
+    study_runner = runner(tmp_path, exp, evaluate)
+    # single is cheap and bad (infeasible), parallel dear and good (feasible)
+    enqueue(study_runner.study, "single", "json", 16)
+    enqueue(study_runner.study, "single", "tag", 4)
+    enqueue(study_runner.study, "parallel", "json", 16)
+    enqueue(study_runner.study, "parallel", "tag", 4)
+
+    reports = study_runner.run()
+
+    assert [r.feasible for r in reports] == [False, False, True, True]
+    trials = study_runner.study.get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    for trial in trials:
+        (violation,) = trial_constraints(trial)
+        assert violation == pytest.approx(0.5 - trial.values[1])
+        assert (violation > 0) == (trial.params["app.architecture"] == "single")
+    front = pareto_front(study_runner.study)
+    assert front
+    assert all(t.params["app.architecture"] == "parallel" for t in front)
+    # The cheapest trial overall is infeasible: it would be on an unconstrained front.
+    cheapest = min(trials, key=lambda t: t.values[0])
+    assert cheapest.params["app.architecture"] == "single"
+    assert cheapest.number not in {t.number for t in front}
+
+
+def test_unmeasured_bounded_metric_counts_as_violated(tmp_path: Path) -> None:
+    evaluate = Evaluation(e2e_p95_s=None)
+    exp = experiment(tmp_path, trials=1, constraints=["e2e_p95_s <= 20"])
+    study_runner = runner(tmp_path, exp, evaluate)
+
+    (report,) = study_runner.run()
+
+    assert report.state == "COMPLETE"
+    assert report.feasible is False
+    assert trial_constraints(study_runner.study.get_trials()[0]) == [1e9]
+
+
+# --- resume and racing workers ----------------------------------------------------------
+
+
+def test_resume_requeues_an_interrupted_trial_without_counting_it(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, trials=3)
+    crashed = runner(tmp_path, exp, Evaluation())
+    left = crashed.study.ask()  # a worker asked, sampled knobs, then died
+    params = crashed.space.suggest(left)
+    assert budget_used(crashed.study) == (0, 1)
+
+    evaluate = Evaluation()
+    resumed = runner(tmp_path, exp, evaluate)
+    assert resumed.recover_interrupted() == [left.number]
+
+    interrupted = resumed.study.get_trials()[left.number]
+    assert interrupted.state == TrialState.FAIL
+    assert interrupted.user_attrs[ATTR_KIND] == "interrupted"
+    assert interrupted.user_attrs[ATTR_NOT_COUNTED] is True
+    assert not counted(interrupted)
+    assert budget_used(resumed.study) == (0, 0)
+
+    resumed.run()
+
+    assert evaluate.knobs()[0] == knobs_of(params)
+    assert len(evaluate.specs) == 3
+    assert budget_used(resumed.study) == (3, 0)
+    trials = resumed.study.get_trials()
+    assert len(trials) == 4
+    assert trials[1].params == params
+    summary = summarize_study(resumed.study)
+    assert (summary.complete, summary.failed, summary.not_counted) == (3, 0, 1)
+    # Nothing left to recover.
+    assert resumed.recover_interrupted() == []
+
+
+def test_a_trial_asked_beyond_the_budget_by_a_racing_worker_is_closed(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, trials=3)
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, exp, evaluate)
+    study_runner.run(trials=2)
+    other = optuna.load_study(study_name=STUDY, storage=storage_url(tmp_path))
+    raced: list[optuna.trial.Trial] = []
+    ask = study_runner._ask
+
+    def racing_ask() -> Any:
+        # Another worker asks for the last trial of the budget between this worker's budget
+        # check and its own ask.
+        if not raced:
+            raced.append(other.ask())
+            study_runner.space.suggest(raced[0])
+        return ask()
+
+    study_runner._ask = racing_ask  # type: ignore[method-assign]
+
+    reports = study_runner.run()
+
+    assert reports == []  # this worker's trial was closed, nothing evaluated
+    assert len(evaluate.specs) == 2
+    closed = study_runner.study.get_trials()[-1]
+    assert closed.number > raced[0].number
+    assert closed.state == TrialState.FAIL
+    assert closed.user_attrs[ATTR_KIND] == "over_budget"
+    assert not counted(closed)
+    assert budget_used(study_runner.study) == (2, 1)
+    other.tell(raced[0], [1.0, 0.5])  # the other worker finishes its trial
+    assert budget_used(study_runner.study) == (3, 0)
+    assert study_runner.run() == []
+
+
+def test_only_trials_beyond_the_budget_are_closed_when_many_race(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, trials=3)
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, exp, evaluate)
+    study_runner.run(trials=1)
+    other = optuna.load_study(study_name=STUDY, storage=storage_url(tmp_path))
+    ask = study_runner._ask
+    raced: list[optuna.trial.Trial] = []
+
+    def racing_ask() -> Any:
+        # Two other workers ask just before this one and a third just after: the two older
+        # trials fill the budget, so this worker's trial is beyond it although not the newest.
+        if raced:
+            return ask()
+        raced.extend(other.ask() for _ in range(2))
+        mine = ask()
+        raced.append(other.ask())
+        return mine
+
+    study_runner._ask = racing_ask  # type: ignore[method-assign]
+
+    assert study_runner.run() == []
+    assert len(evaluate.specs) == 1
+    mine = study_runner.study.get_trials()[3]
+    assert mine.state == TrialState.FAIL
+    assert mine.user_attrs[ATTR_KIND] == "over_budget"
+    assert [t.number for t in raced] == [1, 2, 4]
+
+
+# --- objectives -------------------------------------------------------------------------
+
+
+def test_a_study_with_other_objectives_refuses_to_load(tmp_path: Path) -> None:
+    runner(tmp_path, experiment(tmp_path), Evaluation()).run(trials=1)
+    other = experiment(
+        tmp_path,
+        objectives=[
+            {"metric": "e2e_p95_s", "direction": "minimize"},
+            {"metric": "quality", "direction": "maximize"},
+        ],
+    )
+    with pytest.raises(ConfigError, match=f"study '{STUDY}' was created with objectives"):
+        runner(tmp_path, other, Evaluation())
+    fewer = experiment(tmp_path, objectives=[{"metric": "quality", "direction": "maximize"}])
+    with pytest.raises(ConfigError, match=f"study '{STUDY}' was created with objectives"):
+        runner(tmp_path, fewer, Evaluation())
+    # The stored objectives were not overwritten by the refused runners.
+    study = load_study(STUDY, storage_url(tmp_path))
+    assert [o["metric"] for o in study.user_attrs["fmtune.objectives"]] == [
+        "cost_per_1k_usd",
+        "quality",
+    ]
+
+
+def test_experiment_without_tune_section_is_refused(tmp_path: Path) -> None:
+    exp = experiment(tmp_path).model_copy(update={"tune": None})
+    with pytest.raises(ConfigError, match="no tune section"):
+        runner(tmp_path, exp, Evaluation())
+
+
+# --- MLflow -----------------------------------------------------------------------------
+
+
+def test_mlflow_runs_per_trial_failed_and_killed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from tuner.tracking import PARENT_RUN_ID_TAG, TAG_FAILURE_REASON, StudyTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def tracker() -> StudyTracker:
+        return StudyTracker(uri, experiment_name="fmtune-test", study_name=STUDY)
+
+    def fail(spec: RunSpec) -> BaseException | None:
+        seqs = spec.deployment.models["llm"].engine.max_num_seqs
+        if seqs == 8:
+            return ReplicaStartError("replica llm/0 exited with code 1")
+        if seqs == 12:
+            return KeyboardInterrupt()  # Ctrl-C in the middle of a trial
+        return None
+
+    exp = experiment(tmp_path, trials=4)
+    first = runner(tmp_path, exp, Evaluation(fail), tracker=tracker())
+    enqueue(first.study, "single", "json", 4)
+    enqueue(first.study, "parallel", "json", 8)
+    enqueue(first.study, "single", "tag", 12)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert budget_used(first.study) == (2, 1)
+
+    resumed = runner(tmp_path, exp, Evaluation(), tracker=tracker())
+    assert resumed.recover_interrupted() == [2]
+    enqueue(resumed.study, "parallel", "tag", 16)  # after the re-queued knobs
+    resumed.run()
+
+    trials = resumed.study.get_trials()
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert trials[3].params == trials[2].params  # the interrupted knobs, run again
+    runs = {row["trial"]: row for row in tracker().trial_runs()}
+    assert {n: r["status"] for n, r in runs.items()} == {
+        0: "FINISHED",
+        1: "FAILED",
+        2: "KILLED",
+        3: "FINISHED",
+        4: "FINISHED",
+    }
+    client = MlflowClient(tracking_uri=uri)
+    parent = tracker().parent_run_id()
+    for trial in trials:
+        run = client.get_run(trial.user_attrs[ATTR_RUN_ID])
+        assert run.info.run_id == runs[trial.number]["run_id"]
+        assert run.data.tags[PARENT_RUN_ID_TAG] == parent
+        assert run.data.params["app.architecture"] == trial.params["app.architecture"]
+    completed = client.get_run(trials[0].user_attrs[ATTR_RUN_ID])
+    assert completed.data.metrics["quality"] == pytest.approx(trials[0].values[1])
+    artifacts = {a.path for a in client.list_artifacts(completed.info.run_id)}
+    assert {"metrics.json", "trace.parquet", "DEPLOY.yaml"} <= artifacts
+    failed = client.get_run(trials[1].user_attrs[ATTR_RUN_ID])
+    assert "replica llm/0 exited with code 1" in failed.data.tags[TAG_FAILURE_REASON]
+
+
+# --- export -----------------------------------------------------------------------------
+
+
+def test_export_front_writes_one_bundle_per_front_trial(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, trials=6, constraints=["quality >= 0.5"])
+    study_runner = runner(tmp_path, exp, Evaluation())
+    for architecture, fmt, seqs in [
+        ("single", "json", 16),
+        ("parallel", "json", 16),
+        ("parallel", "tag", 4),
+        ("parallel", "tag", 16),
+        ("parallel", "json", 4),
+        ("single", "tag", 8),
+    ]:
+        enqueue(study_runner.study, architecture, fmt, seqs)
+    study_runner.run()
+    study = load_study(STUDY, storage_url(tmp_path))
+    front = pareto_front(study)
+    assert len(front) >= 2
+
+    bundles = export_front(study, tmp_path / "bundles")
+
+    assert sorted(b.trial for b in bundles) == sorted(t.number for t in front)
+    folders = sorted(p.name for p in (tmp_path / "bundles").iterdir())
+    assert folders == sorted(f"trial-{t.number:04d}" for t in front)
+    by_number = {t.number: t for t in front}
+    for bundle in bundles:
+        trial = by_number[bundle.trial]
+        assert {f.name for f in bundle.files} >= {"DEPLOY.yaml", "README.md"}
+        deployment = load_deployment(bundle.folder / "DEPLOY.yaml")
+        app = deployment.apps["extraction"]
+        assert app.architecture == trial.params["app.architecture"]
+        assert app.format.value == trial.params["app.format"]
+        engine = deployment.models["llm"].engine
+        assert engine.max_num_seqs == trial.params["engine.max_num_seqs"]
+        assert engine.block_size == 128  # the experiment's own knobs are kept
+        assert bundle.metrics["quality"] == pytest.approx(trial.values[1])
+        # The bundle is the trial's own DEPLOY.yaml.
+        written = tmp_path / "out" / "trials" / f"{trial.number:04d}" / "DEPLOY.yaml"
+        assert load_deployment(written) == deployment
+
+
+def test_export_refuses_a_study_without_a_feasible_trial(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, trials=1, constraints=["quality >= 0.9"])
+    runner(tmp_path, exp, Evaluation()).run()
+    with pytest.raises(ConfigError, match="no feasible complete trial"):
+        export_front(load_study(STUDY, storage_url(tmp_path)), tmp_path / "bundles")
+
+
+def test_load_study_names_the_studies_there(tmp_path: Path) -> None:
+    runner(tmp_path, experiment(tmp_path), Evaluation())
+    with pytest.raises(ConfigError, match=f"study must be one of \\['{STUDY}'\\].*got 'nope'"):
+        load_study("nope", storage_url(tmp_path))
+
+
+def test_a_dead_workers_trial_is_failed_requeued_and_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tuner.study
+
+    monkeypatch.setattr(tuner.study, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(tuner.study, "HEARTBEAT_GRACE_S", 1)
+    exp = experiment(tmp_path, trials=2)
+    dead = runner(tmp_path, exp, Evaluation())
+    left = dead.study.ask()  # a worker asked, started measuring, then was killed
+    params = dead.space.suggest(left)
+    dead.study._storage.record_heartbeat(left._trial_id)
+    time.sleep(2.5)
+
+    evaluate = Evaluation()
+    alive = runner(tmp_path, exp, evaluate)
+    alive.run()
+
+    trials = alive.study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert not counted(trials[0])
+    assert evaluate.knobs()[0] == knobs_of(params)  # the dead worker's knobs, run again
+    assert len(evaluate.specs) == 2
+    assert budget_used(alive.study) == (2, 0)
+    summary = summarize_study(alive.study)
+    assert (summary.complete, summary.failed, summary.not_counted) == (2, 0, 1)
