@@ -32,8 +32,9 @@ def bundled_model() -> Path:
 def small_engine(bundled_model: Path) -> EngineConfig:
     """A small CPU engine of the bundled model that starts fast (eager: no compilation)."""
     return EngineConfig(
-        model=BUNDLED, max_model_len=2048, max_num_seqs=16, block_size=128, enforce_eager=True
-    )
+        model=BUNDLED, dtype="float32", max_model_len=2048, max_num_seqs=16, block_size=128,
+        enforce_eager=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_block_size_multiple_of_16_is_fine_on_gpu() -> None:
 
 def test_cpu_defaults_are_explicit_and_gpu_defaults_are_vllms() -> None:
     cpu = EngineConfig(model="m")
-    assert (cpu.dtype, cpu.kv_cache_space_gib) == ("float32", 1)
+    assert (cpu.dtype, cpu.kv_cache_space_gib) == ("bfloat16", 1)
     gpu = EngineConfig(model="m", device="cuda")
     assert (gpu.dtype, gpu.kv_cache_space_gib) == ("auto", None)
 
@@ -67,7 +67,7 @@ def test_hash_is_stable_and_sensitive_to_every_knob() -> None:
         base.with_knobs(block_size=128),
         base.with_knobs(max_num_seqs=9),
         base.with_knobs(enable_prefix_caching=False),
-        base.with_knobs(dtype="bfloat16"),
+        base.with_knobs(dtype="float32"),
         base.with_knobs(seed=1),
     ]
     hashes = {variant.config_hash() for variant in variants} | {base.config_hash()}
@@ -96,7 +96,7 @@ def test_server_argv_renders_every_set_knob_in_vllm_names() -> None:
     assert pairs["--max-num-seqs"] == "8"
     assert pairs["--max-num-batched-tokens"] == "512"
     assert pairs["--max-model-len"] == "1024"
-    assert pairs["--dtype"] == "float32"
+    assert pairs["--dtype"] == "bfloat16"
     assert "--no-enable-prefix-caching" in argv
     spec = json.loads(argv[argv.index("--speculative-config") + 1])
     assert spec == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}

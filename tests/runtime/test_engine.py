@@ -90,8 +90,8 @@ async def test_a_bad_request_is_recorded_not_raised(hot_replica: Replica) -> Non
 
 def test_pool_reuses_the_hot_replica(engine_pool: ReplicaPool, hot_replica: Replica) -> None:
     same = EngineConfig(
-        model="smollm2-135m", block_size=128, max_num_seqs=16, max_model_len=2048,
-        enforce_eager=True,
+        model="smollm2-135m", dtype="float32", block_size=128, max_num_seqs=16,
+        max_model_len=2048, enforce_eager=True,
     )  # fmt: skip
     started = time.monotonic()
     (again,) = engine_pool.acquire(same)
