@@ -397,6 +397,7 @@ def _run_study(
         progress.console.print(
             f"trial {report.number} {outcome} in {report.seconds:.0f}s; best so far: {shown}",
             highlight=False,
+            soft_wrap=True,
         )
 
     with ReplicaPool(PoolLimits(max_replicas=3, max_memory_gib=16), log_dir=out / "logs") as pool:
