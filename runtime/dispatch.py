@@ -7,7 +7,8 @@ a replica, and sends the call there. Around that decision:
 - calls wait in a bounded least-slack-first queue while every replica of their model is full
   (outstanding calls >= max_num_seqs), so the tightest deadlines go first;
 - with the sla_aware policy, admission control sheds a call whose deadline is already out of
-  reach, before it takes capacity from calls that can still make it;
+  reach (or passes while it waits), before it takes capacity from calls that can still make
+  it; the other policies never shed: late calls run late;
 - a replica that fails a call at the connection level (it died) is taken out of rotation and
   the call is retried once on another replica.
 Deadlines come from `client.call_deadline()`, which the executor sets for every call from
@@ -271,13 +272,16 @@ class Router:
         return any(e.outstanding < e.max_num_seqs for e in self.healthy(model_key))
 
     def _wake(self, model_key: str) -> None:
-        """Release waiting calls, least slack first, while the model has room."""
+        """Release waiting calls, least slack first, while the model has room. With the
+        sla_aware policy (admission control) calls whose deadline passed while queued are shed;
+        the other policies let them run late (an SLA miss, not an error)."""
         queue = self._queues.get(model_key)
         if queue is None:
             return
-        for waiter in queue.drop_expired(self.clock()):
-            if not waiter.future.done():
-                waiter.future.set_exception(TimeoutError("deadline passed while queued"))
+        if self.config.policy == "sla_aware":
+            for waiter in queue.drop_expired(self.clock()):
+                if not waiter.future.done():
+                    waiter.future.set_exception(TimeoutError("deadline passed while queued"))
         while len(queue) and (self._has_room(model_key) or not self.healthy(model_key)):
             waiter = queue.pop(self.clock()).item
             if not waiter.future.done():

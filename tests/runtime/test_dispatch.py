@@ -164,3 +164,24 @@ async def test_prompt_leaves_the_prefill_count_at_the_first_token() -> None:
     assert (target.outstanding, target.outstanding_prefill_tokens) == (0, 0)
     assert target.outstanding_decode_tokens == 0
     await router.aclose()
+
+
+async def test_only_sla_aware_sheds_calls_whose_deadline_passed_in_the_queue() -> None:
+    for policy, shed in (("sla_aware", True), ("round_robin", False)):
+        router = Router([endpoint("a", max_num_seqs=1, delay_s=0.3)], RouterConfig(policy=policy))
+        now = router.clock()
+
+        async def call(target: Router, deadline: float) -> str | None:
+            with call_deadline(deadline):
+                return (await target.chat("llm", USER, SamplingParams())).error
+
+        first = asyncio.create_task(call(router, now + 100))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(call(router, now + 0.1))  # expires while "first" holds the slot
+        errors = await asyncio.gather(first, late)
+        assert errors[0] is None
+        if shed:
+            assert errors[1] is not None and errors[1].startswith("shed:")
+        else:
+            assert errors[1] is None  # ran late instead
+        await router.aclose()
