@@ -436,6 +436,14 @@ def _run_study(
     _finish_study(runner.study, out, tracker)
 
 
+def _short_knob(column: str) -> str:
+    """A knob's name without its section: params.engine.block_size -> block_size."""
+    name = column.removeprefix("params.")
+    for section in ("app.", "engine.", "deployment."):
+        name = name.removeprefix(section)
+    return name
+
+
 def _finish_study(study: Any, out: Path, tracker: Any | None) -> None:
     """pareto.csv, pareto.png and report.html; the front as a table."""
     from tuner.export import front_frame, study_objectives
@@ -484,14 +492,14 @@ def _finish_study(study: Any, out: Path, tracker: Any | None) -> None:
             f"{metric} ({'min' if direction == 'minimize' else 'max'})", justify="right"
         )
     knob_columns = [c for c in table.columns if c.startswith("params.")]
-    for column in knob_columns:
-        shown.add_column(column.removeprefix("params."))
+    shown.add_column("knobs", min_width=36)
     for _, row in front.iterrows():
-        shown.add_row(
-            str(row["trial"]),
-            *(_format_value(float(row[m])) for m in metrics),
-            *(_format_value(row[c]) for c in knob_columns),
+        knobs = "\n".join(
+            f"{_short_knob(column)}={_format_value(row[column])}"
+            for column in knob_columns
+            if not (isinstance(row[column], float) and row[column] != row[column])  # NaN: inactive
         )
+        shown.add_row(str(row["trial"]), *(_format_value(float(row[m])) for m in metrics), knobs)
     console.print(shown)
     console.print(f"wrote {csv_path}, {png_path}, {html_path}")
 
