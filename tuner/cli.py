@@ -88,6 +88,10 @@ def validated(build: Callable[[], T], source: str | None = None) -> T:
 
 
 def _configure_logging(verbose: bool) -> None:
+    import os
+
+    # MLflow sets its own logger's level when imported; it reads this variable for it.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     for noisy in ("mlflow", "alembic", "optuna"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(
