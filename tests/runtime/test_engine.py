@@ -187,9 +187,11 @@ def test_replica_dies_with_its_sigkilled_parent() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_interrupted_during_startup_leaves_no_replica(sig: int, tmp_path: Path) -> None:
+    # output to a file, not a pipe nobody reads: a full pipe would block the CLI's exit
+    output = (tmp_path / "cli.log").open("w")
     probe = subprocess.Popen(
         [*FMTUNE, "-v", "probe", "--set", f"seed={20 + sig}", "--out", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=output, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )  # fmt: skip
     try:
         pgid = None
@@ -203,9 +205,13 @@ def test_cli_interrupted_during_startup_leaves_no_replica(sig: int, tmp_path: Pa
         time.sleep(3)
         pids = group_pids(pgid)
         probe.send_signal(sig)
-        probe.wait(timeout=60)
+        try:
+            probe.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the CLI did not exit; it printed:\n{(tmp_path / 'cli.log').read_text()}")
         assert probe.returncode != 0
         assert wait_gone(pids, 15) == []
     finally:
         if probe.poll() is None:
             probe.kill()
+        output.close()
