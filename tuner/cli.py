@@ -224,10 +224,10 @@ def probe(
         try:
             if endpoint is None:
                 replica = Replica(config, startup_timeout_s=startup_timeout)
-                with console.status(
-                    f"starting a vLLM replica of {config.model} (about a minute on CPU)..."
-                ):
-                    replica.start()
+                # a plain line, not a spinner: a spinner's refresh thread can deadlock with an
+                # interrupt raised inside its lock, and Ctrl-C here must always stop the replica
+                console.print(f"starting a vLLM replica of {config.model} (up to ~2 min on CPU)")
+                replica.start()
                 console.print(f"replica ready in {replica.start_s:.1f}s at {replica.base_url}")
                 base_url = replica.base_url
             else:
@@ -661,12 +661,15 @@ def ui(
 
 
 def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    """Turn SIGTERM/SIGINT into SystemExit(128 + signal), the shell's convention."""
     raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Console-script entry: SIGTERM unwinds like Ctrl-C so every replica is stopped."""
+    """Console-script entry: SIGTERM and Ctrl-C both unwind as SystemExit, so every replica is
+    stopped by the same finally blocks and atexit hook."""
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGINT, _raise_on_sigterm)
     try:
         app()
     except KeyboardInterrupt:
