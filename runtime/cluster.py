@@ -58,8 +58,3 @@ def start_endpoints(
         replicas = pool.acquire(model.engine, count=count)
         endpoints.extend(endpoints_for_replicas(key, replicas))
     return endpoints
-
-
-def wanted_engines(deployment: Deployment) -> list[object]:
-    """The engine configs a deployment keeps running (for `ReplicaPool.retain_only`)."""
-    return [model.engine for model in deployment.models.values()]

