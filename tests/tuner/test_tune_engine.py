@@ -16,9 +16,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from runtime.deployment import load_deployment
 from runtime.replica import Replica
+from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_FAILURE, ATTR_NOT_COUNTED
 
 pytestmark = pytest.mark.engine
@@ -100,11 +102,12 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(
         deadline = time.monotonic() + 300
         while killed_number is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            if not (out / "study.db").exists():
+            study = peek_study("endpoint-study", f"sqlite:///{out}/study.db")
+            if study is None:
                 continue
             try:
-                running = load(out).get_trials(states=(TrialState.RUNNING,))
-            except KeyError:
+                running = study.get_trials(states=(TrialState.RUNNING,))
+            except (SQLAlchemyError, optuna.exceptions.StorageInternalError):  # busy
                 continue
             if running and running[0].number >= 1 and running[0].params:
                 killed_number = running[0].number
