@@ -41,6 +41,7 @@ import psutil
 import yaml
 
 from runtime.models import model_dir
+from runtime.processes import stop_process
 from runtime.replica import free_port
 
 MODEL = "smollm2-135m"
@@ -99,17 +100,6 @@ def replica_url(serve_pid: int) -> str:
                 host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
                 return f"http://{host}:{argv[argv.index('--port') + 1]}"
     raise RuntimeError("no vLLM server in the process tree of fmtune serve")
-
-
-def stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
-    """SIGTERM, then SIGKILL after the grace period."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def bench(base_url: str, args: argparse.Namespace, out: Path, label: str) -> dict[str, Any]:
@@ -224,7 +214,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            stop(server)
+            stop_process(server, grace_s=60.0)
             serve_log = (out / "serve.log").read_text(errors="replace")
         if server.returncode not in (0, -signal.SIGTERM):
             print(f"fmtune serve exited with {server.returncode}:\n{serve_log[-2000:]}")

@@ -32,6 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from runtime.errors import FmtuneError, describe_validation_error
+from runtime.processes import stop_process
 
 console = Console()
 error_console = Console(stderr=True)
@@ -649,12 +650,7 @@ def ui(
     try:
         process.wait()
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process, grace_s=10.0)
 
 
 # --- entry point ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import psutil
 import pytest
 import yaml
 
+from runtime.processes import stop_process
 from runtime.replica import free_port
 
 pytestmark = pytest.mark.engine
@@ -90,19 +91,6 @@ def healthz(url: str, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
     """Status and body of /healthz."""
     response = httpx.get(f"{url}/healthz", timeout=timeout_s)
     return response.status_code, response.json()
-
-
-def stop_process(process: subprocess.Popen[bytes], grace_s: float) -> float:
-    """SIGTERM, then SIGKILL after the grace period; seconds it took."""
-    started = time.monotonic()
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    return time.monotonic() - started
 
 
 def alive(pids: set[int]) -> list[str]:
@@ -191,8 +179,10 @@ def test_openai_client_chat_and_completions_streamed_and_not(served: Served) -> 
         for choice in chunk.choices:
             pieces.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
+    # How many tokens share an event is vLLM's choice (it merges deltas when the reader lags,
+    # as on a loaded CI machine); that the front door relays events as they come is tested
+    # against a scripted upstream in test_server.py.
     assert "".join(pieces).strip()
-    assert sum(1 for piece in pieces if piece) >= 2  # relayed as tokens, not one blob
     assert finish == "length"
     assert usage is not None and usage.completion_tokens == 8
 

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +27,11 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
+from runtime.processes import stop_process
 from runtime.replica import Replica
+from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_WORKER, counted
 
 pytestmark = [
@@ -217,27 +219,14 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process (it stops what it started), SIGKILL it if it lingers."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def wait_for_study(url: str, deadline: float, tune: subprocess.Popen[bytes], log: Path) -> None:
     """Until `fmtune tune` has created the study and stored its experiment in it."""
     while time.monotonic() < deadline:
         if tune.poll() is not None:
             pytest.fail(f"fmtune tune exited with {tune.returncode}:\n{log.read_text()[-4000:]}")
-        with contextlib.suppress(KeyError):
-            if "fmtune.experiment" in optuna.load_study(study_name=STUDY, storage=url).user_attrs:
+        study = peek_study(STUDY, url)
+        with contextlib.suppress(SQLAlchemyError):
+            if study is not None and "fmtune.experiment" in study.user_attrs:
                 return
         time.sleep(0.5)
     pytest.fail(f"the study did not appear in time:\n{log.read_text()[-4000:]}")
@@ -247,7 +236,7 @@ def wait(process: subprocess.Popen[bytes], name: str, deadline: float, log: Path
     try:
         process.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        stop(process)
+        stop_process(process, grace_s=20.0, group=True)
         pytest.fail(f"{name} did not finish in time:\n{log.read_text()[-4000:]}")
     if process.returncode != 0:
         pytest.fail(f"{name} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
@@ -272,7 +261,7 @@ def test_two_workers_share_one_study(
     finally:
         for process in (tune, worker):
             if process is not None:
-                stop(process)
+                stop_process(process, grace_s=20.0, group=True)
 
     study = optuna.load_study(study_name=STUDY, storage=postgres_url)
     every = study.get_trials()

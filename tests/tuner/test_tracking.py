@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from runtime.processes import stop_process
 from tuner.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -280,10 +281,5 @@ def test_ui_command_serves_the_store(uri: str, tmp_path: Path) -> None:
                 time.sleep(0.5)
         assert status == 200, (tmp_path / "ui.log").read_text()[-2000:]
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
+        stop_process(process, grace_s=20.0)
         log.close()
