@@ -362,6 +362,21 @@ class Router:
         times too slow, and shed calls it would have served in time)."""
         endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
 
+    def retry_elsewhere(
+        self, model_key: str, endpoint: Endpoint, tried: set[str], error: str
+    ) -> bool:
+        """After `endpoint` could not be reached: take it out of rotation, add it to `tried`,
+        and say whether the call goes once more to another healthy endpoint. A call is retried
+        at most once, so a dying fleet costs each call one extra connect, not one per replica."""
+        self.mark_unhealthy(endpoint, error)
+        tried.add(endpoint.endpoint_id)
+        retry = len(tried) == 1 and any(
+            other.endpoint_id not in tried for other in self.healthy(model_key)
+        )
+        if retry:
+            self.stats.retried += 1
+        return retry
+
     def release(self, endpoint: Endpoint, demand: CallDemand, *, prefilled: bool = False) -> None:
         """The call picked onto this endpoint ended: free its slot, let a waiter in.
         `prefilled`: `first_token` was already called for it."""
@@ -415,11 +430,8 @@ class Router:
             finally:
                 self.release(endpoint, demand, prefilled=first.seen)
             if record.error is not None and record.error.startswith("connection:"):
-                self.mark_unhealthy(endpoint, record.error)
-                tried.add(endpoint.endpoint_id)
-                if len(tried) == 1 and self.healthy(model):
-                    self.stats.retried += 1
-                    continue  # once, elsewhere
+                if self.retry_elsewhere(model, endpoint, tried, record.error):
+                    continue
                 return _with_retry(record) if len(tried) > 1 else record
             if record.ok and record.ttft_s is not None:
                 self.observe(

@@ -387,19 +387,21 @@ class RouterProxy:
                 response = await http.send(request, stream=True)
             except CONNECTION_ERRORS as error:
                 self._release(endpoint, demand)
-                router.mark_unhealthy(endpoint, f"connection: {error!r}")
-                tried.add(endpoint.endpoint_id)
-                if any(e.endpoint_id not in tried for e in router.healthy(model_key)):
-                    router.stats.retried += 1
+                if router.retry_elsewhere(model_key, endpoint, tried, f"connection: {error!r}"):
                     logger.info(
                         "retrying a call of %s: %s is unreachable", model_key, endpoint.endpoint_id
                     )
                     continue
+                why = (
+                    "the call was already retried once"
+                    if len(tried) > 1
+                    else "no other healthy endpoint serves it"
+                )
                 raise ProxyError(
                     503,
                     "upstream_unavailable",
                     f"endpoint '{endpoint.endpoint_id}' of model '{model_key}' is unreachable "
-                    f"({error!r}) and no other healthy endpoint serves it",
+                    f"({error!r}) and {why}",
                 ) from None
             except httpx.TimeoutException:
                 self._release(endpoint, demand)

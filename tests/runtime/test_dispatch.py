@@ -102,6 +102,33 @@ async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
     await router.aclose()
 
 
+async def test_a_call_is_retried_at_most_once_even_with_more_dead_endpoints() -> None:
+    router = Router(
+        [endpoint("a-dead", refuse=True), endpoint("b-alive"), endpoint("c-dead", refuse=True)],
+        RouterConfig(policy="round_robin"),  # slot 0 is a-dead, then slot 1 of the rest: c-dead
+    )
+    first = await router.chat("llm", USER, SamplingParams())
+    assert first.error is not None and first.error.startswith("connection:")
+    assert first.retries == 1 and router.stats.retried == 1
+    assert [e.healthy for e in router.endpoints] == [False, True, False]
+    second = await router.chat("llm", USER, SamplingParams())  # only the live one is left
+    assert second.ok and second.text == "b-alive" and second.retries == 0
+    await router.aclose()
+
+
+def test_retry_elsewhere_needs_another_healthy_endpoint() -> None:
+    router = Router([endpoint("a"), endpoint("b")])
+    a, b = router.endpoints
+    tried: set[str] = set()
+    assert router.retry_elsewhere("llm", a, tried, "connection: refused")
+    assert tried == {"a"} and not a.healthy
+    assert not router.retry_elsewhere("llm", b, tried, "connection: refused")  # once per call
+    assert router.stats.retried == 1
+    lone = Router([endpoint("c")])
+    assert not lone.retry_elsewhere("llm", lone.endpoints[0], set(), "connection: refused")
+    assert lone.stats.retried == 0
+
+
 async def test_dead_endpoint_is_taken_out_and_the_call_retried_elsewhere() -> None:
     dead_seen: list[str] = []
     router = Router(
