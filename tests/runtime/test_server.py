@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,17 @@ def test_api_key_guards_every_route_but_healthz() -> None:
             openai_client(door, api_key="nope").models.list()
 
 
+async def settles(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
+    """Whether `condition` becomes true within `timeout_s` (the server finishes its
+    bookkeeping concurrently with the client's last read)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None:
     with (
         fake_engines(1, reply="a b c d e f", chunk_delay_s=0.25) as engines,
@@ -217,7 +228,9 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
             assert len(arrivals) == 7  # six chunks and [DONE]
             assert arrivals[0] < 0.5 < 1.2 < arrivals[-1]  # first token long before the end
             assert engines[0][0].bodies[0]["model"] == SERVED
-            assert "llm/0" in router.speeds.snapshot()  # the relay taught the router
+            # the relay teaches the router when it closes the upstream, just after the last
+            # byte went out: the client can see the end first
+            assert await settles(lambda: "llm/0" in router.speeds.snapshot())
 
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 async for _ in response.aiter_lines():
@@ -228,11 +241,7 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
                 endpoint = router.endpoints[0]
                 return endpoint.outstanding == 0 and endpoint.outstanding_decode_tokens == 0
 
-            for _ in range(100):
-                if drained():
-                    break
-                await asyncio.sleep(0.02)
-            assert drained()
+            assert await settles(drained)
             assert time.monotonic() - gone_at < 1.0  # freed before the stream would have ended
             samples = metric_samples((await http.get("/metrics")).text)
             in_flight = samples["fmtune_in_flight_requests"]
