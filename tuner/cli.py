@@ -400,7 +400,8 @@ def _run_study(
         shown = "  ".join(f"{k}={v:.4g}" for k, v in best.items()) or "no feasible trial yet"
         outcome = "ok" if report.state == "COMPLETE" else f"FAILED ({report.failure})"
         progress.console.print(
-            f"trial {report.number} {outcome} in {report.seconds:.0f}s; best so far: {shown}",
+            f"trial {report.number} {outcome} in {report.seconds:.0f}s; "
+            f"best of each objective so far: {shown}",
             highlight=False,
             soft_wrap=True,
         )
@@ -438,6 +439,7 @@ def _run_study(
 
             runner.events.on_trial_done = advance
             runner.run(trials)
+            progress.update(task, description="trials done")
     _finish_study(runner.study, out, tracker)
 
 
