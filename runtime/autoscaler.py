@@ -177,6 +177,15 @@ def app_sampler(
     return sample
 
 
+def _within_pool(policy: ScalingPolicy, pool: ReplicaPool) -> ScalingPolicy:
+    """The policy with its replica bounds inside what the pool may run: max_replicas at most
+    the pool's cap, min_replicas at most that max."""
+    cap = min(policy.max_replicas, pool.limits.max_replicas)
+    return policy.model_copy(
+        update={"max_replicas": cap, "min_replicas": min(policy.min_replicas, cap)}
+    )
+
+
 def initial_size(
     deployment: Deployment,
     key: str,
@@ -197,8 +206,8 @@ def initial_size(
     """
     model = deployment.models[key]
     prov = deployment.provisioner
-    cap = min(prov.scaling.max_replicas, pool.limits.max_replicas)
-    floor = min(prov.scaling.min_replicas, cap)
+    bounds = _within_pool(prov.scaling, pool)
+    cap, floor = bounds.max_replicas, bounds.min_replicas
     hot = len(pool.replicas(model.engine))
     replicas = pool.acquire(model.engine, count=min(max(1, hot), cap))
     samples = list((sampler or probe_sampler())(replicas[0]))
@@ -273,18 +282,13 @@ def serving_calls_and_samplers(
     """For `fmtune serve`: each key's calls per request (the most over the deployment's apps
     on it, else 1) and a calibration with the first such app's requests (else the probe)."""
     from runtime.apps.extraction import generate_dataset
-    from runtime.apps.extraction_archs import MODEL_KEY, build_app
+    from runtime.apps.extraction_archs import MODEL_KEY
 
     calls: dict[str, float] = {}
     samplers: dict[str, ServiceSampler] = {}
     articles = [{"article": example.article} for example in generate_dataset(8, 0)]
     for spec in deployment.apps.values():
-        app = build_app(
-            spec.architecture,
-            spec.format,
-            judge_rounds=spec.judge_rounds,
-            structured_output=spec.structured_output,
-        )
+        app = spec.build()
         count = llm_calls_per_request(app, MODEL_KEY)
         if count > calls.get(spec.model_key, 0):
             calls[spec.model_key] = count
@@ -346,10 +350,7 @@ class Autoscaler:
         to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
-        cap = min(policy.max_replicas, pool.limits.max_replicas)
-        self.policy = policy.model_copy(
-            update={"max_replicas": cap, "min_replicas": min(policy.min_replicas, cap)}
-        )
+        self.policy = _within_pool(policy, pool)
         self.router = router
         self.pool = pool
         self.model_key = model_key

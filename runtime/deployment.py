@@ -24,7 +24,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.apps.extraction_archs import build_app
 from runtime.config import EngineConfig
+from runtime.dag import App
 from runtime.errors import ConfigError, config_error
 from runtime.formats import OutputFormat
 from runtime.provisioner import ReplicaCount, ScalingPolicy
@@ -109,6 +111,15 @@ class AppSpec(BaseModel):
                 f"structured_output needs format 'json', got format '{self.format.value}'"
             )
         return self
+
+    def build(self) -> App:
+        """The app's DAG with these knobs (its LLM nodes call model key `MODEL_KEY`)."""
+        return build_app(
+            self.architecture,
+            self.format,
+            judge_rounds=self.judge_rounds,
+            structured_output=self.structured_output,
+        )
 
 
 class Deployment(BaseModel):

@@ -422,7 +422,7 @@ class Router:
                 return self._failed(str(rejected))
             running_at_start = max(endpoint.num_running, endpoint.outstanding)
             assert endpoint.client is not None
-            first = _FirstToken(self, endpoint, demand)
+            first = FirstToken(self, endpoint, demand)
             try:
                 record = await endpoint.client.chat(
                     endpoint.served_model, messages, sampling, on_first_token=first
@@ -442,8 +442,9 @@ class Router:
 
 
 @dataclass
-class _FirstToken:
-    """The first-token callback of one dispatched call (see `Router.first_token`)."""
+class FirstToken:
+    """The first-token callback of one dispatched call (see `Router.first_token`): calling it
+    again is a no-op, and `seen` is what `Router.release(prefilled=...)` needs."""
 
     router: Router
     endpoint: Endpoint

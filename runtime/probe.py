@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 
 from runtime.client import CallRecord, EngineClient, SamplingParams
+from runtime.metrics import percentiles
 from runtime.replica import GIB, Replica, parse_metrics
 
 logger = logging.getLogger(__name__)
@@ -52,21 +52,17 @@ class ProbeResult:
         tpot = [record.tpot_s for record in ok if record.tpot_s is not None]
         e2e = [record.e2e_s for record in ok]
         tokens = sum(record.completion_tokens for record in ok)
-
-        def pct(values: list[float], q: float) -> float | None:
-            return float(np.percentile(values, q)) if values else None
-
+        latency = {
+            f"{name}_{key}_s": value
+            for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
+            for key, value in percentiles(values, (50, 99)).items()
+        }
         return {
             "requests": len(self.records),
             "errors": len(self.records) - len(ok),
             "concurrency": self.concurrency,
             "wall_s": self.wall_s,
-            "ttft_p50_s": pct(ttft, 50),
-            "ttft_p99_s": pct(ttft, 99),
-            "tpot_p50_s": pct(tpot, 50),
-            "tpot_p99_s": pct(tpot, 99),
-            "e2e_p50_s": pct(e2e, 50),
-            "e2e_p99_s": pct(e2e, 99),
+            **latency,
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / self.wall_s if self.wall_s > 0 else None,
             "kv_cache_usage_peak": self.kv_cache_usage_peak,

@@ -23,7 +23,6 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.apps.extraction import generate_dataset, score
-from runtime.apps.extraction_archs import build_app
 from runtime.autoscaler import app_sampler, llm_calls_per_request, size_deployment
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
@@ -223,12 +222,7 @@ def execute_run(
     Model keys with replicas 'auto' are sized first (runtime.autoscaler.initial_size,
     calibrated with the app's own calls on the run's first examples) and keep that count.
     """
-    app = build_app(
-        spec.app.architecture,
-        spec.app.format,
-        judge_rounds=spec.app.judge_rounds,
-        structured_output=spec.app.structured_output,
-    )
+    app = spec.app.build()
     keys = sorted(spec.deployment.models)
     app.validate_against(set(keys))
     dataset = generate_dataset(spec.dataset.size, spec.dataset.seed)

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.apps.extraction_archs import MODEL_KEY, build_app
+from runtime.apps.extraction_archs import MODEL_KEY
 from runtime.autoscaler import (
     Autoscaler,
     autoscalers_for,
@@ -71,6 +71,7 @@ from runtime.dispatch import (
     QUEUE_FULL_PREFIX,
     SHED_PREFIX,
     Endpoint,
+    FirstToken,
     Rejected,
     Router,
     endpoints_for_replicas,
@@ -348,8 +349,8 @@ class Upstream:
     demand: CallDemand
     start_s: float
     running_at_start: int
+    first_token: FirstToken
     meter: _StreamMeter | None = None
-    prefilled: bool = False
     closed: bool = False
 
 
@@ -411,14 +412,15 @@ class RouterProxy:
             except BaseException:
                 self._release(endpoint, demand)
                 raise
-            return Upstream(endpoint, response, demand, start, running)
+            first_token = FirstToken(router, endpoint, demand)
+            return Upstream(endpoint, response, demand, start, running, first_token)
 
     async def close(self, upstream: Upstream) -> None:
         """Close the engine response and undo the call's bookkeeping (idempotent)."""
         if upstream.closed:
             return
         upstream.closed = True
-        self.router.release(upstream.endpoint, upstream.demand, prefilled=upstream.prefilled)
+        self.router.release(upstream.endpoint, upstream.demand, prefilled=upstream.first_token.seen)
         meter = upstream.meter
         if meter is not None and meter.complete and meter.first_token_s is not None:
             self.router.observe(
@@ -720,10 +722,11 @@ class _FrontDoor:
             if limited:
                 state.in_flight -= 1
                 if status < 400 or status == 429 or status >= 500:
+                    met_sla = status < 400 and elapsed <= self.sla_s
                     state.finished += 1
-                    state.within_sla += int(status < 400 and elapsed <= self.sla_s)
+                    state.within_sla += int(met_sla)
                     if self.on_outcome is not None:
-                        self.on_outcome(status < 400 and elapsed <= self.sla_s)
+                        self.on_outcome(met_sla)
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,12 +759,7 @@ def _build_apps(deployment: Deployment) -> dict[str, tuple[App, dict[str, str]]]
     """Each deployment app, built once, with the model-key map its LLM nodes call through."""
     apps: dict[str, tuple[App, dict[str, str]]] = {}
     for name, spec in deployment.apps.items():
-        app = build_app(
-            spec.architecture,
-            spec.format,
-            judge_rounds=spec.judge_rounds,
-            structured_output=spec.structured_output,
-        )
+        app = spec.build()
         models = {MODEL_KEY: spec.model_key}
         app.validate_against(set(models))
         apps[name] = (app, models)
@@ -1015,9 +1013,8 @@ async def _relay(proxy: RouterProxy, upstream: Upstream) -> AsyncIterator[bytes]
         async for chunk in upstream.response.aiter_bytes():
             if meter is not None:
                 meter.feed(chunk, time.monotonic())
-                if meter.first_token_s is not None and not upstream.prefilled:
-                    upstream.prefilled = True
-                    proxy.router.first_token(upstream.endpoint, upstream.demand)
+                if meter.first_token_s is not None:
+                    upstream.first_token()
             yield chunk
     except httpx.HTTPError as error:
         if isinstance(error, CONNECTION_ERRORS):

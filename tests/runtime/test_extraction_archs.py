@@ -12,6 +12,7 @@ from runtime.apps.extraction import FIELDS, ExtractionExample, generate_dataset,
 from runtime.apps.extraction_archs import ARCHITECTURES, MODEL_KEY, build_app, merge_answers
 from runtime.client import SamplingParams
 from runtime.dag import App, LlmNode
+from runtime.deployment import AppSpec
 from runtime.executor import run_request, run_requests, to_outcome
 from runtime.formats import OutputFormat, format_instructions
 from tests.runtime.test_executor import FakeBackend
@@ -184,3 +185,11 @@ def test_build_app_rejects_unknown_choices() -> None:
 def test_merge_answers_trims_and_fills_missing() -> None:
     merged = merge_answers({"name": " Ann Lee ", "email": "", "extra": "x"})
     assert merged == {"name": "Ann Lee", "email": None, "address": None}
+
+
+def test_an_app_spec_builds_the_app_with_its_knobs() -> None:
+    spec = AppSpec(architecture="judge", format="json", judge_rounds=3, structured_output=True)
+    app = spec.build()
+    assert app == build_app("judge", "json", judge_rounds=3, structured_output=True)
+    assert [loop.max_rounds for loop in app.loops] == [3]
+    assert all(n.structured_output for n in app.nodes if isinstance(n, LlmNode))
