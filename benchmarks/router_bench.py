@@ -37,6 +37,7 @@ import numpy as np
 from runtime.client import SamplingParams
 from runtime.config import EngineConfig
 from runtime.dispatch import Endpoint, Router, endpoints_for_replicas
+from runtime.metrics import percentiles
 from runtime.pool import PoolLimits, ReplicaPool
 from runtime.probe import PROBE_PROMPTS, run_probe
 from runtime.replica import Replica, parse_metrics
@@ -58,10 +59,6 @@ class Outcome:
     ok: bool
     error: str | None
     endpoint: str
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def _fmt(value: float | None, unit: str = "s") -> str:
@@ -174,8 +171,7 @@ def summarize(
         "answered": len(answered),
         "shed": shed,
         "failed": len(outcomes) - len(answered) - shed,
-        "e2e_p50_s": _pct(answered, 50),
-        "e2e_p99_s": _pct(answered, 99),
+        **{f"e2e_{key}_s": value for key, value in percentiles(answered, (50, 99)).items()},
         "calls_per_replica": calls,
         "answered_per_replica": answered_by,
         "router_stats": stats,

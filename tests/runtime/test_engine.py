@@ -19,6 +19,7 @@ import pytest
 from runtime.client import EngineClient, SamplingParams
 from runtime.config import EngineConfig
 from runtime.pool import ReplicaPool
+from runtime.reaper import pid_alive
 from runtime.replica import Replica, ReplicaStartError
 
 pytestmark = pytest.mark.engine
@@ -41,18 +42,11 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     alive = pids
     while time.monotonic() < deadline:
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and _not_zombie(pid)]
+        alive = [pid for pid in pids if pid_alive(pid)]
         if not alive:
             return []
         time.sleep(0.2)
     return alive
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_streams_chat_and_completion_and_reports_metrics(hot_replica: Replica) -> None:
@@ -88,11 +82,10 @@ async def test_a_bad_request_is_recorded_not_raised(hot_replica: Replica) -> Non
     assert not record.ok and record.error is not None and "404" in record.error
 
 
-def test_pool_reuses_the_hot_replica(engine_pool: ReplicaPool, hot_replica: Replica) -> None:
-    same = EngineConfig(
-        model="smollm2-135m", dtype="float32", block_size=128, max_num_seqs=16,
-        max_model_len=2048, enforce_eager=True,
-    )  # fmt: skip
+def test_pool_reuses_the_hot_replica(
+    engine_pool: ReplicaPool, hot_replica: Replica, small_engine: EngineConfig
+) -> None:
+    same = EngineConfig(**small_engine.model_dump())  # equal by value, another object
     started = time.monotonic()
     (again,) = engine_pool.acquire(same)
     assert again is hot_replica

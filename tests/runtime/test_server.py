@@ -78,6 +78,16 @@ def openai_client(door: LoopbackServer, api_key: str = "unused") -> openai.OpenA
     return openai.OpenAI(base_url=f"{door.url}/v1", api_key=api_key, max_retries=0, timeout=10)
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll until `condition` holds (the server runs in its own thread, so blocking here is
+    fine even in an async test); AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def metric_samples(text: str) -> dict[str, list[Any]]:
     """Samples of Prometheus text by family name (parsing fails loudly on bad text)."""
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
@@ -197,17 +207,6 @@ def test_api_key_guards_every_route_but_healthz() -> None:
             openai_client(door, api_key="nope").models.list()
 
 
-async def settles(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    """Whether `condition` becomes true within `timeout_s` (the server finishes its
-    bookkeeping concurrently with the client's last read)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None:
     with (
         fake_engines(1, reply="a b c d e f", chunk_delay_s=0.25) as engines,
@@ -230,7 +229,7 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
             assert engines[0][0].bodies[0]["model"] == SERVED
             # the relay teaches the router when it closes the upstream, just after the last
             # byte went out: the client can see the end first
-            assert await settles(lambda: "llm/0" in router.speeds.snapshot())
+            wait_for(lambda: "llm/0" in router.speeds.snapshot(), 2.0, "the relay's observation")
 
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 async for _ in response.aiter_lines():
@@ -241,7 +240,7 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
                 endpoint = router.endpoints[0]
                 return endpoint.outstanding == 0 and endpoint.outstanding_decode_tokens == 0
 
-            assert await settles(drained)
+            wait_for(drained, 2.0, "the disconnected stream's slot")
             assert time.monotonic() - gone_at < 1.0  # freed before the stream would have ended
             samples = metric_samples((await http.get("/metrics")).text)
             in_flight = samples["fmtune_in_flight_requests"]
@@ -458,14 +457,6 @@ def test_metrics_parse_and_hold_latency_histogram_and_sla() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _wait(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _healthz(base: str) -> dict[str, Any] | None:
     try:
         return httpx.get(f"{base}/healthz", timeout=2).json()
@@ -500,7 +491,7 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
 
     def drive() -> None:
         try:
-            _wait(lambda: (_healthz(base) or {}).get("healthy_endpoints") == 2, 10, "startup")
+            wait_for(lambda: (_healthz(base) or {}).get("healthy_endpoints") == 2, 10, "startup")
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=10)
             reply = client.completions.create(model="llm", prompt="hi")
             outcome["first"] = reply.choices[0].text
@@ -510,7 +501,7 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
                 health = _healthz(base) or {}
                 return health.get("healthy_endpoints") == 2 and len(started) == 3
 
-            _wait(replaced, 10, "the replacement replica")
+            wait_for(replaced, 10, "the replacement replica")
             outcome["endpoints"] = sorted((_healthz(base) or {})["endpoints"])
             outcome["after"] = client.completions.create(model="llm", prompt="hi").choices[0].text
         except BaseException as error:

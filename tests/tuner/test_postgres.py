@@ -15,7 +15,6 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from runtime.processes import stop_process
-from runtime.replica import Replica
+from runtime.replica import Replica, free_port
 from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_WORKER, counted
 
@@ -117,12 +116,6 @@ def sqlalchemy_scheme() -> str:
     if importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2"
     pytest.fail(f"no PostgreSQL driver for SQLAlchemy: install '{DRIVER_REQUIREMENT}'")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
