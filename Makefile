@@ -34,10 +34,13 @@ quickstart: model
 	$(BIN)/fmtune tune experiments/quickstart.yaml --out out/quickstart --resume
 	$(BIN)/fmtune export --study quickstart --out out/quickstart/bundles
 
+# The layer contracts (pyproject.toml [tool.importlinter]) first: a broken layering fails fast.
 test: model
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

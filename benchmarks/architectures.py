@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from runtime.apps.extraction_archs import ARCHITECTURES
-from runtime.pool import PoolLimits, ReplicaPool
+from apps.extraction.architectures import ARCHITECTURES
+from runtime.engine.pool import PoolLimits, ReplicaPool
 from runtime.run import execute_run, load_run_spec
 
 REPO = Path(__file__).resolve().parents[1]

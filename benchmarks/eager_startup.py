@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 
-from runtime.config import EngineConfig
-from runtime.probe import run_probe
-from runtime.replica import Replica
+from runtime.engine.config import EngineConfig
+from runtime.engine.probe import run_probe
+from runtime.engine.replica import Replica
 
 
 def main() -> None:

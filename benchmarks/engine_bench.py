@@ -20,9 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
-from runtime.config import EngineConfig
-from runtime.pool import PoolLimits, ReplicaPool
-from runtime.probe import run_probe
+from runtime.engine.config import EngineConfig
+from runtime.engine.pool import PoolLimits, ReplicaPool
+from runtime.engine.probe import run_probe
 
 CONCURRENCIES = (1, 8, 32)
 DTYPES = ("float32", "bfloat16")

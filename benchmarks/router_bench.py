@@ -2,7 +2,7 @@
 
 Two real vLLM CPU replicas of the bundled model that differ only in max_num_seqs (a small
 "slow" one and a large "fast" one; the pool pins each to its own core) serve the same
-open-loop Poisson arrival sequence (seeded) once per policy, through runtime.dispatch.Router
+open-loop Poisson arrival sequence (seeded) once per policy, through runtime.routing.router.Router
 in this one process. Every request is a fixed-length chat call (ignore_eos) with a deadline.
 
 A short calibration first measures the fast replica's throughput and latency at a full
@@ -34,14 +34,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-from runtime.client import SamplingParams
-from runtime.config import EngineConfig
-from runtime.dispatch import Endpoint, Router, endpoints_for_replicas
-from runtime.metrics import percentiles
-from runtime.pool import PoolLimits, ReplicaPool
-from runtime.probe import PROBE_PROMPTS, run_probe
-from runtime.replica import Replica, parse_metrics
-from runtime.router import RouterConfig
+from runtime.engine.client import SamplingParams
+from runtime.engine.config import EngineConfig
+from runtime.engine.pool import PoolLimits, ReplicaPool
+from runtime.engine.probe import PROBE_PROMPTS, run_probe
+from runtime.engine.replica import Replica, parse_metrics
+from runtime.routing.policies import RouterConfig
+from runtime.routing.router import Endpoint, Router, endpoints_for_replicas
+from runtime.stats import percentiles
 from runtime.workload import poisson_offsets
 
 MODEL = "smollm2-135m"

@@ -40,9 +40,9 @@ import httpx
 import psutil
 import yaml
 
-from runtime.models import model_dir
-from runtime.processes import stop_process
-from runtime.replica import free_port
+from runtime.engine.models import model_dir
+from runtime.engine.processes import stop_process
+from runtime.engine.replica import free_port
 
 MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parents[1]

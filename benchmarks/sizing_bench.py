@@ -1,4 +1,4 @@
-"""How long replica sizing (runtime.provisioner.size_replicas) takes: it runs inside
+"""How long replica sizing (runtime.scaling.provisioner.size_replicas) takes: it runs inside
 `fmtune serve` start-up and in every autoscaler sizing, so it must stay well under a second.
 
 Times the M/G/c simulation for loads that need from a few to ~35 replicas (the search scans
@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from runtime.provisioner import size_replicas
+from runtime.scaling.provisioner import size_replicas
 
 # Service times of one call, seconds: a spread like real LLM calls with varying output length.
 SAMPLES = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 1.0]

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from runtime.dispatch import RouterStats
 from runtime.metrics import RunMetrics
+from runtime.routing.router import RouterStats
 from runtime.run import RunResult, RunSpec
 from tuner.experiment import load_experiment
 from tuner.study import StudyRunner, default_storage_url

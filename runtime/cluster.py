@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 
 from runtime.deployment import Deployment
-from runtime.dispatch import Endpoint, endpoints_for_replicas
-from runtime.pool import ReplicaPool
+from runtime.engine.pool import ReplicaPool
+from runtime.routing.router import Endpoint, endpoints_for_replicas
 
 logger = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime.apps.extraction_archs import build_app
-from runtime.config import EngineConfig
-from runtime.dag import App
+from runtime.app.dag import App
+from runtime.app.formats import OutputFormat
+from runtime.app.registry import Application, get_application
+from runtime.engine.config import EngineConfig
 from runtime.errors import ConfigError, config_error
-from runtime.formats import OutputFormat
-from runtime.provisioner import ReplicaCount, ScalingPolicy
-from runtime.router import RouterConfig
+from runtime.routing.policies import RouterConfig
+from runtime.scaling.provisioner import ReplicaCount, ScalingPolicy
 
 MODEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 
@@ -77,17 +77,20 @@ class ProvisionerConfig(BaseModel):
 
 
 class AppSpec(BaseModel):
-    """One shipped application, with its app-layer knobs."""
+    """One application, found by name in the registry, with its app-layer knobs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: Literal["extraction"] = Field(
-        default="extraction", description="The shipped task (its dataset, scorer and DAGs)."
+    task: str = Field(
+        default="extraction",
+        description="The application's registry name (`fmtune` ships 'extraction'): its "
+        "dataset, scorer and DAG variants.",
     )
-    architecture: Literal["single", "parallel", "sequential", "judge"] = Field(
-        default="single",
-        description="Cognitive architecture: one call for all fields; parallel sub-questions "
-        "then aggregation; sequential sub-questions easy to hard; two agents and a judge.",
+    architecture: str = Field(
+        default="",
+        description="Cognitive architecture, one of the app's DAG variants (for extraction: "
+        "single, one call for all fields; parallel sub-questions then aggregation; sequential "
+        "sub-questions easy to hard; judge, two agents and a judge). Empty: the app's first.",
     )
     format: OutputFormat = Field(
         default=OutputFormat.JSON, description="Output format between the LLM steps."
@@ -104,22 +107,47 @@ class AppSpec(BaseModel):
         default="llm", description="The deployment's model key the app's llm nodes call."
     )
 
+    @field_validator("task")
+    @classmethod
+    def _registered(cls, task: str) -> str:
+        get_application(task)
+        return task
+
     @model_validator(mode="after")
-    def _structured_needs_json(self) -> AppSpec:
+    def _check_knobs(self) -> AppSpec:
+        """The architecture is one of its variants (the first when
+        empty), and structured output goes with json."""
+        application = get_application(self.task)
+        if not self.architecture:
+            object.__setattr__(self, "architecture", application.architectures[0])
+        elif self.architecture not in application.architectures:
+            raise ValueError(
+                f"architecture must be one of {list(application.architectures)} for app "
+                f"'{self.task}', got '{self.architecture}'"
+            )
         if self.structured_output and self.format != OutputFormat.JSON:
             raise ValueError(
                 f"structured_output needs format 'json', got format '{self.format.value}'"
             )
         return self
 
+    def application(self) -> Application:
+        """The registered application this spec configures."""
+        return get_application(self.task)
+
     def build(self) -> App:
-        """The app's DAG with these knobs (its LLM nodes call model key `MODEL_KEY`)."""
-        return build_app(
+        """The app's DAG with these knobs (its llm nodes call the app's own model key, which
+        runs route to `model_key`)."""
+        return self.application().build(
             self.architecture,
             self.format,
             judge_rounds=self.judge_rounds,
             structured_output=self.structured_output,
         )
+
+    def model_keys(self) -> dict[str, str]:
+        """The app's own model key -> the deployment's model key its calls go to."""
+        return {self.application().model_key: self.model_key}
 
 
 class Deployment(BaseModel):

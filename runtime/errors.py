@@ -6,6 +6,9 @@ message on one line and exits with code 2 (bad input) without a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from pydantic import ValidationError
 
 
@@ -15,6 +18,11 @@ class FmtuneError(Exception):
 
 class ConfigError(FmtuneError, ValueError):
     """A configuration value is invalid; the message names the field and the value."""
+
+
+class EngineFailure(FmtuneError):
+    """An engine could not serve: a replica failed to start or died, or the machine has no
+    room for it. The one family the tuner catches to record a trial as an engine failure."""
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -45,3 +53,17 @@ def describe_validation_error(error: ValidationError, source: str | None = None)
 def config_error(error: ValidationError, source: str | None = None) -> ConfigError:
     """A ConfigError carrying the one-line description of a pydantic ValidationError."""
     return ConfigError(describe_validation_error(error, source))
+
+
+def closest_name(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name a misspelled one most likely meant, or None when none is close."""
+    matches = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_name_message(what: str, name: str, valid: Iterable[str]) -> str:
+    """ "unknown knob 'engine.blocksize' (did you mean 'engine.block_size'?)"."""
+    valid = list(valid)
+    guess = closest_name(name, valid)
+    hint = f" (did you mean '{guess}'?)" if guess else f"; valid: {', '.join(sorted(valid))}"
+    return f"unknown {what} '{name}'{hint}"

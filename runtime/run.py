@@ -22,17 +22,16 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.apps.extraction import generate_dataset, score
-from runtime.autoscaler import app_sampler, llm_calls_per_request, size_deployment
+from runtime.app.executor import RequestResult, run_requests, to_outcome
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
-from runtime.dispatch import SHED_PREFIX, Endpoint, Router, RouterStats
+from runtime.engine.pool import ReplicaPool
+from runtime.engine.replica import GIB
 from runtime.errors import ConfigError, config_error
-from runtime.executor import RequestResult, run_requests, to_outcome
 from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
-from runtime.pool import ReplicaPool
-from runtime.provisioner import SizingResult
-from runtime.replica import GIB
+from runtime.routing.router import SHED_PREFIX, Endpoint, Router, RouterStats
+from runtime.scaling.autoscaler import app_sampler, llm_calls_per_request, size_deployment
+from runtime.scaling.provisioner import SizingResult
 from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
 
 logger = logging.getLogger(__name__)
@@ -219,13 +218,14 @@ def execute_run(
 ) -> RunResult:
     """Serve the deployment, drive the workload through the router, score, measure.
 
-    Model keys with replicas 'auto' are sized first (runtime.autoscaler.initial_size,
+    Model keys with replicas 'auto' are sized first (runtime.scaling.autoscaler.initial_size,
     calibrated with the app's own calls on the run's first examples) and keep that count.
     """
     app = spec.app.build()
     keys = sorted(spec.deployment.models)
     app.validate_against(set(keys))
-    dataset = generate_dataset(spec.dataset.size, spec.dataset.seed)
+    application = spec.app.application()
+    dataset = application.examples(spec.dataset.size, spec.dataset.seed)
     chosen = [dataset[index] for index in sample_requests(spec.workload, len(dataset))]
     offsets = arrival_offsets(spec.workload)
     arrivals = spec.workload.arrivals
@@ -238,7 +238,7 @@ def execute_run(
             on_phase(text)
 
     phase("starting replicas")
-    inputs = [{"article": example.article} for example in chosen]
+    inputs = [dict(example.inputs) for example in chosen]
     calls = {key: llm_calls_per_request(app, key) for key in keys}
     deployment, sizing = size_deployment(
         spec.deployment,
@@ -275,7 +275,7 @@ def execute_run(
     qualities: list[float | None] = []
     outcomes: list[RequestOutcome] = []
     for result, example in zip(results, chosen, strict=True):
-        quality = score(result.outputs, example.truth).accuracy if result.ok else None
+        quality = application.score(result.outputs, example.reference) if result.ok else None
         qualities.append(quality)
         outcome = to_outcome(result, quality)
         if result.error is not None and SHED_PREFIX in result.error:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import EngineConfig
-from runtime.models import is_prepared, model_dir, prepare_model
-from runtime.pool import PoolLimits, ReplicaPool
-from runtime.replica import Replica
+from runtime.engine.config import EngineConfig
+from runtime.engine.models import is_prepared, model_dir, prepare_model
+from runtime.engine.pool import PoolLimits, ReplicaPool
+from runtime.engine.replica import Replica
 
 BUNDLED = "smollm2-135m"
 

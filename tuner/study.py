@@ -390,8 +390,8 @@ class StudyRunner:
                 )
 
     def _measure(self, number: int, spec: RunSpec) -> RunResult:
-        from runtime.pool import PoolCapacityError
-        from runtime.replica import ReplicaStartError
+        from runtime.engine.pool import PoolCapacityError
+        from runtime.engine.replica import ReplicaStartError
 
         try:
             result = self.evaluate(spec)

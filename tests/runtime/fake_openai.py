@@ -24,8 +24,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from runtime.config import EngineConfig
-from runtime.replica import Replica, free_port
+from runtime.engine.config import EngineConfig
+from runtime.engine.replica import Replica, free_port
 
 MAX_TOKENS_LIMIT = 1000
 

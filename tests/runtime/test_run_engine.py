@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runtime.pool import ReplicaPool
-from runtime.replica import Replica
+from runtime.engine.pool import ReplicaPool
+from runtime.engine.replica import Replica
 from runtime.run import execute_run, load_run_spec, write_run
 
 pytestmark = pytest.mark.engine

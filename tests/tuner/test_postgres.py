@@ -28,8 +28,8 @@ import yaml
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from runtime.processes import stop_process
-from runtime.replica import Replica, free_port
+from runtime.engine.processes import stop_process
+from runtime.engine.replica import Replica, free_port
 from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_WORKER, counted
 

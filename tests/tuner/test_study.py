@@ -21,10 +21,10 @@ import yaml
 from optuna.trial import TrialState
 
 from runtime.deployment import load_deployment
-from runtime.dispatch import RouterStats
+from runtime.engine.replica import ReplicaStartError
 from runtime.errors import ConfigError
 from runtime.metrics import RunMetrics
-from runtime.replica import ReplicaStartError
+from runtime.routing.router import RouterStats
 from runtime.run import RunResult, RunSpec
 from tuner.experiment import Experiment, load_experiment
 from tuner.export import export_front, load_study, study_experiment

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from runtime.processes import stop_process
+from runtime.engine.processes import stop_process
 from tuner.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from runtime.deployment import load_deployment
-from runtime.replica import Replica
+from runtime.engine.replica import Replica
 from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_FAILURE, ATTR_NOT_COUNTED
 

@@ -1,0 +1,369 @@
+"""One vLLM OpenAI-compatible server process: start, readiness, metrics, memory, stop.
+
+A replica runs in its own process group (vLLM spawns an engine-core and a worker process), so
+stopping it stops all of them. No replica outlives the fmtune process that started it:
+- normal exit and exceptions: `stop()` in the caller's `finally`/context manager, and an
+  atexit hook that stops every live replica;
+- Ctrl-C and SIGTERM: the CLI turns them into exceptions, so the paths above run;
+- SIGKILL of fmtune: a tiny watchdog (runtime.engine.reaper), started in its own session beside
+  each replica, notices the owner is gone and stops the group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.engine.config import EngineConfig
+from runtime.engine.models import resolve_model
+from runtime.engine.reaper import group_alive
+from runtime.errors import EngineFailure
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 25
+GIB = 1024**3
+
+
+class ReplicaStartError(EngineFailure):
+    """A replica did not become ready; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class ReplicaMetrics:
+    """Typed values scraped from a replica's Prometheus /metrics (counters are totals)."""
+
+    kv_cache_usage: float
+    num_requests_running: float
+    num_requests_waiting: float
+    num_preemptions: float
+    prefix_cache_queries: float
+    prefix_cache_hits: float
+    generation_tokens: float
+    prompt_tokens: float
+    spec_decode_num_drafts: float
+    spec_decode_num_draft_tokens: float
+    spec_decode_num_accepted_tokens: float
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float | None:
+        """Accepted over proposed draft tokens; None without speculation."""
+        if self.spec_decode_num_draft_tokens <= 0:
+            return None
+        return self.spec_decode_num_accepted_tokens / self.spec_decode_num_draft_tokens
+
+
+#: ReplicaMetrics field -> vLLM metric family name (counters without their _total suffix).
+_METRIC_FAMILIES: dict[str, str] = {
+    "kv_cache_usage": "vllm:kv_cache_usage_perc",
+    "num_requests_running": "vllm:num_requests_running",
+    "num_requests_waiting": "vllm:num_requests_waiting",
+    "num_preemptions": "vllm:num_preemptions",
+    "prefix_cache_queries": "vllm:prefix_cache_queries",
+    "prefix_cache_hits": "vllm:prefix_cache_hits",
+    "generation_tokens": "vllm:generation_tokens",
+    "prompt_tokens": "vllm:prompt_tokens",
+    "spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+}
+
+
+def parse_metrics(text: str) -> ReplicaMetrics:
+    """ReplicaMetrics from Prometheus exposition text; absent families read as 0.
+
+    Samples are summed over label sets (several engines or models behind one server).
+    """
+    wanted = {family: field for field, family in _METRIC_FAMILIES.items()}
+    values = dict.fromkeys(_METRIC_FAMILIES, 0.0)
+    for family in text_string_to_metric_families(text):
+        field = wanted.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name in (family.name, family.name + "_total"):
+                values[field] += float(sample.value)
+    return ReplicaMetrics(**values)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file (empty when it does not exist)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+class Replica:
+    """A real vLLM server for one EngineConfig, on a free loopback port."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        startup_timeout_s: float = 420.0,
+        stop_grace_s: float = 10.0,
+        host: str = "127.0.0.1",
+        log_dir: Path | None = None,
+        replica_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.extra_env = dict(extra_env or {})
+        """Placement settings beside the config's own (e.g. the CPU core to compute on)."""
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.host = host
+        self.replica_id = replica_id or f"{config.config_hash()}-{os.getpid()}-{id(self):x}"
+        self.log_dir = log_dir or Path(tempfile.gettempdir()) / "fmtune-replicas"
+        self.log_path = self.log_dir / f"{self.replica_id}.log"
+        self.port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self.start_s: float | None = None
+        """Seconds from launch until the server answered (cold-start time)."""
+        self.last_used: float = time.monotonic()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The server's URL (valid once started)."""
+        if self.port is None:
+            raise RuntimeError(f"replica {self.replica_id} is not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid, which is also its process-group id."""
+        return None if self.process is None else self.process.pid
+
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> Replica:
+        """Launch the server and block until it answers /v1/models (or raise)."""
+        if self.process is not None:
+            raise RuntimeError(f"replica {self.replica_id} was already started")
+        model_path = str(resolve_model(self.config.model))
+        self.port = free_port(self.host)
+        argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)
+        env = {**os.environ, **self.config.environment(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("starting replica %s on port %d: %s", self.replica_id, self.port, argv)
+        launched = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        _LIVE.add(self)
+        self._start_reaper()
+        try:
+            self._wait_ready(launched)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - launched
+        self.last_used = time.monotonic()
+        logger.info("replica %s ready in %.1fs", self.replica_id, self.start_s)
+        return self
+
+    def _start_reaper(self) -> None:
+        assert self.process is not None
+        self._reaper = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runtime.engine.reaper",
+                str(os.getpid()),
+                str(self.process.pid),
+                str(self.stop_grace_s),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _wait_ready(self, launched: float) -> None:
+        deadline = launched + self.startup_timeout_s
+        url = f"{self.base_url}/v1/models"
+        while True:
+            process = self.process  # None once stop() ran in another thread (pool closing)
+            if process is None:
+                raise ReplicaStartError(
+                    f"replica of '{self.config.model}' was stopped before it was ready"
+                )
+            code = process.poll()
+            if code is not None:
+                raise ReplicaStartError(
+                    f"replica of '{self.config.model}' exited with code {code} before it was "
+                    f"ready; log {self.log_path}, last lines:\n{tail(self.log_path)}"
+                )
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ReplicaStartError(
+                    f"replica of '{self.config.model}' not ready after "
+                    f"{self.startup_timeout_s:.0f}s (startup_timeout_s); log {self.log_path}, "
+                    f"last lines:\n{tail(self.log_path)}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL after the grace period."""
+        process, self.process = self.process, None
+        _LIVE.discard(self)
+        if process is not None:
+            pgid = process.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                process.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("replica %s ignored SIGTERM; killing it", self.replica_id)
+            deadline = time.monotonic() + self.stop_grace_s
+            while group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+            logger.info("replica %s stopped", self.replica_id)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            with contextlib.suppress(ProcessLookupError):
+                reaper.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.wait(timeout=5)
+
+    def __enter__(self) -> Replica:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- observation ---------------------------------------------------------------------
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server is alive and its /health answers 200."""
+        if not self.running():
+            return False
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metrics_text(self, timeout_s: float = 5.0) -> str:
+        """The raw Prometheus exposition text of /metrics."""
+        response = httpx.get(f"{self.base_url}/metrics", timeout=timeout_s)
+        response.raise_for_status()
+        return response.text
+
+    def metrics(self, timeout_s: float = 5.0) -> ReplicaMetrics:
+        """Typed engine metrics scraped now."""
+        return parse_metrics(self.metrics_text(timeout_s))
+
+    async def ametrics(self, client: httpx.AsyncClient) -> ReplicaMetrics:
+        """Typed engine metrics scraped without blocking the event loop."""
+        response = await client.get(f"{self.base_url}/metrics", timeout=5.0)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its children, in bytes."""
+        if self.process is None:
+            return 0
+        return process_tree_rss(self.process.pid)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The end of the server's log, for error reports and artifacts."""
+        return tail(self.log_path, lines)
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_info().rss
+    return total
+
+
+class _LiveReplicas:
+    """Every started, not yet stopped replica of this process (for the atexit hook)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._replicas: set[Replica] = set()
+
+    def add(self, replica: Replica) -> None:
+        with self._lock:
+            self._replicas.add(replica)
+
+    def discard(self, replica: Replica) -> None:
+        with self._lock:
+            self._replicas.discard(replica)
+
+    def snapshot(self) -> list[Replica]:
+        with self._lock:
+            return list(self._replicas)
+
+
+_LIVE = _LiveReplicas()
+
+
+def live_replicas() -> list[Replica]:
+    """Replicas this process started and has not stopped."""
+    return _LIVE.snapshot()
+
+
+def stop_all_replicas() -> None:
+    """Stop every live replica of this process (atexit, signal handlers)."""
+    for replica in _LIVE.snapshot():
+        with contextlib.suppress(Exception):
+            replica.stop()
+
+
+atexit.register(stop_all_replicas)

@@ -1,0 +1,480 @@
+"""The router's live side: endpoints, their refreshed state, and the dispatch of each call.
+
+`Router` implements the ChatBackend protocol over the replicas of every model key. For each
+call it builds snapshots of the replicas (its own outstanding counters plus the engine's
+/metrics, refreshed in the background), asks the configured pure policy
+(runtime.routing.policies) for a replica, and sends the call there. Around that decision:
+- calls wait in a bounded least-slack-first queue while every replica of their model is full
+  (outstanding calls >= max_num_seqs), so the tightest deadlines go first;
+- with the sla_aware policy, admission control sheds a call whose deadline is already out of
+  reach (or passes while it waits), before it takes capacity from calls that can still make
+  it; the other policies never shed: late calls run late;
+- a replica that fails a call at the connection level (it died) is taken out of rotation and
+  the call is retried once on another replica.
+Deadlines come from `client.call_deadline()`, which the executor sets for every call from
+the request's end-to-end SLA split along the app's critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from runtime.engine.client import CallRecord, EngineClient, SamplingParams, current_call_deadline
+from runtime.engine.replica import Replica, parse_metrics
+from runtime.routing.policies import (
+    CallDemand,
+    QueueFull,
+    ReplicaSnapshot,
+    RouteContext,
+    RouterConfig,
+    SlackQueue,
+    SpeedEstimator,
+    admit,
+    get_policy,
+    predict_completion_s,
+)
+
+logger = logging.getLogger(__name__)
+
+SHED_PREFIX = "shed:"
+QUEUE_FULL_PREFIX = "queue full:"
+#: Characters per token when estimating a prompt's length before the server counts it.
+CHARS_PER_TOKEN = 4.0
+#: Finished-request outcomes `RouterStats.outcomes` keeps (the autoscaler's window).
+OUTCOME_HISTORY = 10_000
+
+
+@dataclass
+class Endpoint:
+    """One server of a model key, and what the router tracks about it."""
+
+    endpoint_id: str
+    model_key: str
+    served_model: str
+    base_url: str
+    max_num_seqs: int
+    replica: Replica | None = None
+    client: EngineClient | None = None
+    healthy: bool = True
+    outstanding: int = 0
+    outstanding_prefill_tokens: int = 0
+    outstanding_decode_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    calls: int = 0
+
+    def snapshot(self) -> ReplicaSnapshot:
+        """The state a pure policy decides on."""
+        return ReplicaSnapshot(
+            replica_id=self.endpoint_id,
+            model=self.model_key,
+            healthy=self.healthy,
+            outstanding_requests=self.outstanding,
+            outstanding_prefill_tokens=self.outstanding_prefill_tokens,
+            outstanding_decode_tokens=self.outstanding_decode_tokens,
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache_usage,
+            max_num_seqs=self.max_num_seqs,
+        )
+
+
+class Rejected(Exception):
+    """A call the router will not run: `kind` is no_endpoint, shed or queue_full."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+
+
+@dataclass
+class RouterStats:
+    """Counters the server's /metrics and the run report read."""
+
+    routed: int = 0
+    shed: int = 0
+    queue_rejected: int = 0
+    retried: int = 0
+    queue_depth: dict[str, int] = field(default_factory=dict)
+    outcomes: deque[tuple[float, bool]] = field(
+        default_factory=lambda: deque(maxlen=OUTCOME_HISTORY)
+    )
+    """(end time on the router's clock, met its SLA) of the last finished requests, recorded
+    with `Router.record_outcome` by whoever sees requests end (the front door); the
+    autoscaler's SLA attainment per window."""
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """A quick token estimate of a chat prompt (the server's count arrives only later)."""
+    return max(1, int(sum(len(m.get("content", "")) for m in messages) / CHARS_PER_TOKEN) + 8)
+
+
+class Router:
+    """Routes chat calls by model key over endpoints, per a RouterConfig (a ChatBackend)."""
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        config: RouterConfig | None = None,
+        *,
+        default_deadline_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_unhealthy: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.policy = get_policy(self.config.policy)
+        self.default_deadline_s = default_deadline_s
+        self.clock = clock
+        self.on_unhealthy = on_unhealthy
+        self.speeds = SpeedEstimator(alpha=self.config.ewma_alpha)
+        self.endpoints: list[Endpoint] = []
+        self.stats = RouterStats()
+        self._queues: dict[str, SlackQueue[_Waiter]] = {}
+        self._counter = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=5.0)
+        for endpoint in endpoints:
+            self.add_endpoint(endpoint)
+
+    # --- membership ----------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> None:
+        """Put an endpoint into rotation (e.g. a replica the provisioner just started)."""
+        if endpoint.client is None:
+            endpoint.client = EngineClient(endpoint.base_url, connect_retries=1)
+        self.endpoints.append(endpoint)
+        self._queues.setdefault(endpoint.model_key, SlackQueue(self.config.queue_capacity))
+        self._wake(endpoint.model_key)
+
+    async def remove_endpoint(self, endpoint: Endpoint, drain_timeout_s: float = 0.0) -> None:
+        """Take an endpoint out of rotation and close its connections.
+
+        With drain_timeout_s > 0, its open calls (outstanding) may finish first, for at most
+        that many seconds, before the connections close (scaling down).
+        """
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+        deadline = time.monotonic() + drain_timeout_s
+        while endpoint.outstanding > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if endpoint.outstanding > 0 and drain_timeout_s > 0:
+            logger.warning(
+                "endpoint %s removed with %d calls still open after draining %gs",
+                endpoint.endpoint_id, endpoint.outstanding, drain_timeout_s,
+            )  # fmt: skip
+        if endpoint.client is not None:
+            await endpoint.client.aclose()
+
+    def record_outcome(self, met_sla: bool, end_s: float | None = None) -> None:
+        """Note that a request finished (at end_s, default now) and whether it met its SLA."""
+        self.stats.outcomes.append((self.clock() if end_s is None else end_s, met_sla))
+
+    def model_keys(self) -> list[str]:
+        """Model keys with at least one endpoint."""
+        return sorted({endpoint.model_key for endpoint in self.endpoints})
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Router:
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop refreshing and close every connection."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        for endpoint in self.endpoints:
+            if endpoint.client is not None:
+                await endpoint.client.aclose()
+        await self._http.aclose()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metrics_refresh_s)
+            await self.refresh()
+            for model_key in list(self._queues):
+                self._wake(model_key)  # sheds waiters whose deadline passed
+
+    async def refresh(self) -> None:
+        """Scrape every endpoint's /metrics into its state; mark failures unhealthy."""
+        await asyncio.gather(*(self._refresh_one(endpoint) for endpoint in self.endpoints))
+
+    async def _refresh_one(self, endpoint: Endpoint) -> None:
+        if endpoint.replica is not None and not endpoint.replica.running():
+            self._mark_unhealthy(endpoint, "process exited")
+            return
+        if not endpoint.healthy:
+            if endpoint.replica is None and await self._answers(endpoint):
+                logger.info("endpoint %s answers again; back in rotation", endpoint.endpoint_id)
+                endpoint.healthy = True
+                self._wake(endpoint.model_key)
+            return
+        try:
+            response = await self._http.get(f"{endpoint.base_url}/metrics")
+            response.raise_for_status()
+            metrics = parse_metrics(response.text)
+        except (httpx.HTTPError, ValueError) as error:
+            if endpoint.replica is not None:
+                self._mark_unhealthy(endpoint, f"metrics scrape failed: {error}")
+            return
+        endpoint.num_running = int(metrics.num_requests_running)
+        endpoint.num_waiting = int(metrics.num_requests_waiting)
+        endpoint.kv_cache_usage = metrics.kv_cache_usage
+
+    async def _answers(self, endpoint: Endpoint) -> bool:
+        """Whether an external endpoint answers /v1/models again."""
+        try:
+            response = await self._http.get(f"{endpoint.base_url}/v1/models")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
+        if endpoint.healthy:
+            logger.warning("endpoint %s out of rotation: %s", endpoint.endpoint_id, reason)
+            endpoint.healthy = False
+            if self.on_unhealthy is not None:
+                self.on_unhealthy(endpoint)
+            self._wake(endpoint.model_key)
+
+    # --- dispatch steps (public: the server's streaming proxy uses them too) ---------------
+
+    def healthy(self, model_key: str) -> list[Endpoint]:
+        """Endpoints of a model key that are in rotation."""
+        return [e for e in self.endpoints if e.model_key == model_key and e.healthy]
+
+    def mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
+        """Take an endpoint out of rotation (its process died, its connection broke)."""
+        self._mark_unhealthy(endpoint, reason)
+
+    def _has_room(self, model_key: str) -> bool:
+        return any(e.outstanding < e.max_num_seqs for e in self.healthy(model_key))
+
+    def _wake(self, model_key: str) -> None:
+        """Release waiting calls, least slack first, while the model has room. With the
+        sla_aware policy (admission control) calls whose deadline passed while queued are shed;
+        the other policies let them run late (an SLA miss, not an error)."""
+        queue = self._queues.get(model_key)
+        if queue is None:
+            return
+        if self.config.policy == "sla_aware":
+            for waiter in queue.drop_expired(self.clock()):
+                if not waiter.future.done():
+                    waiter.future.set_exception(TimeoutError("deadline passed while queued"))
+        while len(queue) and (self._has_room(model_key) or not self.healthy(model_key)):
+            waiter = queue.pop(self.clock()).item
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        self.stats.queue_depth[model_key] = len(queue)
+
+    def demand(self, model_key: str, messages: list[dict[str, str]], max_tokens: int) -> CallDemand:
+        """What a call asks of a replica, with its deadline (from `call_deadline`)."""
+        now = self.clock()
+        deadline = current_call_deadline()
+        return CallDemand(
+            model=model_key,
+            prompt_tokens=estimate_prompt_tokens(messages),
+            max_tokens=max_tokens,
+            deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
+            now_s=now,
+        )
+
+    def _context(self) -> RouteContext:
+        return RouteContext(
+            counter=self._counter,
+            speeds=self.speeds.snapshot(),
+            safety_factor=self.config.safety_factor,
+        )
+
+    async def admit(self, model_key: str, demand: CallDemand) -> None:
+        """Shed a call that cannot make its deadline, or wait (least slack first) while every
+        replica of its model is full; raises Rejected with the reason."""
+        if model_key not in self._queues:
+            raise Rejected("no_endpoint", f"no endpoint serves model key '{model_key}'")
+        candidates = [e.snapshot() for e in self.healthy(model_key)]
+        if not candidates:
+            raise Rejected("no_endpoint", f"no healthy endpoint serves model key '{model_key}'")
+        if self.config.policy == "sla_aware":
+            context = self._context()
+            best = min(
+                predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
+            )
+            decision = admit(demand, best, self.config.shed_tolerance_s)
+            if not decision.admit:
+                self.stats.shed += 1
+                raise Rejected("shed", decision.reason)
+        if self._has_room(model_key):
+            return
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        queue = self._queues[model_key]
+        try:
+            queue.push(waiter, demand.deadline_s, 0.0)
+        except QueueFull as full:
+            self.stats.queue_rejected += 1
+            raise Rejected("queue_full", f"{QUEUE_FULL_PREFIX} {full}") from None
+        self.stats.queue_depth[model_key] = len(queue)
+        try:
+            await waiter.future
+        except TimeoutError:
+            self.stats.shed += 1
+            raise Rejected("shed", f"{SHED_PREFIX} deadline passed while queued") from None
+
+    def pick(self, model_key: str, demand: CallDemand, tried: set[str]) -> Endpoint:
+        """Ask the policy for an endpoint (not one of `tried`) and count the call on it."""
+        snapshots = [e.snapshot() for e in self.healthy(model_key) if e.endpoint_id not in tried]
+        decision = self.policy(snapshots, demand, self._context())
+        self._counter += 1
+        endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
+        if endpoint is None:
+            raise Rejected("no_endpoint", decision.reason)
+        self.stats.routed += 1
+        endpoint.calls += 1
+        endpoint.outstanding += 1
+        endpoint.outstanding_prefill_tokens += demand.prompt_tokens
+        endpoint.outstanding_decode_tokens += demand.max_tokens
+        return endpoint
+
+    def first_token(self, endpoint: Endpoint, demand: CallDemand) -> None:
+        """The call's first token arrived: its prompt no longer waits for prefill (the
+        snapshot's outstanding_prefill_tokens counts only calls still before their first
+        token; counting decoding calls too made sla_aware predict a busy replica several
+        times too slow, and shed calls it would have served in time)."""
+        endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+
+    def retry_elsewhere(
+        self, model_key: str, endpoint: Endpoint, tried: set[str], error: str
+    ) -> bool:
+        """After `endpoint` could not be reached: take it out of rotation, add it to `tried`,
+        and say whether the call goes once more to another healthy endpoint. A call is retried
+        at most once, so a dying fleet costs each call one extra connect, not one per replica."""
+        self.mark_unhealthy(endpoint, error)
+        tried.add(endpoint.endpoint_id)
+        retry = len(tried) == 1 and any(
+            other.endpoint_id not in tried for other in self.healthy(model_key)
+        )
+        if retry:
+            self.stats.retried += 1
+        return retry
+
+    def release(self, endpoint: Endpoint, demand: CallDemand, *, prefilled: bool = False) -> None:
+        """The call picked onto this endpoint ended: free its slot, let a waiter in.
+        `prefilled`: `first_token` was already called for it."""
+        endpoint.outstanding -= 1
+        if not prefilled:
+            endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+        endpoint.outstanding_decode_tokens -= demand.max_tokens
+        self._wake(endpoint.model_key)
+
+    def observe(
+        self,
+        endpoint: Endpoint,
+        ttft_s: float,
+        prompt_tokens: int,
+        gaps_s: list[float],
+        running_at_start: int,
+    ) -> None:
+        """Teach the speed estimator what a finished call on this endpoint measured."""
+        self.speeds.observe(endpoint.endpoint_id, ttft_s, prompt_tokens, gaps_s, running_at_start)
+
+    # --- the ChatBackend call ------------------------------------------------------------
+
+    def _failed(self, error: str) -> CallRecord:
+        return CallRecord(
+            start_s=self.clock(), ttft_s=None, itl_s=(), e2e_s=0.0, prompt_tokens=0,
+            completion_tokens=0, finish_reason=None, text="", error=error,
+        )  # fmt: skip
+
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], sampling: SamplingParams
+    ) -> CallRecord:
+        """Route one chat call for model key `model` and run it (ChatBackend)."""
+        demand = self.demand(model, messages, sampling.max_tokens)
+        try:
+            await self.admit(model, demand)
+        except Rejected as rejected:
+            return self._failed(str(rejected))
+        tried: set[str] = set()
+        while True:
+            try:
+                endpoint = self.pick(model, demand, tried)
+            except Rejected as rejected:
+                return self._failed(str(rejected))
+            running_at_start = max(endpoint.num_running, endpoint.outstanding)
+            assert endpoint.client is not None
+            first = FirstToken(self, endpoint, demand)
+            try:
+                record = await endpoint.client.chat(
+                    endpoint.served_model, messages, sampling, on_first_token=first
+                )
+            finally:
+                self.release(endpoint, demand, prefilled=first.seen)
+            if record.error is not None and record.error.startswith("connection:"):
+                if self.retry_elsewhere(model, endpoint, tried, record.error):
+                    continue
+                return _with_retry(record) if len(tried) > 1 else record
+            if record.ok and record.ttft_s is not None:
+                self.observe(
+                    endpoint, record.ttft_s, record.prompt_tokens, list(record.itl_s),
+                    running_at_start,
+                )  # fmt: skip
+            return _with_retry(record) if tried else record
+
+
+@dataclass
+class FirstToken:
+    """The first-token callback of one dispatched call (see `Router.first_token`): calling it
+    again is a no-op, and `seen` is what `Router.release(prefilled=...)` needs."""
+
+    router: Router
+    endpoint: Endpoint
+    demand: CallDemand
+    seen: bool = False
+
+    def __call__(self) -> None:
+        if not self.seen:
+            self.seen = True
+            self.router.first_token(self.endpoint, self.demand)
+
+
+def _with_retry(record: CallRecord) -> CallRecord:
+    from dataclasses import replace
+
+    return replace(record, retries=record.retries + 1)
+
+
+def endpoints_for_replicas(
+    model_key: str, replicas: list[Replica], max_num_seqs_default: int = 256
+) -> list[Endpoint]:
+    """Endpoints for pool replicas of one model key."""
+    return [
+        Endpoint(
+            endpoint_id=f"{model_key}/{replica.replica_id}",
+            model_key=model_key,
+            served_model=replica.config.model,
+            base_url=replica.base_url,
+            max_num_seqs=replica.config.max_num_seqs or max_num_seqs_default,
+            replica=replica,
+        )
+        for replica in replicas
+    ]

@@ -1,0 +1,214 @@
+"""The router's live side against scripted endpoints: policy use, queueing, shedding, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+from runtime.engine.client import EngineClient, SamplingParams, call_deadline
+from runtime.routing.policies import RouterConfig
+from runtime.routing.router import Endpoint, Router
+
+USER = [{"role": "user", "content": "hello there"}]
+
+
+def sse_answer(text: str) -> bytes:
+    chunks = [
+        {"choices": [{"delta": {"content": text}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+    ]
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+
+
+def scripted(name: str, delay_s: float = 0.0, refuse: bool = False) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if refuse:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        await asyncio.sleep(delay_s)
+        return httpx.Response(200, content=sse_answer(name))
+
+    return httpx.MockTransport(handler)
+
+
+def endpoint(name: str, max_num_seqs: int = 4, **script: object) -> Endpoint:
+    url = f"http://{name}"
+    client = EngineClient(url, connect_retries=0, transport=scripted(name, **script))  # type: ignore[arg-type]
+    return Endpoint(
+        endpoint_id=name, model_key="llm", served_model="m", base_url=url,
+        max_num_seqs=max_num_seqs, client=client,
+    )  # fmt: skip
+
+
+async def test_round_robin_alternates_between_endpoints() -> None:
+    router = Router([endpoint("a"), endpoint("b")], RouterConfig(policy="round_robin"))
+    texts = [(await router.chat("llm", USER, SamplingParams())).text for _ in range(4)]
+    assert texts == ["a", "b", "a", "b"]
+    await router.aclose()
+
+
+async def test_unknown_model_key_fails_the_call_with_a_reason() -> None:
+    router = Router([endpoint("a")])
+    record = await router.chat("judge", USER, SamplingParams())
+    assert record.error == "no endpoint serves model key 'judge'"
+    await router.aclose()
+
+
+async def test_full_replicas_queue_calls_and_release_least_slack_first() -> None:
+    router = Router(
+        [endpoint("a", max_num_seqs=1, delay_s=0.2)], RouterConfig(policy="round_robin")
+    )
+    order: list[str] = []
+
+    async def call(tag: str, deadline: float) -> None:
+        with call_deadline(deadline):
+            record = await router.chat("llm", USER, SamplingParams())
+        assert record.ok, record.error
+        order.append(tag)
+
+    now = router.clock()
+    first = asyncio.create_task(call("first", now + 100))
+    await asyncio.sleep(0.05)  # "first" occupies the only slot
+    loose = asyncio.create_task(call("loose", now + 100))
+    await asyncio.sleep(0.01)
+    tight = asyncio.create_task(call("tight", now + 10))
+    await asyncio.gather(first, loose, tight)
+    assert order == ["first", "tight", "loose"]
+    await router.aclose()
+
+
+async def test_queue_capacity_rejects_with_queue_full() -> None:
+    config = RouterConfig(policy="round_robin", queue_capacity=1)
+    router = Router([endpoint("a", max_num_seqs=1, delay_s=0.3)], config)
+    records = await asyncio.gather(*(router.chat("llm", USER, SamplingParams()) for _ in range(3)))
+    errors = sorted(str(r.error) for r in records if r.error)
+    assert len(errors) == 1 and errors[0].startswith("queue full:")
+    assert router.stats.queue_rejected == 1
+    await router.aclose()
+
+
+async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
+    router = Router([endpoint("a")], RouterConfig(policy="sla_aware"))
+    with call_deadline(router.clock() - 1.0):
+        record = await router.chat("llm", USER, SamplingParams(max_tokens=50))
+    assert record.error is not None and record.error.startswith("shed:")
+    assert router.stats.shed == 1
+    with call_deadline(router.clock() + 60.0):
+        assert (await router.chat("llm", USER, SamplingParams())).ok
+    await router.aclose()
+
+
+async def test_a_call_is_retried_at_most_once_even_with_more_dead_endpoints() -> None:
+    router = Router(
+        [endpoint("a-dead", refuse=True), endpoint("b-alive"), endpoint("c-dead", refuse=True)],
+        RouterConfig(policy="round_robin"),  # slot 0 is a-dead, then slot 1 of the rest: c-dead
+    )
+    first = await router.chat("llm", USER, SamplingParams())
+    assert first.error is not None and first.error.startswith("connection:")
+    assert first.retries == 1 and router.stats.retried == 1
+    assert [e.healthy for e in router.endpoints] == [False, True, False]
+    second = await router.chat("llm", USER, SamplingParams())  # only the live one is left
+    assert second.ok and second.text == "b-alive" and second.retries == 0
+    await router.aclose()
+
+
+def test_retry_elsewhere_needs_another_healthy_endpoint() -> None:
+    router = Router([endpoint("a"), endpoint("b")])
+    a, b = router.endpoints
+    tried: set[str] = set()
+    assert router.retry_elsewhere("llm", a, tried, "connection: refused")
+    assert tried == {"a"} and not a.healthy
+    assert not router.retry_elsewhere("llm", b, tried, "connection: refused")  # once per call
+    assert router.stats.retried == 1
+    lone = Router([endpoint("c")])
+    assert not lone.retry_elsewhere("llm", lone.endpoints[0], set(), "connection: refused")
+    assert lone.stats.retried == 0
+
+
+async def test_dead_endpoint_is_taken_out_and_the_call_retried_elsewhere() -> None:
+    dead_seen: list[str] = []
+    router = Router(
+        [endpoint("dead", refuse=True), endpoint("alive")],
+        RouterConfig(policy="round_robin"),
+        on_unhealthy=lambda e: dead_seen.append(e.endpoint_id),
+    )
+    records = [await router.chat("llm", USER, SamplingParams()) for _ in range(4)]
+    assert all(r.ok and r.text == "alive" for r in records)
+    assert sum(r.retries for r in records) == 1 and router.stats.retried == 1
+    assert dead_seen == ["dead"]
+    assert [e.healthy for e in router.endpoints] == [False, True]
+    await router.aclose()
+
+
+async def test_sla_aware_learns_and_prefers_the_faster_endpoint() -> None:
+    router = Router(
+        [endpoint("slow", delay_s=0.15), endpoint("fast", delay_s=0.01)],
+        RouterConfig(policy="sla_aware"),
+    )
+    for _ in range(6):  # warm up both estimates
+        await router.chat("llm", USER, SamplingParams(max_tokens=1))
+    tally = {"slow": 0, "fast": 0}
+    for _ in range(10):
+        with call_deadline(router.clock() + 30):
+            tally[(await router.chat("llm", USER, SamplingParams(max_tokens=1))).text] += 1
+    assert tally["fast"] > tally["slow"]
+    await router.aclose()
+
+
+async def test_prompt_leaves_the_prefill_count_at_the_first_token() -> None:
+    """outstanding_prefill_tokens counts only calls still before their first token."""
+    first_sent, finish = asyncio.Event(), asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+        first_sent.set()
+        await finish.wait()
+        yield sse_answer("b")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        return httpx.Response(200, content=body())
+
+    client = EngineClient("http://a", connect_retries=0, transport=httpx.MockTransport(handler))
+    target = Endpoint(
+        endpoint_id="a", model_key="llm", served_model="m", base_url="http://a",
+        max_num_seqs=4, client=client,
+    )  # fmt: skip
+    router = Router([target], RouterConfig(policy="sla_aware"))
+    call = asyncio.create_task(router.chat("llm", USER, SamplingParams(max_tokens=8)))
+    await first_sent.wait()
+    await asyncio.sleep(0.01)
+    assert target.outstanding == 1 and target.outstanding_decode_tokens == 8
+    assert target.outstanding_prefill_tokens == 0  # decoding, no longer waiting for prefill
+    finish.set()
+    record = await call
+    assert record.ok and record.text == "ab"
+    assert (target.outstanding, target.outstanding_prefill_tokens) == (0, 0)
+    assert target.outstanding_decode_tokens == 0
+    await router.aclose()
+
+
+async def test_only_sla_aware_sheds_calls_whose_deadline_passed_in_the_queue() -> None:
+    for policy, shed in (("sla_aware", True), ("round_robin", False)):
+        router = Router([endpoint("a", max_num_seqs=1, delay_s=0.3)], RouterConfig(policy=policy))
+        now = router.clock()
+
+        async def call(target: Router, deadline: float) -> str | None:
+            with call_deadline(deadline):
+                return (await target.chat("llm", USER, SamplingParams())).error
+
+        first = asyncio.create_task(call(router, now + 100))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(call(router, now + 0.1))  # expires while "first" holds the slot
+        errors = await asyncio.gather(first, late)
+        assert errors[0] is None
+        if shed:
+            assert errors[1] is not None and errors[1].startswith("shed:")
+        else:
+            assert errors[1] is None  # ran late instead
+        await router.aclose()
