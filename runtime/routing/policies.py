@@ -1,11 +1,12 @@
 """Routing decisions: which replica serves an LLM call, whether to admit it, in what order.
 
 This module holds the *pure* part of the router: snapshots of replica state, an online
-speed model per replica, a latency predictor, the routing policies, deadline splitting over
-a DAG's critical path, admission control and a least-slack-first queue. None of it does I/O
-or reads a clock (``now`` is always passed in), so every decision is reproducible from the
-snapshot it was given and is tested without starting a replica. The asynchronous dispatch
-loop that feeds these functions with live state lives elsewhere and only calls into here.
+speed model per replica, a latency predictor, the routing policies, admission control and a
+least-slack-first queue (a call's deadline is its share of the SLA, `App.deadline_shares`).
+None of it does I/O or reads a clock (``now`` is always passed in), so every decision is
+reproducible from the snapshot it was given and is tested without starting a replica. The
+asynchronous dispatch loop that feeds these functions with live state lives elsewhere and
+only calls into here.
 """
 
 from __future__ import annotations
@@ -448,33 +449,8 @@ def get_policy(name: str) -> Policy:
 
 
 # --------------------------------------------------------------------------------------------
-# Deadlines and admission
+# Admission
 # --------------------------------------------------------------------------------------------
-
-
-def split_deadline(e2e_deadline_s: float, path_estimates_s: Sequence[float]) -> list[float]:
-    """Split an end-to-end time budget over the stages of a DAG's critical path.
-
-    Each stage gets a share proportional to its estimated duration, so a stage expected to
-    take twice as long may also run twice as long before it is late. If every estimate is
-    zero the budget is split equally. The last share absorbs rounding so the shares sum to
-    ``e2e_deadline_s``.
-    """
-    if e2e_deadline_s < 0 or not math.isfinite(e2e_deadline_s):
-        raise ValueError(f"e2e_deadline_s must be a finite number >= 0, got {e2e_deadline_s}")
-    if not path_estimates_s:
-        raise ValueError("path_estimates_s must name at least one stage, got []")
-    for i, est in enumerate(path_estimates_s):
-        if est < 0 or not math.isfinite(est):
-            raise ValueError(f"path_estimates_s[{i}] must be a finite number >= 0, got {est}")
-    total = math.fsum(path_estimates_s)
-    n = len(path_estimates_s)
-    if total == 0:
-        shares = [e2e_deadline_s / n] * n
-    else:
-        shares = [e2e_deadline_s * est / total for est in path_estimates_s]
-    shares[-1] = max(e2e_deadline_s - math.fsum(shares[:-1]), 0.0)
-    return shares
 
 
 @dataclass(frozen=True)

@@ -452,3 +452,45 @@ def test_deadline_shares_follow_the_critical_path() -> None:
     assert len(asks) == 1 and asks.pop() == pytest.approx(1 / 1.1)
     judge = build_app("judge", OutputFormat.JSON, judge_rounds=2).deadline_shares()
     assert set(judge.values()) == {1.0}
+
+
+def test_deadline_shares_are_proportional_to_the_chain_ending_at_each_node() -> None:
+    shares = _diamond().deadline_shares()
+    assert shares == pytest.approx({"a": 1 / 4, "b": 2 / 4, "c": 2 / 4, "c2": 3 / 4, "d": 1.0})
+    assert all(0.0 < share <= 1.0 for share in shares.values())
+    path = _diamond().critical_path()
+    assert shares[path[-1]] == 1.0  # the last node of the critical path gets the whole budget
+    assert [shares[node] for node in path] == sorted(shares[node] for node in path)
+
+
+def test_deadline_shares_count_a_code_node_as_a_tenth_of_a_call() -> None:
+    app = build(
+        [
+            llm("a"),
+            {
+                "id": "fix",
+                "kind": "code",
+                "callable": "tests.runtime.app.test_dag:merge_fields",
+                "depends_on": ["a"],
+            },
+            llm("b", depends_on=["fix"]),
+        ],
+        outputs={"answer": "b.text"},
+    )
+    shares = app.deadline_shares()
+    assert shares == pytest.approx({"a": 1 / 2.1, "fix": 1.1 / 2.1, "b": 1.0})
+    assert app.critical_path() == ["a", "fix", "b"]
+
+
+def test_deadline_shares_give_loop_nodes_the_loop_end() -> None:
+    app = build(
+        [
+            llm("a"),
+            llm("x", depends_on=["a"]),
+            llm("y", depends_on=["x"]),
+            llm("end", depends_on=["y"]),
+        ],
+        loops=[{"id": "redo", "body": ["x", "y"], "until": "y.text == 'ok'", "max_rounds": 3}],
+    )
+    # a: 1; the loop: 3 rounds of a 2-call chain; end: 1 more, 8 in all
+    assert app.deadline_shares() == pytest.approx({"a": 1 / 8, "x": 7 / 8, "y": 7 / 8, "end": 1.0})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, get_args
 
 import pytest
@@ -25,7 +24,6 @@ from runtime.routing.policies import (
     predict_completion_s,
     round_robin,
     sla_aware,
-    split_deadline,
 )
 
 FAST = SpeedEstimate(
@@ -254,23 +252,7 @@ def test_estimator_rejects_bad_alpha_and_negative_ttft() -> None:
         SpeedEstimator().observe("r", -1, 10, [], 1)
 
 
-# ---------------------------------------------------------------- deadlines and admission
-
-
-def test_split_deadline_is_proportional_and_sums_to_the_budget() -> None:
-    parts = split_deadline(3.0, [0.1, 0.2, 0.3])
-    assert parts == pytest.approx([0.5, 1.0, 1.5])
-    assert math.fsum(parts) == pytest.approx(3.0, abs=1e-12)
-    assert split_deadline(2.0, [0.0, 0.0]) == [1.0, 1.0]
-    odd = split_deadline(1.0, [1.0, 1.0, 1.0])
-    assert math.fsum(odd) == pytest.approx(1.0, abs=1e-15)
-
-
-def test_split_deadline_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"path_estimates_s\[1\] must be .* got -1"):
-        split_deadline(1.0, [0.5, -1.0])
-    with pytest.raises(ValueError, match="at least one stage"):
-        split_deadline(1.0, [])
+# ---------------------------------------------------------------- admission
 
 
 def test_admission_sheds_an_impossible_call_and_admits_a_feasible_one() -> None:

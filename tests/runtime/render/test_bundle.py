@@ -1,0 +1,42 @@
+"""A whole deployment bundle: the five files, the README with knobs and metrics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from runtime.deployment import load_deployment
+from runtime.render.bundle import write_bundle
+from runtime.render.kubernetes import kubernetes_manifests
+from tests.runtime.render.samples import CPU_ENGINE, cpu_deployment, validate_k8s
+
+
+def test_write_bundle(tmp_path: Path) -> None:
+    deployment = cpu_deployment()
+    metrics = {"p99_e2e_s": 3.14159, "sla_attainment": 0.97, "cost_per_1k_requests": 0.42}
+    paths = write_bundle(deployment, tmp_path / "bundle", metrics=metrics, title="Trial 7")
+    assert [p.name for p in paths] == [
+        "DEPLOY.yaml", "vllm-commands.sh", "docker-compose.yaml", "kubernetes.yaml", "README.md",
+    ]  # fmt: skip
+    assert all(p.is_file() for p in paths)
+    assert load_deployment(paths[0]) == deployment
+    script = paths[1].read_text()
+    assert script.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in script
+    assert os.access(paths[1], os.X_OK)
+    compose = yaml.safe_load(paths[2].read_text())
+    assert "fmtune-router" in compose["services"]
+    documents = list(yaml.safe_load_all(paths[3].read_text()))
+    assert documents == kubernetes_manifests(deployment)
+    for document in documents:
+        validate_k8s(document)
+    readme = paths[4].read_text()
+    assert readme.startswith("# Trial 7")
+    for name in metrics:
+        assert name in readme
+    assert "| p99_e2e_s | 3.142 |" in readme
+    assert "| block_size | 64 |" in readme
+    assert CPU_ENGINE.config_hash() in readme
+    assert "docker compose up" in readme and "kubectl apply" in readme
