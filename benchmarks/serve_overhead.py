@@ -40,6 +40,7 @@ import httpx
 import psutil
 import yaml
 
+from runtime.engine.config import VLLM_SERVER_MODULE
 from runtime.engine.models import model_dir
 from runtime.engine.processes import stop_process
 from runtime.engine.replica import free_port
@@ -96,7 +97,7 @@ def replica_url(serve_pid: int) -> str:
     for child in psutil.Process(serve_pid).children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             argv = child.cmdline()
-            if "vllm.entrypoints.openai.api_server" in argv and "--port" in argv:
+            if VLLM_SERVER_MODULE in argv and "--port" in argv:
                 host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
                 return f"http://{host}:{argv[argv.index('--port') + 1]}"
     raise RuntimeError("no vLLM server in the process tree of fmtune serve")

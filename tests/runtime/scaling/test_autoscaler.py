@@ -31,7 +31,8 @@ from runtime.scaling.autoscaler import (
     window_stats,
 )
 from runtime.scaling.provisioner import ScalingPolicy, size_replicas
-from runtime.serving.server import ServeConfig, create_app
+from runtime.serving.app import create_app
+from runtime.serving.config import ServeConfig
 from tests.runtime.routing.test_router import USER, scripted
 
 ENGINE = EngineConfig(model="smollm2-135m", max_num_seqs=4)

@@ -38,6 +38,7 @@ import psutil
 import pytest
 import yaml
 
+from runtime.engine.config import VLLM_SERVER_MODULE
 from runtime.engine.processes import stop_process
 from runtime.engine.replica import free_port
 
@@ -45,7 +46,6 @@ pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parents[3]
 SERVED = "smollm2-135m"
-VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 STARTUP_TIMEOUT_S = 420.0
 MAX_QUEUE = 16
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -72,7 +72,7 @@ class Served:
         found = []
         for child in psutil.Process(self.process.pid).children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
-                if VLLM_SERVER in child.cmdline():
+                if VLLM_SERVER_MODULE in child.cmdline():
                     found.append(child)
                     self.vllm_pids.add(child.pid)
                     self.vllm_pids.update(c.pid for c in child.children(recursive=True))

@@ -30,7 +30,9 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import free_port
 from runtime.routing.router import Router
-from runtime.serving.server import ServeConfig, create_app, serve
+from runtime.serving.app import create_app
+from runtime.serving.config import ServeConfig
+from runtime.serving.server import serve
 from tests.runtime.fake_openai import FakeEngine, FakeReplica, LoopbackServer
 
 SERVED = "fake-model"
