@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime.app.executor import RequestResult, run_requests, to_outcome
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
+from runtime.engine.client import CallFailure
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import GIB
 from runtime.errors import ConfigError, config_error
 from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
-from runtime.routing.router import SHED_PREFIX, Endpoint, Router, RouterStats
+from runtime.routing.router import Endpoint, Router, RouterStats
 from runtime.scaling.autoscaler import app_sampler, llm_calls_per_request, size_deployment
 from runtime.scaling.provisioner import SizingResult
 from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
@@ -161,6 +162,11 @@ def load_run_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> Run
         raise config_error(error, str(path)) from None
 
 
+def _kind(failure: CallFailure | None) -> str | None:
+    """A failure kind as the trace stores it: its plain string value."""
+    return None if failure is None else failure.value
+
+
 def _trace_frame(
     results: list[RequestResult], t0: float, quality: list[float | None]
 ) -> pd.DataFrame:
@@ -170,10 +176,12 @@ def _trace_frame(
         for span in result.spans:
             row = dataclasses.asdict(span)
             row["itl_s"] = list(row.get("itl_s") or [])
+            row["failure"] = _kind(span.failure)
             row["start_s"] = span.start_s - t0
             row["end_s"] = span.end_s - t0
             row["request_ok"] = result.ok
             row["request_error"] = result.error
+            row["request_failure"] = _kind(result.failure)
             row["request_e2e_s"] = result.e2e_s
             row["request_quality"] = request_quality
             rows.append(row)
@@ -277,10 +285,7 @@ def execute_run(
     for result, example in zip(results, chosen, strict=True):
         quality = application.score(result.outputs, example.reference) if result.ok else None
         qualities.append(quality)
-        outcome = to_outcome(result, quality)
-        if result.error is not None and SHED_PREFIX in result.error:
-            outcome = dataclasses.replace(outcome, shed=True)
-        outcomes.append(outcome)
+        outcomes.append(to_outcome(result, quality))  # shed by its failure kind
     replica_seconds = {
         key: wall * sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
         for key in keys

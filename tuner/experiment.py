@@ -23,12 +23,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.deployment import read_yaml_mapping
-from runtime.errors import ConfigError, config_error
+from runtime.errors import ConfigError, config_error, unknown_name_message
 from runtime.metrics import RunMetrics
 from runtime.run import RunSpec, apply_overrides
 from tuner.pareto import Objective
-
-SamplerName = Literal["nsga2", "tpe", "nsga3", "random", "grid", "pymoo-nsga2"]
+from tuner.samplers import SAMPLERS, sampler_help
 
 #: Metrics an objective or constraint may name: every RunMetrics field and the run extras.
 RUN_EXTRAS = ("replica_start_s", "router_shed", "router_retried", "router_queue_rejected")
@@ -94,9 +93,11 @@ class TuneSpec(BaseModel):
         "study as infeasible and never reach the Pareto front.",
     )
     trials: int = Field(default=8, ge=1, le=100_000, description="Trials in the budget.")
-    sampler: SamplerName | None = Field(
+    sampler: str | None = Field(
         default=None,
-        description="Search algorithm; default nsga2 with two or more objectives, tpe with one.",
+        description="Search algorithm; default nsga2 with two or more objectives, tpe with one. "
+        f"One of: {sampler_help()}.",
+        json_schema_extra={"enum": [*SAMPLERS, None]},
     )
     seed: int = Field(default=0, ge=0, description="Seed of the sampler.")
     population_size: int = Field(
@@ -120,6 +121,13 @@ class TuneSpec(BaseModel):
                 )
         return objectives
 
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, name: str | None) -> str | None:
+        if name is not None and name not in SAMPLERS:
+            raise ValueError(unknown_name_message("sampler", name, SAMPLERS))
+        return name
+
     @field_validator("constraints")
     @classmethod
     def _parseable(cls, constraints: list[str]) -> list[str]:
@@ -131,7 +139,7 @@ class TuneSpec(BaseModel):
         """The parsed SLA bounds."""
         return [parse_bound(text) for text in self.constraints]
 
-    def sampler_name(self) -> SamplerName:
+    def sampler_name(self) -> str:
         """The sampler to use, resolving the default by the number of objectives."""
         if self.sampler is not None:
             return self.sampler

@@ -19,11 +19,11 @@ import optuna
 from runtime.deployment import Deployment
 from runtime.errors import ConfigError
 from runtime.render.bundle import write_bundle
-from runtime.run import RunSpec, apply_overrides
-from tuner.experiment import Experiment, run_spec_of
+from tuner.experiment import Experiment
+from tuner.knobs import check_knob_names, trial_spec
 from tuner.pareto import Objective, front_table, pareto_front
 from tuner.space import load_space
-from tuner.study import ATTR_METRICS, deployment_of, trial_overrides
+from tuner.study import ATTR_METRICS, deployment_of
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,13 @@ def load_study(study_name: str, storage_url: str) -> optuna.Study:
 
 def study_experiment(study: optuna.Study, wait_s: float = 0.0) -> Experiment:
     """The experiment a study was created with (stored in its user attributes); waits up to
-    wait_s for a study that `fmtune tune` is creating at this moment."""
+    wait_s for a study that `fmtune tune` is creating at this moment (`Study.user_attrs` reads
+    the storage on every access, so polling it sees the creator's write)."""
     deadline = time.monotonic() + wait_s
     data = study.user_attrs.get("fmtune.experiment")
     while data is None and time.monotonic() < deadline:
         time.sleep(0.5)
-        data = optuna.load_study(
-            study_name=study.study_name, storage=study._storage
-        ).user_attrs.get("fmtune.experiment")
+        data = study.user_attrs.get("fmtune.experiment")
     if data is None:
         raise ConfigError(f"study '{study.study_name}' was not created by fmtune tune")
     return Experiment.model_validate(data)
@@ -70,13 +69,12 @@ def study_objectives(study: optuna.Study) -> list[Objective]:
 
 
 def trial_deployment(experiment: Experiment, trial: optuna.trial.FrozenTrial) -> Deployment:
-    """The DEPLOY.yaml content of a trial: the experiment with the trial's knobs applied."""
+    """The DEPLOY.yaml content of a trial: the experiment with the trial's knobs applied, built
+    exactly as the study built the RunSpec it measured."""
     assert experiment.tune is not None
     space = load_space(experiment.tune.search_space)
-    keys = sorted(experiment.deployment.models)
-    base = run_spec_of(experiment).model_dump(mode="json")
-    spec = RunSpec.model_validate(apply_overrides(base, trial_overrides(space, trial.params, keys)))
-    return deployment_of(spec)
+    check_knob_names(space, experiment.deployment.models, experiment.tune.search_space)
+    return deployment_of(trial_spec(experiment, space, trial.params))
 
 
 def export_front(study: optuna.Study, out_dir: Path) -> list[ExportedBundle]:

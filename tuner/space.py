@@ -40,11 +40,9 @@ arithmetic sides (``+ - * /`` over full knob names and numbers, or a bare string
 for ``==``/``!=``). They are parsed with :mod:`ast` into a small whitelisted tree, never
 evaluated as Python. A constraint naming an inactive knob is not checked.
 
-Knob names map to paths into the deployment through :meth:`SearchSpace.deployment_overrides`:
-``engine.X`` becomes ``models.<k>.engine.X`` for every model key ``k`` (unless
-``models.<k>.engine.X`` is sampled), ``deployment.replicas`` becomes ``models.<k>.replicas``
-(unless ``models.<k>.replicas`` is sampled), any other ``deployment.P`` becomes ``P`` (e.g.
-``router.policy``), and ``app.*`` / ``models.*`` names are already paths.
+Which experiment field each knob name sets, and which names are valid, is defined in one
+place, :mod:`tuner.knobs` (e.g. ``engine.X`` sets ``deployment.models.<k>.engine.X`` for every
+model key ``k``); this module knows only the names' shape.
 """
 
 from __future__ import annotations
@@ -77,6 +75,8 @@ from pydantic import (
     model_validator,
 )
 
+from runtime.errors import ConfigError, Location, describe_validation_error
+
 if TYPE_CHECKING:
     import optuna
 
@@ -96,8 +96,10 @@ DottedKey = Annotated[
 KNOB_KINDS = ("categorical", "int", "float")
 
 
-class SpaceError(ValueError):
-    """A search space file or definition is invalid; the message names file, knob and field."""
+class SpaceError(ConfigError):
+    """A search space file or definition is invalid; the message names file, knob and field.
+
+    A ConfigError, so the CLI reports it as one line and exits 2 like any bad input."""
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -532,14 +534,6 @@ class SearchSpace(BaseModel):
         """All knob names in declaration order."""
         return list(self.knobs)
 
-    def validate_names(self, allowed: set[str] | Callable[[str], bool]) -> None:
-        """Raise SpaceError naming every knob whose name ``allowed`` rejects."""
-        check = allowed.__contains__ if isinstance(allowed, set | frozenset) else allowed
-        unknown = [name for name in self.knobs if not check(name)]
-        if unknown:
-            listed = ", ".join(repr(n) for n in unknown)
-            raise SpaceError(f"unknown knob name{'s' if len(unknown) > 1 else ''}: {listed}")
-
     def is_active(self, name: str, params: Mapping[str, Any]) -> bool:
         """Whether knob ``name``'s condition holds given the already-sampled ``params``."""
         for ref, values in self.knobs[name].conditions().items():
@@ -597,77 +591,34 @@ class SearchSpace(BaseModel):
             )
         return grid
 
-    def deployment_overrides(
-        self, params: Mapping[str, Any], model_keys: Iterable[str]
-    ) -> dict[str, Any]:
-        """Sampled knobs as dotted paths into the deployment (see the module docstring)."""
-        keys = list(model_keys)
-        out: dict[str, Any] = {}
-        for name, value in params.items():
-            if name not in self.knobs:
-                raise SpaceError(f"unknown knob name: {name!r}")
-            if name.startswith("models."):
-                mkey = name.split(".")[1]
-                if mkey not in keys:
-                    raise SpaceError(
-                        f"knob {name!r}: model key {mkey!r} is not one of the deployment's "
-                        f"models {keys}"
-                    )
-                out[name] = value
-            elif name.startswith("engine."):
-                field = name.removeprefix("engine.")
-                for k in keys:
-                    if f"models.{k}.engine.{field}" not in params:
-                        out[f"models.{k}.engine.{field}"] = value
-            elif name == "deployment.replicas":
-                for k in keys:
-                    if f"models.{k}.replicas" not in params:
-                        out[f"models.{k}.replicas"] = value
-            elif name.startswith("deployment."):
-                out[name.removeprefix("deployment.")] = value
-            else:
-                out[name] = value
-        return out
-
 
 # --------------------------------------------------------------------------- loading
 
 
-def _knob_name_from_loc(loc: tuple[int | str, ...]) -> tuple[str | None, list[str]]:
-    """Map a pydantic error location in :class:`SpaceFile` to (knob name, field path)."""
-    parts = [str(p) for p in loc]
-    if not parts:
-        return None, []
-    if parts[0] in ("app", "engine", "deployment") and len(parts) >= 2:
-        name, rest = f"{parts[0]}.{parts[1]}", parts[2:]
-    elif parts[0] == "models" and len(parts) >= 4 and parts[2] == "engine":
-        name, rest = f"models.{parts[1]}.engine.{parts[3]}", parts[4:]
-    elif parts[0] == "models" and len(parts) >= 3 and parts[2] in ("model", "replicas"):
-        name, rest = f"models.{parts[1]}.{parts[2]}", parts[3:]
-    else:
-        return None, parts
+def _knob_label(name: str, rest: Location) -> tuple[str, Location]:
+    """("knob 'NAME'", path inside the knob spec), without the union tag pydantic adds."""
     if rest and rest[0] in KNOB_KINDS:
         rest = rest[1:]
-    return name, rest
+    return f"knob {name!r}", rest
 
 
-def _format_validation_error(exc: ValidationError, *, flat: bool) -> str:
-    """One line per pydantic error: "knob 'X': field: message"."""
-    lines = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        loc = tuple(err["loc"])
-        if flat and len(loc) >= 2 and loc[0] == "knobs":
-            rest = [str(p) for p in loc[2:] if p not in KNOB_KINDS]
-            name: str | None = str(loc[1])
-        elif flat:
-            name, rest = None, [str(p) for p in loc]
-        else:
-            name, rest = _knob_name_from_loc(loc)
-        where = f"knob {name!r}: " if name else ""
-        field = f"{'.'.join(rest)}: " if rest else ""
-        lines.append(f"{where}{field}{msg}")
-    return "; ".join(lines)
+def _locate_in_file(loc: Location) -> tuple[str, Location]:
+    """A pydantic location in :class:`SpaceFile` as the knob it belongs to and the rest."""
+    parts = [str(part) for part in loc]
+    if len(parts) >= 2 and parts[0] in ("app", "engine", "deployment"):
+        return _knob_label(f"{parts[0]}.{parts[1]}", loc[2:])
+    if len(parts) >= 4 and parts[0] == "models" and parts[2] == "engine":
+        return _knob_label(f"models.{parts[1]}.engine.{parts[3]}", loc[4:])
+    if len(parts) >= 3 and parts[0] == "models" and parts[2] in ("model", "replicas"):
+        return _knob_label(f"models.{parts[1]}.{parts[2]}", loc[3:])
+    return "", loc
+
+
+def _locate_in_space(loc: Location) -> tuple[str, Location]:
+    """A pydantic location in :class:`SearchSpace` (``knobs.<full name>...``) likewise."""
+    if len(loc) >= 2 and loc[0] == "knobs":
+        return _knob_label(str(loc[1]), loc[2:])
+    return "", loc
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -684,11 +635,15 @@ def load_space(path: str | Path) -> SearchSpace:
     try:
         spec = SpaceFile.model_validate(raw)
     except ValidationError as exc:
-        raise SpaceError(f"{path}: {_format_validation_error(exc, flat=False)}") from None
+        raise SpaceError(
+            describe_validation_error(exc, str(path), locate=_locate_in_file)
+        ) from None
     try:
         space = spec.to_space()
     except ValidationError as exc:
-        raise SpaceError(f"{path}: {_format_validation_error(exc, flat=True)}") from None
+        raise SpaceError(
+            describe_validation_error(exc, str(path), locate=_locate_in_space)
+        ) from None
     except ValueError as exc:
         raise SpaceError(f"{path}: {exc}") from None
     logger.debug("loaded search space %s with %d knobs", path, len(space.knobs))

@@ -34,17 +34,20 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from runtime.deployment import Deployment
-from runtime.errors import ConfigError, FmtuneError
-from runtime.run import RunResult, RunSpec, apply_overrides, write_run
+from runtime.errors import ConfigError, EngineFailure, FmtuneError
+from runtime.run import RunResult, RunSpec, write_run
 from tuner.experiment import Experiment, TuneSpec, run_spec_of
-from tuner.space import SearchSpace, load_space
+from tuner.knobs import InvalidTrial, check_knob_names, trial_spec
+from tuner.samplers import make_driver, make_sampler
+from tuner.space import load_space
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,24 @@ ATTR_NOT_COUNTED = "fmtune.not_counted"
 ATTR_RUN_ID = "fmtune.mlflow_run_id"
 ATTR_WORKER = "fmtune.worker"
 
-FailureKind = Literal["engine", "evaluation", "invalid", "skipped", "interrupted", "over_budget"]
+
+class FailureKind(StrEnum):
+    """Why a trial failed, stored by value in its ATTR_KIND user attribute."""
+
+    ENGINE = "engine"
+    """A replica failed to start or died, or the machine had no room (EngineFailure)."""
+    EVALUATION = "evaluation"
+    """The run failed otherwise, or an objective came out undefined."""
+    INVALID = "invalid"
+    """The knobs break a constraint or the experiment's schema; nothing ran."""
+    SKIPPED = "skipped"
+    """The engine config failed max_failures_per_config times before; nothing ran."""
+    INTERRUPTED = "interrupted"
+    """Left RUNNING by a crash or Ctrl-C and closed on --resume (not counted)."""
+    OVER_BUDGET = "over_budget"
+    """Asked for beyond the budget by a racing worker (not counted)."""
+
+
 Evaluate = Callable[[RunSpec], RunResult]
 HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 60
@@ -121,27 +141,6 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.get_storage(url)
 
 
-# --- samplers ---------------------------------------------------------------------------
-
-
-def make_sampler(tune: TuneSpec, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The optuna sampler named in the experiment (pymoo is driven separately)."""
-    name = tune.sampler_name()
-    if name in ("nsga2", "pymoo-nsga2"):
-        return optuna.samplers.NSGAIISampler(population_size=tune.population_size, seed=tune.seed)
-    if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(population_size=tune.population_size, seed=tune.seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=tune.seed, multivariate=True, n_startup_trials=min(5, tune.trials)
-        )
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=tune.seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=tune.seed)
-    raise ConfigError(f"tune.sampler: unknown sampler '{name}'")
-
-
 # --- counting ---------------------------------------------------------------------------
 
 
@@ -171,27 +170,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def normalize_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Knob values as the configs take them ('none' in a space file means None)."""
-    return {key: (None if value == "none" else value) for key, value in params.items()}
-
-
-def trial_overrides(
-    space: SearchSpace, params: dict[str, Any], model_keys: list[str]
-) -> dict[str, Any]:
-    """Sampled knobs as dotted overrides of the experiment file."""
-    overrides: dict[str, Any] = {}
-    for path, value in space.deployment_overrides(params, model_keys).items():
-        if path.startswith("app."):
-            overrides[path] = value
-        elif path.startswith("models.") and path.endswith(".model"):
-            key = path.split(".")[1]
-            overrides[f"deployment.models.{key}.engine.model"] = value
-        else:
-            overrides[f"deployment.{path}"] = value
-    return normalize_params(overrides)
-
-
 class StudyRunner:
     """Runs a study's ask/tell loop on one worker."""
 
@@ -217,13 +195,15 @@ class StudyRunner:
         self.experiment = experiment.model_copy(update={"tune": tune})
         self.tune = tune
         self.space = load_space(tune.search_space)
-        self.model_keys = sorted(experiment.deployment.models)
+        check_knob_names(self.space, experiment.deployment.models, tune.search_space)
         self.base = run_spec_of(experiment).model_dump(mode="json")
         self.out_dir = out_dir
         self.evaluate = evaluate
         self.tracker = tracker
         self.events = events or StudyEvents()
         self.study_name = study_name
+        # Kept to reach trials by number through the storage's public interface (user attrs
+        # of another worker's trial, heartbeats); optuna's Study wraps this same storage.
         self.storage = make_storage(storage_url)
         self.directions = [objective.direction for objective in tune.objectives]
         self.study = optuna.create_study(
@@ -233,15 +213,13 @@ class StudyRunner:
             sampler=make_sampler(tune, self.space),
             load_if_exists=True,
         )
+        self.study_id = self.storage.get_study_id_from_name(study_name)
         self._check_same_objectives()
         self.study.set_user_attr("fmtune.objectives", [o.model_dump() for o in tune.objectives])
         self.study.set_user_attr("fmtune.constraints", list(tune.constraints))
         self.study.set_user_attr("fmtune.experiment", self.experiment.model_dump(mode="json"))
-        self._pymoo = None
-        if tune.sampler_name() == "pymoo-nsga2":
-            from tuner.pymoo_driver import PymooDriver
-
-            self._pymoo = PymooDriver(self.space, tune, self.study)
+        # An algorithm with its own population (pymoo) proposes each trial's knobs itself.
+        self._driver = make_driver(tune, self.space, self.study)
 
     def _check_same_objectives(self) -> None:
         stored = self.study.user_attrs.get("fmtune.objectives")
@@ -256,12 +234,14 @@ class StudyRunner:
     def recover_interrupted(self) -> list[int]:
         """Close trials left RUNNING by a crash: FAIL 'interrupted', knobs queued again."""
         numbers = []
+        storage = self.storage
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage = self.study._storage
-            storage.set_trial_user_attr(trial._trial_id, ATTR_FAILURE, "interrupted")
-            storage.set_trial_user_attr(trial._trial_id, ATTR_KIND, "interrupted")
-            storage.set_trial_user_attr(trial._trial_id, ATTR_NOT_COUNTED, True)
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            trial_id = self.trial_storage_id(trial.number)
+            kind = FailureKind.INTERRUPTED
+            storage.set_trial_user_attr(trial_id, ATTR_FAILURE, kind.value)
+            storage.set_trial_user_attr(trial_id, ATTR_KIND, kind.value)
+            storage.set_trial_user_attr(trial_id, ATTR_NOT_COUNTED, True)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
             if trial.params:
                 self.study.enqueue_trial(trial.params, skip_if_exists=False)
             numbers.append(trial.number)
@@ -270,6 +250,10 @@ class StudyRunner:
         if numbers:
             logger.warning("trials %s were interrupted; their knobs are queued again", numbers)
         return numbers
+
+    def trial_storage_id(self, number: int) -> int:
+        """The storage's id of this study's trial `number` (what storage methods take)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     # --- loop ------------------------------------------------------------------------
 
@@ -291,8 +275,8 @@ class StudyRunner:
         return reports
 
     def _ask(self) -> tuple[optuna.trial.Trial, dict[str, Any]]:
-        if self._pymoo is not None:
-            params = self._pymoo.next_params()
+        if self._driver is not None:
+            params = self._driver.next_params()
             self.study.enqueue_trial(params, skip_if_exists=False)
         trial = self.study.ask()
         trial.set_user_attr(ATTR_WORKER, worker_id())
@@ -302,7 +286,8 @@ class StudyRunner:
         started = time.monotonic()
         trial, params = self._ask()
         if self._beyond_budget(trial, budget):
-            self._close(trial, "over_budget", "asked beyond the budget by a racing worker")
+            reason = "asked beyond the budget by a racing worker"
+            self._close(trial, FailureKind.OVER_BUDGET, reason)
             return None
         self._phase(trial.number, "preparing")
         run_id: str | None = None
@@ -323,8 +308,8 @@ class StudyRunner:
             values = self._objective_values(metrics)
         except TrialFailed as failure:
             self._close(trial, failure.kind, str(failure))
-            if self._pymoo is not None:
-                self._pymoo.fail()
+            if self._driver is not None:
+                self._driver.fail()
             self._finish_tracking(run_id, "FAIL", {}, failure, trial.number, None)
             return TrialReport(
                 trial.number, "FAIL", None, f"{failure.kind}: {failure}", params,
@@ -337,8 +322,8 @@ class StudyRunner:
             feasible = feasible and violation <= 0
         trial.set_user_attr(ATTR_METRICS, _json_safe(metrics))
         self.study.tell(trial, values)
-        if self._pymoo is not None:
-            self._pymoo.tell(params, values, feasible)
+        if self._driver is not None:
+            self._driver.tell(params, values, feasible)
         self._finish_tracking(run_id, "COMPLETE", metrics, None, trial.number, result)
         return TrialReport(
             trial.number, "COMPLETE", tuple(values), None, params,
@@ -358,25 +343,16 @@ class StudyRunner:
             self.events.on_phase(number, text)
 
     def _spec_for(self, params: dict[str, Any]) -> RunSpec:
-        violations = self.space.violations(params)
-        if violations:
-            raise TrialFailed("invalid", "violates " + "; ".join(violations))
-        overrides = trial_overrides(self.space, params, self.model_keys)
+        """The trial's RunSpec; knobs the space or the configs reject fail it 'invalid'."""
         try:
-            return RunSpec.model_validate(apply_overrides(self.base, overrides))
-        except Exception as error:  # a knob combination the configs reject
-            from pydantic import ValidationError
-
-            from runtime.errors import describe_validation_error
-
-            if isinstance(error, ValidationError):
-                raise TrialFailed("invalid", describe_validation_error(error)) from None
-            raise TrialFailed("invalid", str(error)) from None
+            return trial_spec(self.base, self.space, params)
+        except InvalidTrial as error:
+            raise TrialFailed(FailureKind.INVALID, str(error)) from None
 
     def _skip_known_failures(self, engine_hashes: list[str]) -> None:
         failures: dict[str, list[str]] = {}
         for past in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if past.user_attrs.get(ATTR_KIND) != "engine":
+            if past.user_attrs.get(ATTR_KIND) != FailureKind.ENGINE:
                 continue
             for config_hash in str(past.user_attrs.get(ATTR_CONFIG_HASH, "")).split(","):
                 failures.setdefault(config_hash, []).append(past.user_attrs.get(ATTR_FAILURE, ""))
@@ -384,21 +360,18 @@ class StudyRunner:
             seen = failures.get(config_hash, [])
             if len(seen) >= self.tune.max_failures_per_config:
                 raise TrialFailed(
-                    "skipped",
+                    FailureKind.SKIPPED,
                     f"engine config {config_hash} failed {len(seen)} time(s) before: "
                     f"{seen[-1][:200]}",
                 )
 
     def _measure(self, number: int, spec: RunSpec) -> RunResult:
-        from runtime.engine.pool import PoolCapacityError
-        from runtime.engine.replica import ReplicaStartError
-
         try:
             result = self.evaluate(spec)
-        except (ReplicaStartError, PoolCapacityError) as error:
-            raise TrialFailed("engine", str(error).splitlines()[0]) from None
+        except EngineFailure as error:
+            raise TrialFailed(FailureKind.ENGINE, str(error).splitlines()[0]) from None
         except (FmtuneError, OSError, RuntimeError, ValueError, TimeoutError) as error:
-            raise TrialFailed("evaluation", f"{type(error).__name__}: {error}") from None
+            raise TrialFailed(FailureKind.EVALUATION, f"{type(error).__name__}: {error}") from None
         trial_dir = self.out_dir / "trials" / f"{number:04d}"
         write_run(result, trial_dir)
         (trial_dir / "DEPLOY.yaml").write_text(deployment_of(spec).to_yaml())
@@ -413,7 +386,7 @@ class StudyRunner:
             value = metrics.get(objective.metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 raise TrialFailed(
-                    "evaluation",
+                    FailureKind.EVALUATION,
                     f"objective '{objective.metric}' is undefined for this run "
                     f"(error rate {metrics.get('error_rate')})",
                 )
@@ -422,8 +395,8 @@ class StudyRunner:
 
     def _close(self, trial: optuna.trial.Trial, kind: FailureKind, reason: str) -> None:
         trial.set_user_attr(ATTR_FAILURE, reason)
-        trial.set_user_attr(ATTR_KIND, kind)
-        if kind == "over_budget":
+        trial.set_user_attr(ATTR_KIND, kind.value)
+        if kind == FailureKind.OVER_BUDGET:
             trial.set_user_attr(ATTR_NOT_COUNTED, True)
         logger.warning("trial %d failed (%s): %s", trial.number, kind, reason)
         self.study.tell(trial, state=TrialState.FAIL)
@@ -450,7 +423,7 @@ class StudyRunner:
         tags = {"fmtune.state": state}
         if failure is not None:
             tags["fmtune.failure_reason"] = str(failure)[:500]
-            tags["fmtune.failure_kind"] = failure.kind
+            tags["fmtune.failure_kind"] = failure.kind.value
         self.tracker.finish_trial(
             run_id, state=state, metrics=metrics, tags=tags, artifacts=artifacts
         )
@@ -458,19 +431,20 @@ class StudyRunner:
     @contextlib.contextmanager
     def _heartbeat(self, trial: optuna.trial.Trial) -> Iterator[None]:
         """Record heartbeats while a trial runs, so other workers can tell it is alive."""
-        storage = self.study._storage
-        if not isinstance(storage, optuna.storages.RDBStorage | optuna.storages._CachedStorage):
+        record = getattr(self.storage, "record_heartbeat", None)  # RDB storages have it
+        if record is None:
             yield
             return
+        trial_id = self.trial_storage_id(trial.number)
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_INTERVAL_S):
                 with contextlib.suppress(Exception):
-                    storage.record_heartbeat(trial._trial_id)
+                    record(trial_id)
 
         with contextlib.suppress(Exception):
-            storage.record_heartbeat(trial._trial_id)
+            record(trial_id)
         thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
         thread.start()
         try:

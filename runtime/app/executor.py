@@ -5,8 +5,10 @@ loop), each starting as soon as the stages it depends on finish, so independent 
 run concurrently. A loop runs its body round by round, each round itself a small DAG. Every
 node execution leaves a `Span`. A node that fails (the backend returns an error, the code
 raises, the call times out) cancels the rest of its request and the request comes back with
-ok=False and the first failing node's reason; the executor never raises for a node failure,
-so one bad request does not disturb the others of a run.
+ok=False and the first failing node's reason: its message and its `CallFailure` kind (the
+router's or the client's for an LLM call, the executor's own for timeouts, code and API
+nodes); the executor never raises for a node failure, so one bad request does not disturb
+the others of a run.
 
 `run_requests` drives many requests, open loop (each at its offset from a common start) or
 closed loop (N users, each sending its next request when the previous one ends).
@@ -39,7 +41,7 @@ from runtime.app.dag import (
     resolve_callable,
 )
 from runtime.app.formats import OutputFormat, format_instructions, json_schema, parse_output
-from runtime.engine.client import CallRecord, ChatBackend, call_deadline
+from runtime.engine.client import CallFailure, CallRecord, ChatBackend, call_deadline
 from runtime.metrics import RequestOutcome
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class Span:
     completion_tokens: int = 0
     retries: int = 0
     error: str | None = None
+    failure: CallFailure | None = None
+    """Why the node failed (set exactly when error is)."""
     format_status: str | None = None
     """Parse status of an LLM node with output fields: clean, repaired or unparseable."""
     endpoint: str = ""
@@ -90,6 +94,8 @@ class RequestResult:
     end_s: float
     ok: bool
     error: str | None = None
+    failure: CallFailure | None = None
+    """Why the request failed: the first failing node's kind (set exactly when error is)."""
 
     @property
     def e2e_s(self) -> float:
@@ -98,7 +104,8 @@ class RequestResult:
 
 
 def to_outcome(result: RequestResult, quality: float | None) -> RequestOutcome:
-    """The metrics record of a request; quality counts only when the request succeeded."""
+    """The metrics record of a request; quality counts only when the request succeeded, and a
+    request the router shed (its failure kind, never its message) counts as shed."""
     calls = [s for s in result.spans if s.kind == "llm" and not s.skipped]
     return RequestOutcome(
         request_id=result.request_id,
@@ -106,6 +113,7 @@ def to_outcome(result: RequestResult, quality: float | None) -> RequestOutcome:
         end_s=result.end_s,
         ok=result.ok,
         error=result.error,
+        shed=result.failure is CallFailure.SHED,
         quality=quality if result.ok else None,
         llm_calls=len(calls),
         prompt_tokens=sum(s.prompt_tokens for s in calls),
@@ -122,20 +130,24 @@ def to_outcome(result: RequestResult, quality: float | None) -> RequestOutcome:
 
 
 class _NodeFailed(Exception):
-    """A node failed; carries the request's error message and when it happened."""
+    """A node failed; carries the request's error message, its kind and when it happened."""
 
-    def __init__(self, reason: str, at: float) -> None:
+    def __init__(self, reason: str, failure: CallFailure, at: float) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.failure = failure
         self.at = at
 
 
 class _StepError(Exception):
-    """Raised inside a node runner: the reason, and the measurements taken so far."""
+    """Raised inside a node runner: the reason, its kind, and the measurements taken so far."""
 
-    def __init__(self, reason: str, measured: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, reason: str, failure: CallFailure, measured: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.failure = failure
         self.measured = measured or {}
 
 
@@ -188,7 +200,8 @@ class _RequestRun:
         app = self.ctx.app
         missing = [name for name in app.inputs if name not in self.inputs]
         if missing:
-            return self._result(start, f"request is missing input '{missing[0]}'")
+            message = f"request is missing input '{missing[0]}'"
+            return self._result(start, message, CallFailure.APP_ERROR)
         done = {stage.id: asyncio.Event() for stage in app.stages}
         failed: list[_NodeFailed] = []
         try:
@@ -198,10 +211,13 @@ class _RequestRun:
         except* _NodeFailed as failures:
             failed = _flatten(failures)
         if failed:
-            return self._result(start, min(failed, key=lambda failure: failure.at).reason)
-        return self._result(start, None)
+            first = min(failed, key=lambda failure: failure.at)
+            return self._result(start, first.reason, first.failure)
+        return self._result(start, None, None)
 
-    def _result(self, start: float, error: str | None) -> RequestResult:
+    def _result(
+        self, start: float, error: str | None, failure: CallFailure | None
+    ) -> RequestResult:
         outputs: dict[str, Any] = {}
         if error is None:
             for name, text in self.ctx.app.outputs.items():
@@ -215,6 +231,7 @@ class _RequestRun:
             end_s=time.monotonic(),
             ok=error is None,
             error=error,
+            failure=failure,
         )
 
     async def _stage(self, stage: Stage, done: dict[str, asyncio.Event], start: float) -> None:
@@ -285,22 +302,26 @@ class _RequestRun:
         timeout = self.ctx.node_timeout_s
         measured: dict[str, Any] = {}
         error: str | None = None
+        kind: CallFailure | None = None
         try:
             async with asyncio.timeout(timeout) as scope:
                 outputs, measured = await self._execute(node)
         except _StepError as failure:
-            error, measured = failure.reason, failure.measured
+            error, kind, measured = failure.reason, failure.failure, failure.measured
         except TimeoutError as failure:
             expired = timeout is not None and scope.expired()
             error = _timeout_text(timeout or 0.0) if expired else f"TimeoutError: {failure}"
+            kind = CallFailure.TIMEOUT
         except Exception as failure:  # a code node may raise anything; it fails the node
             error = f"{type(failure).__name__}: {failure}"
+            kind = CallFailure.APP_ERROR
         end = time.monotonic()
         if error is not None:
+            assert kind is not None
             reason = f"node '{node.id}': {error}"
-            self._finish(node.id, Span(**base, end_s=end, error=error, **measured))
+            self._finish(node.id, Span(**base, end_s=end, error=error, failure=kind, **measured))
             logger.debug("request %d failed: %s", self.request_id, reason)
-            raise _NodeFailed(reason, end)
+            raise _NodeFailed(reason, kind, end)
         self.outputs[node.id] = outputs
         self._finish(node.id, Span(**base, end_s=end, **measured))
 
@@ -332,8 +353,8 @@ class _RequestRun:
         with call_deadline(self.call_deadline_s(node.id)):
             record = await self.ctx.backend.chat(model, messages, node.sampling.params(schema))
         measured = _measured(record)
-        if record.error is not None:
-            raise _StepError(record.error, measured)
+        if record.failure is not None:  # failed: error and failure are set together
+            raise _StepError(str(record.error), record.failure, measured)
         outputs: dict[str, Any] = {"text": record.text}
         if node.output_fields:
             parsed = parse_output(fmt, record.text, node.output_fields)
@@ -350,10 +371,11 @@ class _RequestRun:
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, Mapping):
-            raise _StepError(f"callable returned {type(result).__name__}, expected a dict")
+            message = f"callable returned {type(result).__name__}, expected a dict"
+            raise _StepError(message, CallFailure.APP_ERROR)
         missing = [name for name in node.output_fields if name not in result]
         if missing:
-            raise _StepError(f"callable returned no field '{missing[0]}'")
+            raise _StepError(f"callable returned no field '{missing[0]}'", CallFailure.APP_ERROR)
         return dict(result)
 
     async def _api(self, node: ApiNode) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -365,7 +387,7 @@ class _RequestRun:
         measured: dict[str, Any] = {"endpoint": url}
         http = self.ctx.http
         if http is None:
-            raise _StepError("api nodes need an HTTP client", measured)
+            raise _StepError("api nodes need an HTTP client", CallFailure.APP_ERROR, measured)
         try:
             response = await http.request(
                 node.method,
@@ -376,11 +398,17 @@ class _RequestRun:
                 timeout=node.timeout_s,
             )
         except httpx.TimeoutException:
-            raise _StepError(_timeout_text(node.timeout_s), measured) from None
+            raise _StepError(_timeout_text(node.timeout_s), CallFailure.TIMEOUT, measured) from None
         except httpx.HTTPError as error:
-            raise _StepError(f"{type(error).__name__}: {error}", measured) from None
+            kind = (
+                CallFailure.CONNECTION
+                if isinstance(error, httpx.TransportError)
+                else CallFailure.UPSTREAM_ERROR
+            )
+            raise _StepError(f"{type(error).__name__}: {error}", kind, measured) from None
         if response.status_code >= 400:
-            raise _StepError(f"HTTP {response.status_code} from {url}", measured)
+            message = f"HTTP {response.status_code} from {url}"
+            raise _StepError(message, CallFailure.UPSTREAM_ERROR, measured)
         outputs: dict[str, Any] = {"status": response.status_code, "text": response.text}
         try:
             decoded = response.json()
@@ -390,7 +418,9 @@ class _RequestRun:
             outputs.update({k: v for k, v in decoded.items() if k not in ("status", "text")})
         missing = [name for name in node.output_fields if name not in outputs]
         if missing:
-            raise _StepError(f"response has no field '{missing[0]}'", measured)
+            raise _StepError(
+                f"response has no field '{missing[0]}'", CallFailure.APP_ERROR, measured
+            )
         return outputs, measured
 
     # ---- values ----------------------------------------------------------------------------

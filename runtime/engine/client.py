@@ -4,6 +4,8 @@ Every call yields a `CallRecord`: when it started, time to first token, every in
 end-to-end latency, the token counts the server reports, finish reason and error. Failures are
 recorded, not raised, so a run measures them; only cancellation propagates. Connection errors
 before any byte arrived are retried a bounded number of times (the server never saw the call).
+A failed call carries a `CallFailure` kind next to its message, set where the failure happens
+(here, in the router, in the executor), so that callers branch on the kind, never on the text.
 """
 
 from __future__ import annotations
@@ -16,11 +18,38 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 import httpx
 
 logger = logging.getLogger(__name__)
+
+
+class CallFailure(StrEnum):
+    """Why a call failed: an LLM call (client, router) or, in the executor, a node of a request.
+
+    The message says the details to people; this kind is what code branches on.
+    """
+
+    SHED = "shed"
+    """The router's admission control dropped it: its deadline was out of reach, or passed
+    while it waited in the queue."""
+    QUEUE_FULL = "queue_full"
+    """Every replica of its model was full and the router's queue was at capacity."""
+    NO_ENDPOINT = "no_endpoint"
+    """No endpoint, or no healthy one, serves its model key."""
+    CONNECTION = "connection"
+    """The server could not be reached, or broke the protocol before answering (the replica
+    likely died); the router retries such a call once on another replica."""
+    TIMEOUT = "timeout"
+    """The call or the node ran past its time limit."""
+    UPSTREAM_ERROR = "upstream_error"
+    """The server answered with an error status or an error in the stream, or the answer could
+    not be read."""
+    APP_ERROR = "app_error"
+    """The application failed on its own: a code node raised or returned the wrong shape, an
+    API node's answer lacked a field, or the request lacked an input."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +69,19 @@ class CallRecord:
     finish_reason: str | None
     text: str
     error: str | None = None
+    """What went wrong, for people; None when the call succeeded."""
+    failure: CallFailure | None = None
+    """What went wrong, for code; set exactly when `error` is."""
     retries: int = 0
     endpoint: str = ""
     """Base URL of the server that answered (which replica)."""
+
+    def __post_init__(self) -> None:
+        if (self.error is None) != (self.failure is None):
+            raise ValueError(
+                f"a call's error and failure kind go together, got error={self.error!r} "
+                f"failure={self.failure!r}"
+            )
 
     @property
     def ok(self) -> bool:
@@ -243,20 +282,26 @@ class EngineClient:
                 await asyncio.wait_for(
                     self._consume(path, body, chat, state), timeout=self.timeout_s
                 )
-                return self._record(start, state, None, retries)
+                return self._record(start, state, None, retries, None)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
                 if state.first_token_at is None and retries < self.connect_retries:
                     retries += 1
                     logger.debug("retrying %s after %s (%d)", path, error, retries)
                     await asyncio.sleep(self.retry_backoff_s * retries)
                     continue
-                return self._record(start, state, f"connection: {error}", retries)
+                message = f"connection: {error}"
+                return self._record(start, state, message, retries, CallFailure.CONNECTION)
             except TimeoutError:
-                return self._record(start, state, f"timeout after {self.timeout_s}s", retries)
+                message = f"timeout after {self.timeout_s}s"
+                return self._record(start, state, message, retries, CallFailure.TIMEOUT)
             except httpx.HTTPStatusError as error:
-                return self._record(start, state, _describe_status(error), retries)
+                message = _describe_status(error)
+                return self._record(start, state, message, retries, CallFailure.UPSTREAM_ERROR)
             except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as error:
-                return self._record(start, state, f"{type(error).__name__}: {error}", retries)
+                message = f"{type(error).__name__}: {error}"
+                timed_out = isinstance(error, httpx.TimeoutException)
+                kind = CallFailure.TIMEOUT if timed_out else CallFailure.UPSTREAM_ERROR
+                return self._record(start, state, message, retries, kind)
 
     async def _consume(
         self, path: str, body: dict[str, Any], chat: bool, state: _StreamState
@@ -286,7 +331,12 @@ class EngineClient:
                         state.finish_reason = choice["finish_reason"]
 
     def _record(
-        self, start: float, state: _StreamState, error: str | None, retries: int
+        self,
+        start: float,
+        state: _StreamState,
+        error: str | None,
+        retries: int,
+        failure: CallFailure | None,
     ) -> CallRecord:
         end = time.monotonic()
         return CallRecord(
@@ -299,6 +349,7 @@ class EngineClient:
             finish_reason=state.finish_reason,
             text="".join(state.parts),
             error=error,
+            failure=failure,
             retries=retries,
             endpoint=self.base_url,
         )

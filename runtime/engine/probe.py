@@ -3,6 +3,9 @@
 Used by `fmtune probe` and the engine benchmark. Every request generates exactly max_tokens
 (vLLM's ignore_eos), so throughput numbers compare across knobs. While the load runs, the
 replica's /metrics and resident memory are sampled to find the peaks.
+
+`run_probe` loads a server that is already up; `probe_config` is the whole round trip for one
+EngineConfig (start a replica, probe it, stop it), so callers never hold a replica themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from runtime.engine.client import CallRecord, EngineClient, SamplingParams
+from runtime.engine.config import EngineConfig
 from runtime.engine.replica import GIB, Replica, parse_metrics
 from runtime.stats import percentiles
 
@@ -128,3 +132,39 @@ async def run_probe(
         replica_start_s=None if replica is None else replica.start_s,
         concurrency=concurrency,
     )
+
+
+def probe_config(
+    config: EngineConfig,
+    *,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    startup_timeout_s: float = 420.0,
+    on_ready: Callable[[float, str], None] | None = None,
+    on_done: Callable[[CallRecord], None] | None = None,
+) -> ProbeResult:
+    """Start a replica of `config`, probe it, and stop it, also on errors and interrupts.
+
+    `on_ready(start_s, base_url)` is called once the replica answers, before the load starts.
+    A replica that cannot start raises ReplicaStartError (an EngineFailure).
+    """
+    replica = Replica(config, startup_timeout_s=startup_timeout_s)
+    try:
+        replica.start()
+        logger.info("probing %s at %s", config.model, replica.base_url)
+        if on_ready is not None:
+            on_ready(replica.start_s or 0.0, replica.base_url)
+        return asyncio.run(
+            run_probe(
+                replica.base_url,
+                config.model,
+                requests=requests,
+                concurrency=concurrency,
+                max_tokens=max_tokens,
+                replica=replica,
+                on_done=on_done,
+            )
+        )
+    finally:
+        replica.stop()

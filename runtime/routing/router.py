@@ -11,6 +11,8 @@ call it builds snapshots of the replicas (its own outstanding counters plus the 
   it; the other policies never shed: late calls run late;
 - a replica that fails a call at the connection level (it died) is taken out of rotation and
   the call is retried once on another replica.
+A call the router refuses comes back as a failed CallRecord whose `failure` says why (SHED,
+QUEUE_FULL, NO_ENDPOINT), so the executor and the run read the kind, never the message.
 Deadlines come from `client.call_deadline()`, which the executor sets for every call from
 the request's end-to-end SLA split along the app's critical path.
 """
@@ -27,7 +29,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from runtime.engine.client import CallRecord, EngineClient, SamplingParams, current_call_deadline
+from runtime.engine.client import (
+    CallFailure,
+    CallRecord,
+    EngineClient,
+    SamplingParams,
+    current_call_deadline,
+)
 from runtime.engine.replica import Replica, parse_metrics
 from runtime.routing.policies import (
     CallDemand,
@@ -44,8 +52,6 @@ from runtime.routing.policies import (
 
 logger = logging.getLogger(__name__)
 
-SHED_PREFIX = "shed:"
-QUEUE_FULL_PREFIX = "queue full:"
 #: Characters per token when estimating a prompt's length before the server counts it.
 CHARS_PER_TOKEN = 4.0
 #: Finished-request outcomes `RouterStats.outcomes` keeps (the autoscaler's window).
@@ -89,9 +95,9 @@ class Endpoint:
 
 
 class Rejected(Exception):
-    """A call the router will not run: `kind` is no_endpoint, shed or queue_full."""
+    """A call the router will not run: `kind` is NO_ENDPOINT, SHED or QUEUE_FULL."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: CallFailure, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -311,10 +317,12 @@ class Router:
         """Shed a call that cannot make its deadline, or wait (least slack first) while every
         replica of its model is full; raises Rejected with the reason."""
         if model_key not in self._queues:
-            raise Rejected("no_endpoint", f"no endpoint serves model key '{model_key}'")
+            raise Rejected(CallFailure.NO_ENDPOINT, f"no endpoint serves model key '{model_key}'")
         candidates = [e.snapshot() for e in self.healthy(model_key)]
         if not candidates:
-            raise Rejected("no_endpoint", f"no healthy endpoint serves model key '{model_key}'")
+            raise Rejected(
+                CallFailure.NO_ENDPOINT, f"no healthy endpoint serves model key '{model_key}'"
+            )
         if self.config.policy == "sla_aware":
             context = self._context()
             best = min(
@@ -323,7 +331,7 @@ class Router:
             decision = admit(demand, best, self.config.shed_tolerance_s)
             if not decision.admit:
                 self.stats.shed += 1
-                raise Rejected("shed", decision.reason)
+                raise Rejected(CallFailure.SHED, decision.reason)
         if self._has_room(model_key):
             return
         waiter = _Waiter(asyncio.get_running_loop().create_future())
@@ -332,13 +340,14 @@ class Router:
             queue.push(waiter, demand.deadline_s, 0.0)
         except QueueFull as full:
             self.stats.queue_rejected += 1
-            raise Rejected("queue_full", f"{QUEUE_FULL_PREFIX} {full}") from None
+            raise Rejected(CallFailure.QUEUE_FULL, f"queue full: {full}") from None
         self.stats.queue_depth[model_key] = len(queue)
         try:
             await waiter.future
         except TimeoutError:
             self.stats.shed += 1
-            raise Rejected("shed", f"{SHED_PREFIX} deadline passed while queued") from None
+            message = "shed: deadline passed while queued"
+            raise Rejected(CallFailure.SHED, message) from None
 
     def pick(self, model_key: str, demand: CallDemand, tried: set[str]) -> Endpoint:
         """Ask the policy for an endpoint (not one of `tried`) and count the call on it."""
@@ -347,7 +356,7 @@ class Router:
         self._counter += 1
         endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
         if endpoint is None:
-            raise Rejected("no_endpoint", decision.reason)
+            raise Rejected(CallFailure.NO_ENDPOINT, decision.reason)
         self.stats.routed += 1
         endpoint.calls += 1
         endpoint.outstanding += 1
@@ -399,10 +408,12 @@ class Router:
 
     # --- the ChatBackend call ------------------------------------------------------------
 
-    def _failed(self, error: str) -> CallRecord:
+    def _failed(self, rejected: Rejected) -> CallRecord:
+        """The record of a call the router refused: its message and its kind."""
         return CallRecord(
             start_s=self.clock(), ttft_s=None, itl_s=(), e2e_s=0.0, prompt_tokens=0,
-            completion_tokens=0, finish_reason=None, text="", error=error,
+            completion_tokens=0, finish_reason=None, text="", error=str(rejected),
+            failure=rejected.kind,
         )  # fmt: skip
 
     async def chat(
@@ -413,13 +424,13 @@ class Router:
         try:
             await self.admit(model, demand)
         except Rejected as rejected:
-            return self._failed(str(rejected))
+            return self._failed(rejected)
         tried: set[str] = set()
         while True:
             try:
                 endpoint = self.pick(model, demand, tried)
             except Rejected as rejected:
-                return self._failed(str(rejected))
+                return self._failed(rejected)
             running_at_start = max(endpoint.num_running, endpoint.outstanding)
             assert endpoint.client is not None
             first = FirstToken(self, endpoint, demand)
@@ -429,7 +440,7 @@ class Router:
                 )
             finally:
                 self.release(endpoint, demand, prefilled=first.seen)
-            if record.error is not None and record.error.startswith("connection:"):
+            if record.failure is CallFailure.CONNECTION:
                 if self.retry_elsewhere(model, endpoint, tried, record.error):
                     continue
                 return _with_retry(record) if len(tried) > 1 else record

@@ -80,3 +80,29 @@ def test_misspelled_key_in_the_file_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "unknown field 'workloud'" in done.stderr and "workload: Field required" in done.stderr
+
+
+def test_the_trace_keeps_failure_kinds_as_plain_strings(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from runtime.app.executor import RequestResult, Span
+    from runtime.engine.client import CallFailure
+    from runtime.run import _trace_frame
+
+    failed = Span(
+        request_id=0, node_id="a", kind="llm", round=0, start_s=10.0, end_s=11.0, queued_s=0.0,
+        error="shed: deadline passed while queued", failure=CallFailure.SHED,
+    )  # fmt: skip
+    done = Span(request_id=1, node_id="a", kind="llm", round=0, start_s=10.0, end_s=12.0,
+                queued_s=0.0)  # fmt: skip
+    results = [
+        RequestResult(0, {}, (failed,), 10.0, 11.0, ok=False, error="node 'a': shed: deadline "
+                      "passed while queued", failure=CallFailure.SHED),
+        RequestResult(1, {"x": 1}, (done,), 10.0, 12.0, ok=True),
+    ]  # fmt: skip
+    trace = _trace_frame(results, 10.0, [None, 1.0])
+    trace.to_parquet(tmp_path / "trace.parquet", index=False)
+    loaded = pd.read_parquet(tmp_path / "trace.parquet")
+    for column in ("failure", "request_failure"):
+        assert loaded[column][0] == "shed" and pd.isna(loaded[column][1])
+    assert type(trace["failure"][0]) is str

@@ -21,14 +21,16 @@ import yaml
 from optuna.trial import TrialState
 
 from runtime.deployment import load_deployment
+from runtime.engine.pool import PoolCapacityError
 from runtime.engine.replica import ReplicaStartError
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, EngineFailure
 from runtime.metrics import RunMetrics
 from runtime.routing.router import RouterStats
 from runtime.run import RunResult, RunSpec
 from tuner.experiment import Experiment, load_experiment
 from tuner.export import export_front, load_study, study_experiment
 from tuner.pareto import pareto_front, trial_constraints
+from tuner.samplers import SAMPLERS
 from tuner.study import (
     ATTR_CONFIG_HASH,
     ATTR_FAILURE,
@@ -37,6 +39,7 @@ from tuner.study import (
     ATTR_NOT_COUNTED,
     ATTR_RUN_ID,
     ATTR_WORKER,
+    FailureKind,
     StudyRunner,
     budget_used,
     counted,
@@ -219,7 +222,7 @@ def test_budget_is_exactly_the_number_of_counted_trials(tmp_path: Path) -> None:
     assert budget_used(study_runner.study) == (7, 0)
 
 
-@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "nsga3", "random", "grid", "pymoo-nsga2"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_completes_a_short_study(tmp_path: Path, sampler: str) -> None:
     evaluate = Evaluation()
     study_runner = runner(tmp_path, experiment(tmp_path, trials=6, sampler=sampler), evaluate)
@@ -298,6 +301,26 @@ def test_engine_config_is_retried_until_max_failures_per_config(tmp_path: Path) 
     kinds = [t.user_attrs[ATTR_KIND] for t in study_runner.study.get_trials()]
     assert kinds == ["engine", "engine", "skipped"]
     assert len(evaluate.specs) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PoolCapacityError("a replica needs about 9.0 GiB, more than max_memory_gib=8"),
+        EngineFailure("replica llm/0 died\nlog tail"),
+    ],
+    ids=["pool capacity", "any engine failure"],
+)
+def test_every_engine_failure_is_recorded_as_engine(tmp_path: Path, error: Exception) -> None:
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=1), Evaluation(lambda _: error))
+
+    (report,) = study_runner.run()
+
+    (trial,) = study_runner.study.get_trials()
+    kind = trial.user_attrs[ATTR_KIND]
+    assert kind == FailureKind.ENGINE and type(kind) is str  # stored by value
+    assert trial.user_attrs[ATTR_FAILURE] == str(error).splitlines()[0]
+    assert report.failure == f"engine: {str(error).splitlines()[0]}"
 
 
 def test_evaluation_error_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
@@ -652,7 +675,7 @@ def test_a_dead_workers_trial_is_failed_requeued_and_not_counted(
     dead = runner(tmp_path, exp, Evaluation())
     left = dead.study.ask()  # a worker asked, started measuring, then was killed
     params = dead.space.suggest(left)
-    dead.study._storage.record_heartbeat(left._trial_id)
+    dead.storage.record_heartbeat(dead.trial_storage_id(left.number))
     time.sleep(2.5)
 
     evaluate = Evaluation()

@@ -3,23 +3,30 @@ Pareto outputs, export, and SIGKILL + --resume with no trial lost or duplicated.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import optuna
 import pytest
 import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from runtime.deployment import load_deployment
 from runtime.engine.replica import Replica
+from tests.runtime.fake_openai import LoopbackServer
 from tests.tuner.study_peek import peek_study
 from tuner.study import ATTR_FAILURE, ATTR_NOT_COUNTED
 
@@ -87,39 +94,94 @@ def test_study_tracks_reports_and_exports(hot_replica: Replica, tmp_path: Path) 
     assert deployment.models["llm"].endpoints == (hot_replica.base_url,)
 
 
+class TrialGate:
+    """A pass-through proxy in front of the hot replica that holds every engine call made while
+    a trial numbered `hold_from` or later is running, so the test decides when a trial is in
+    flight instead of racing it with polls.
+
+    A call reaches the gate only after the tuner has asked optuna for its trial, so the
+    storage already shows that trial RUNNING when the gate looks: trial 0's calls pass, the
+    first call of trial 1 is held (and `held` is set) until `open()`. GETs (/metrics, health)
+    always pass.
+    """
+
+    def __init__(self, upstream: str, storage_url: str, hold_from: int) -> None:
+        self.upstream = upstream
+        self.storage_url = storage_url
+        self.hold_from = hold_from
+        self.held = threading.Event()
+        self.opened = threading.Event()
+        self.app = FastAPI()
+        self.app.add_api_route("/{path:path}", self._forward, methods=["GET", "POST"])
+
+    def open(self) -> None:
+        """Let every held and later call through."""
+        self.opened.set()
+
+    def _must_hold(self) -> bool:
+        while not self.opened.is_set():
+            study = peek_study("endpoint-study", self.storage_url)
+            try:
+                running = [] if study is None else study.get_trials(states=(TrialState.RUNNING,))
+            except (SQLAlchemyError, optuna.exceptions.StorageInternalError):  # busy: look again
+                time.sleep(0.05)
+                continue
+            if study is not None:
+                return any(trial.number >= self.hold_from for trial in running)
+            time.sleep(0.05)
+        return False
+
+    async def _forward(self, path: str, request: Request) -> Response:
+        if request.method == "POST" and await asyncio.to_thread(self._must_hold):
+            self.held.set()
+            await asyncio.to_thread(self.opened.wait)
+        client = httpx.AsyncClient(base_url=self.upstream, timeout=120)
+        upstream = await client.send(
+            client.build_request(
+                request.method, f"/{path}", content=await request.body(),
+                headers={"content-type": request.headers.get("content-type", "")},
+            ),
+            stream=True,
+        )  # fmt: skip
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+                await client.aclose()
+
+        media = upstream.headers.get("content-type")
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media)
+
+
 def test_sigkill_then_resume_loses_and_duplicates_nothing(
     hot_replica: Replica, tmp_path: Path
 ) -> None:
-    experiment = write_experiment(tmp_path, hot_replica.base_url, trials=4, requests=4)
     out = tmp_path / "out"
     out.mkdir()
-    tuner = subprocess.Popen(
-        [*FMTUNE, "tune", str(experiment), "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-    )  # fmt: skip
-    killed_number = None
-    try:
-        deadline = time.monotonic() + 300
-        while killed_number is None and time.monotonic() < deadline:
-            time.sleep(0.3)
+    gate = TrialGate(hot_replica.base_url, f"sqlite:///{out}/study.db", hold_from=1)
+    with LoopbackServer(gate.app) as proxy:
+        experiment = write_experiment(tmp_path, proxy.url, trials=4, requests=4)
+        tuner = subprocess.Popen(
+            [*FMTUNE, "tune", str(experiment), "--out", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        )  # fmt: skip
+        try:
+            assert gate.held.wait(timeout=300), "no call of trial 1 reached the replica"
             study = peek_study("endpoint-study", f"sqlite:///{out}/study.db")
-            if study is None:
-                continue
-            try:
-                running = study.get_trials(states=(TrialState.RUNNING,))
-            except (SQLAlchemyError, optuna.exceptions.StorageInternalError):  # busy
-                continue
-            if running and running[0].number >= 1 and running[0].params:
-                killed_number = running[0].number
-        assert killed_number is not None, "the study never reached its second trial"
-        time.sleep(1.0)  # mid-trial: requests in flight
-        os.kill(tuner.pid, signal.SIGKILL)
-        tuner.wait(timeout=30)
-    finally:
-        if tuner.poll() is None:
-            tuner.kill()
-
-    tune(experiment, out, "--resume")
+            assert study is not None
+            (running,) = study.get_trials(states=(TrialState.RUNNING,))
+            killed_number = running.number  # held mid-trial: its first call is in flight
+            assert killed_number == 1 and running.params
+            os.kill(tuner.pid, signal.SIGKILL)
+            tuner.wait(timeout=30)
+        finally:
+            gate.open()
+            if tuner.poll() is None:
+                tuner.kill()
+        tune(experiment, out, "--resume")
     study = load(out)
     killed = study.trials[killed_number]
     assert killed.state == TrialState.FAIL

@@ -15,7 +15,7 @@ import pytest
 
 from runtime.app.dag import App, app_from_dict
 from runtime.app.executor import RequestResult, Span, run_request, run_requests, to_outcome
-from runtime.engine.client import CallRecord, SamplingParams, current_call_deadline
+from runtime.engine.client import CallFailure, CallRecord, SamplingParams, current_call_deadline
 from runtime.errors import ConfigError
 
 MODELS = {"llm": "served-llm"}
@@ -23,11 +23,12 @@ MODELS = {"llm": "served-llm"}
 
 @dataclass(frozen=True)
 class Reply:
-    """What the fake backend answers: text, after delay_s, or an error."""
+    """What the fake backend answers: text, after delay_s, or an error of a kind."""
 
     text: str = ""
     delay_s: float | None = None
     error: str | None = None
+    failure: CallFailure = CallFailure.UPSTREAM_ERROR
 
 
 Respond = Callable[[str, SamplingParams], "str | Reply"]
@@ -77,6 +78,7 @@ class FakeBackend:
             finish_reason="stop",
             text="" if reply.error else reply.text,
             error=reply.error,
+            failure=reply.failure if reply.error is not None else None,
             endpoint="fake://replica-0",
         )
 
@@ -267,10 +269,25 @@ async def test_backend_error_fails_only_its_request() -> None:
     )
     assert [r.ok for r in results] == [True, False, True]
     assert results[1].error == "node 'b': HTTP 500: x"
+    assert results[1].failure is CallFailure.UPSTREAM_ERROR
+    assert results[0].failure is None and results[2].failure is None
     assert results[1].outputs == {}
     failed = span(results[1], "b")
     assert failed.error == "HTTP 500: x" and failed.endpoint == "fake://replica-0"
+    assert failed.failure is CallFailure.UPSTREAM_ERROR
     assert to_outcome(results[1], quality=1.0).quality is None
+
+
+async def test_a_shed_call_makes_a_shed_outcome_by_its_kind_not_its_message() -> None:
+    shed = Reply(error="shed: deadline passed while queued", failure=CallFailure.SHED)
+    # A server's own message may say "shed:" too; only the router's kind counts.
+    lookalike = Reply(error="HTTP 503: shed: overloaded", failure=CallFailure.UPSTREAM_ERROR)
+    backend = FakeBackend(by_pattern([("ROOT shed", shed), ("ROOT busy", lookalike)]))
+    results = await run_requests(
+        fan_app(), [{"article": a} for a in ("shed", "busy")], backend, MODELS, users=2
+    )
+    assert [r.failure for r in results] == [CallFailure.SHED, CallFailure.UPSTREAM_ERROR]
+    assert [to_outcome(r, None).shed for r in results] == [True, False]
 
 
 async def test_code_node_exception_fails_its_request() -> None:
@@ -293,6 +310,7 @@ async def test_code_node_exception_fails_its_request() -> None:
     assert results[0].ok and results[0].outputs == {"out": "fine"}
     assert not results[1].ok
     assert results[1].error == "node 'boom': RuntimeError: boom"
+    assert results[1].failure is CallFailure.APP_ERROR
 
 
 async def test_code_node_must_return_a_dict_with_its_fields() -> None:
@@ -302,6 +320,7 @@ async def test_code_node_must_return_a_dict_with_its_fields() -> None:
     )
     result = await run_request(app, {"article": "x"}, FakeBackend(by_pattern([])), MODELS)
     assert result.error == "node 'c': callable returned list, expected a dict"
+    assert result.failure is CallFailure.APP_ERROR
 
 
 async def test_timeout_fails_the_node_and_cancels_the_rest() -> None:
@@ -323,7 +342,9 @@ async def test_timeout_fails_the_node_and_cancels_the_rest() -> None:
     )
     assert time.monotonic() - started < 1.0
     assert results[0].error == "node 'slow': timeout after 0.1s"
+    assert results[0].failure is CallFailure.TIMEOUT
     assert span(results[0], "slow").error == "timeout after 0.1s"
+    assert span(results[0], "slow").failure is CallFailure.TIMEOUT
     assert results[1].ok and results[1].outputs == {"a": "quick", "b": "quick"}
 
 
@@ -332,13 +353,19 @@ async def test_first_failure_cancels_running_siblings() -> None:
     backend = FakeBackend(
         by_pattern(
             [
-                ("BAD", Reply(error="connection: refused", delay_s=0.01)),
+                (
+                    "BAD",
+                    Reply(
+                        error="connection: refused", delay_s=0.01, failure=CallFailure.CONNECTION
+                    ),
+                ),
                 ("LONG", Reply("x", delay_s=2.0)),
             ]
         )
     )
     result = await run_request(app, {"article": "x"}, backend, MODELS)
     assert result.error == "node 'bad': connection: refused"
+    assert result.failure is CallFailure.CONNECTION
     assert result.e2e_s < 1.0
     assert [s.node_id for s in result.spans] == ["bad"]
 
@@ -347,6 +374,7 @@ async def test_missing_input_and_unknown_model() -> None:
     app = make_app([llm("a", "{article}")], {"a": "a.text"})
     result = await run_request(app, {"text": "x"}, FakeBackend(by_pattern([])), MODELS)
     assert not result.ok and result.error == "request is missing input 'article'"
+    assert result.failure is CallFailure.APP_ERROR
     with pytest.raises(ConfigError, match=r"node 'a': unknown model 'llm'"):
         await run_request(app, {"article": "x"}, FakeBackend(by_pattern([])), {"other": "m"})
 
@@ -495,6 +523,7 @@ async def test_api_node_calls_http_and_exposes_json_fields() -> None:
     assert results[0].outputs == {"city": "Leeds", "said": "say leeds"}
     assert span(results[0], "geo").endpoint == "http://geo.test/lookup"
     assert results[1].error == "node 'geo': HTTP 503 from http://geo.test/lookup"
+    assert results[1].failure is CallFailure.UPSTREAM_ERROR
 
 
 async def test_api_node_timeout_is_reported() -> None:
@@ -506,6 +535,7 @@ async def test_api_node_timeout_is_reported() -> None:
             api_app(), {"article": "x"}, FakeBackend(by_pattern([])), MODELS, http=http
         )
     assert result.error == "node 'geo': timeout after 0.2s"
+    assert result.failure is CallFailure.TIMEOUT
 
 
 # --------------------------------------------------------------------------------------------

