@@ -1,6 +1,8 @@
 """The FastAPI app of `fmtune serve`, the OpenAI-compatible front door of a deployment.
 
-Standard OpenAI clients talk to a deployment as if it were one vLLM server:
+Standard OpenAI clients, and tools written for vLLM (GuideLLM, `vllm bench serve`, health
+checks of vLLM deployments), talk to a deployment as if it were one vLLM server; wherever
+vLLM has a convention (a route's name, an error's status), the front door follows it:
 
 - `POST /v1/chat/completions`, `POST /v1/completions`: the body's `model` is a deployment model
   key or the served model name of one; the call goes through the router (its policy, queue,
@@ -8,13 +10,19 @@ Standard OpenAI clients talk to a deployment as if it were one vLLM server:
   (runtime.serving.proxy), streamed responses relayed chunk by chunk.
 - `GET /v1/models`: the model keys and served names.
 - `POST /v1/apps/{name}`: runs one request of a deployment application through its DAG.
-- `GET /healthz` (never behind the API key) and `GET /metrics` (Prometheus text, one registry
-  per app so several apps in one process do not collide; runtime.serving.metrics).
+- `GET /health` (vLLM's name) and `GET /healthz`: 200 when every model key has a healthy
+  endpoint, else 503; `GET /version`: `{"version": ...}` like vLLM's. These three are never
+  behind the API key.
+- `GET /metrics`: Prometheus text, per app and per model key, one registry per app so several
+  apps in one process do not collide (runtime.serving.metrics).
 
-The front-door middleware admits at most `max_queue` LLM requests at a time (in flight or
-waiting for the router); beyond that it answers 429 with Retry-After, so overload turns into
-back-pressure instead of unbounded memory and latency. Errors use OpenAI's shape
-(runtime.serving.errors).
+The front-door middleware refuses a body over `max_body_bytes` with 413 before reading it
+whole, and admits at most `max_queue` LLM requests at a time (in flight or waiting for the
+router); beyond that it answers 429 with Retry-After, so overload turns into back-pressure
+instead of unbounded memory and latency. Errors use OpenAI's shape (runtime.serving.errors):
+400 for a body that is not JSON, 413 for one too large, 422 naming the field for a schema
+error, 429 with Retry-After for a full queue, 5xx for what fails on fmtune's or an engine's
+side (an engine's own 4xx answer to a proxied call is passed through as it is).
 
 `create_app` is free of process management (tests give it fake endpoints); runtime.serving.server
 starts the replicas and runs it under uvicorn.
@@ -23,6 +31,7 @@ starts the replicas and runs it under uvicorn.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -40,16 +49,18 @@ from runtime.app.dag import App
 from runtime.app.executor import run_request
 from runtime.deployment import Deployment
 from runtime.engine.client import call_deadline
+from runtime.errors import ConfigError
 from runtime.routing.router import Endpoint, Router
 from runtime.scaling.autoscaler import Autoscaler
 from runtime.serving.config import ServeConfig
 from runtime.serving.errors import (
     ProxyError,
+    describe_unreadable_body,
     describe_validation,
     openai_error,
     status_for_failure,
 )
-from runtime.serving.metrics import FrontDoorState, Metrics, create_metrics
+from runtime.serving.metrics import FrontDoorState, Metrics, RequestRecord, create_metrics
 from runtime.serving.proxy import (
     CONNECTION_ERRORS,
     RelayResponse,
@@ -70,7 +81,15 @@ from runtime.serving.schemas import (
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 APPS_PREFIX = "/v1/apps/"
-OPEN_PATHS = frozenset({"/healthz"})
+#: Routes answered without the API key: the health checks and the version, as vLLM's are
+#: (load balancers and orchestrators probe them without credentials).
+OPEN_PATHS = frozenset({"/health", "/healthz", "/version"})
+#: Where the middleware keeps the request's RequestRecord in the ASGI scope's state (what
+#: Starlette's `request.state` reads).
+RECORD_KEY = "fmtune_request"
+#: Status recorded for a request whose client went away while sending its body (nginx's
+#: "client closed request"; no response is sent).
+CLIENT_CLOSED = 499
 
 
 def _limited(scope: Scope) -> bool:
@@ -92,11 +111,78 @@ def _route_label(scope: Scope) -> str:
     return scope["path"] if scope["path"] in (CHAT_PATH, COMPLETIONS_PATH) else "unmatched"
 
 
+def request_record(request: Request) -> RequestRecord:
+    """The RequestRecord the middleware made for this request (a detached one if the app
+    runs without the middleware)."""
+    record = getattr(request.state, RECORD_KEY, None)
+    if isinstance(record, RequestRecord):
+        return record
+    record = RequestRecord(start_s=time.monotonic())
+    setattr(request.state, RECORD_KEY, record)
+    return record
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's declared Content-Length, if it has a valid one."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class _BodyTooLarge(Exception):
+    """The body being received grew past max_body_bytes."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(received)
+        self.received = received
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, read as it streams in but never past `limit` bytes
+    (_BodyTooLarge as soon as it grows past); None if the client went away first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge(size)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then the client's own messages
+    (a streaming response listens there for the client going away)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class _FrontDoor:
-    """ASGI middleware: API key, the bounded front door, latency and SLA accounting.
+    """ASGI middleware: API key, body size limit, the bounded front door, latency and SLA
+    accounting.
 
     It wraps the whole response, so a stream counts as in flight (and its latency runs) until
-    its last chunk is sent or the client goes away.
+    its last chunk is sent or the client goes away. It reads the request body itself, up to
+    max_body_bytes, before any route sees it: a body declared larger is refused from its
+    Content-Length without being read, and one sent without a length is refused as soon as it
+    grows past the limit, so neither is buffered whole nor forwarded to an engine.
     """
 
     def __init__(
@@ -106,6 +192,7 @@ class _FrontDoor:
         sla_s: float,
         state: FrontDoorState,
         metrics: Metrics,
+        app_names: frozenset[str] = frozenset(),
         on_outcome: Callable[[bool], None] | None = None,
     ) -> None:
         self.app = app
@@ -114,6 +201,7 @@ class _FrontDoor:
         self.sla_s = sla_s
         self.state = state
         self.metrics = metrics
+        self.app_names = app_names
         key = config.api_key.get_secret_value() if config.api_key else None
         self._expected = f"Bearer {key}".encode() if key else None
 
@@ -133,11 +221,17 @@ class _FrontDoor:
                 )
                 await response(scope, receive, send)
                 return
+        record = RequestRecord(start_s=time.monotonic(), app=self._app_of(scope))
+        scope.setdefault("state", {})[RECORD_KEY] = record
+        limit = self.config.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, record, self._too_large(declared, limit))
+            return
         limited = _limited(scope)
         state = self.state
         if limited and state.in_flight >= self.config.max_queue:
             self.metrics.rejected.labels("front_door").inc()
-            self.metrics.requests.labels(_route_label(scope), "429").inc()
             response = openai_error(
                 429,
                 f"front door full: {state.in_flight} requests in flight or waiting "
@@ -146,7 +240,7 @@ class _FrontDoor:
                 code="queue_full",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
-            await response(scope, receive, send)
+            await self._refuse(scope, receive, send, record, response)
             return
         status = 500
 
@@ -156,24 +250,72 @@ class _FrontDoor:
                 status = int(message["status"])
             await send(message)
 
-        start = time.monotonic()
         if limited:
             state.in_flight += 1
         try:
-            await self.app(scope, receive, send_status)
+            try:
+                body = await _read_body(receive, limit)
+            except _BodyTooLarge as error:
+                response = self._too_large(error.received, limit, streamed=True)
+                await response(scope, receive, send_status)
+                return
+            if body is None:
+                status = CLIENT_CLOSED
+                return
+            await self.app(scope, _replay(body, receive), send_status)
         finally:
-            elapsed = time.monotonic() - start
-            route = _route_label(scope)
-            self.metrics.latency.labels(route).observe(elapsed)
-            self.metrics.requests.labels(route, str(status)).inc()
+            elapsed = time.monotonic() - record.start_s
+            self._count(scope, record, status, elapsed)
             if limited:
                 state.in_flight -= 1
                 if status < 400 or status == 429 or status >= 500:
                     met_sla = status < 400 and elapsed <= self.sla_s
-                    state.finished += 1
-                    state.within_sla += int(met_sla)
+                    state.record_outcome(record.labels, met_sla)
                     if self.on_outcome is not None:
                         self.on_outcome(met_sla)
+
+    def _app_of(self, scope: Scope) -> str:
+        """The deployment app a /v1/apps/{name} request names ('' otherwise or if unknown)."""
+        path = scope["path"]
+        if scope["method"] == "POST" and path.startswith(APPS_PREFIX):
+            name = path[len(APPS_PREFIX) :]
+            return name if name in self.app_names else ""
+        return ""
+
+    def _count(self, scope: Scope, record: RequestRecord, status: int, elapsed: float) -> None:
+        """Record one answered request's latency and status."""
+        route = _route_label(scope)
+        self.metrics.latency.labels(route, *record.labels).observe(elapsed)
+        self.metrics.requests.labels(route, str(status), *record.labels).inc()
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+        response: Response,
+    ) -> None:
+        """Answer without reading the body or reaching a route, and count the answer."""
+        await response(scope, receive, send)
+        self._count(scope, record, response.status_code, time.monotonic() - record.start_s)
+
+    @staticmethod
+    def _too_large(size: int, limit: int, *, streamed: bool = False) -> Response:
+        """The 413 answer to a body over the limit.
+
+        The rest of the body never reaches the app: the HTTP server drops it as it arrives.
+        The connection is not closed at once on purpose: a client still sending (httpx,
+        requests) only reads the answer once its upload ends, and a close with its data
+        unread resets the connection, which can destroy the 413 before the client reads it.
+        """
+        what = f"more than {limit} bytes received" if streamed else f"{size} bytes declared"
+        return openai_error(
+            413,
+            f"request body too large: {what}, over max_body_bytes={limit}",
+            kind="invalid_request_error",
+            code="request_too_large",
+        )
 
 
 def _text_of(content: Any) -> str:
@@ -197,13 +339,25 @@ def _model_names(deployment: Deployment) -> dict[str, str]:
     return names
 
 
-def _build_apps(deployment: Deployment) -> dict[str, tuple[App, dict[str, str]]]:
-    """Each deployment app, built once, with the model-key map its LLM nodes call through."""
+def fmtune_version() -> str:
+    """The installed fmtune's version (what /version answers, as vLLM's /version does)."""
+    try:
+        return importlib.metadata.version("fmtune")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "0+unknown"
+
+
+def build_apps(deployment: Deployment) -> dict[str, tuple[App, dict[str, str]]]:
+    """Each deployment app, built once, with the model-key map its LLM nodes call through;
+    ConfigError naming `apps.<name>` if one cannot be built."""
     apps: dict[str, tuple[App, dict[str, str]]] = {}
     for name, spec in deployment.apps.items():
-        app = spec.build()
-        models = spec.model_keys()
-        app.validate_against(set(models))
+        try:
+            app = spec.build()
+            models = spec.model_keys()
+            app.validate_against(set(models))
+        except ValueError as error:  # ConfigError included
+            raise ConfigError(f"apps.{name}: {error}") from None
         apps[name] = (app, models)
     return apps
 
@@ -226,7 +380,7 @@ def create_app(
     """
     sla_s = config.sla_e2e_s or deployment.provisioner.sla_p99_s
     names = _model_names(deployment)
-    apps = _build_apps(deployment)
+    apps = build_apps(deployment)
     proxy = RouterProxy(router, config.request_timeout_s)
     state = FrontDoorState()
     metrics = create_metrics(router, deployment, state, autoscalers or {})
@@ -242,10 +396,11 @@ def create_app(
 
     router.on_unhealthy = on_unhealthy
 
+    version = fmtune_version()
     app = FastAPI(
         title="fmtune",
         summary="OpenAI-compatible front door of an fmtune deployment.",
-        version="0.1.0",
+        version=version,
     )
     app.add_middleware(
         _FrontDoor,
@@ -253,12 +408,20 @@ def create_app(
         sla_s=sla_s,
         state=state,
         metrics=metrics,
+        app_names=frozenset(apps),
         on_outcome=router.record_outcome,
     )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation(list(error.errors()))
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = list(error.errors())
+        unreadable = describe_unreadable_body(
+            errors, error.body, request.headers.get("content-type")
+        )
+        if unreadable is not None:  # not a JSON object at all: the request is malformed
+            code, message = unreadable
+            return openai_error(400, message, kind="invalid_request_error", code=code)
+        message, param = describe_validation(errors)
         return openai_error(
             422, message, kind="invalid_request_error", code="invalid_value", param=param
         )
@@ -294,8 +457,12 @@ def create_app(
             )
         return key
 
-    async def forward(path: str, body: OpenAIRequest, prompt: str, max_tokens: int) -> Response:
+    async def forward(
+        request: Request, path: str, body: OpenAIRequest, prompt: str, max_tokens: int
+    ) -> Response:
+        record = request_record(request)
         key = resolve(body.model)
+        record.model_key = key
         chat = path == CHAT_PATH
         payload = body.model_dump(mode="json", exclude_unset=True)
         with call_deadline(router.clock() + sla_s):
@@ -331,23 +498,29 @@ def create_app(
                 status_code=response.status_code,
                 media_type=response.headers.get("content-type", "application/json"),
             )
-        upstream.meter = StreamMeter(chat=chat)
-        return RelayResponse(relay(proxy, upstream), lambda: proxy.close(upstream))
+        meter = upstream.meter = StreamMeter(chat=chat)
+
+        async def finish() -> None:
+            await proxy.close(upstream)
+            if meter.first_token_s is not None:
+                metrics.ttft.labels("", key).observe(meter.first_token_s - record.start_s)
+
+        return RelayResponse(relay(proxy, upstream), finish)
 
     @app.post(CHAT_PATH)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         """OpenAI chat completions, routed and proxied (streamed or not)."""
         prompt = " ".join(_text_of(message.content) for message in body.messages)
         expected = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
-        return await forward(CHAT_PATH, body, prompt, expected)
+        return await forward(request, CHAT_PATH, body, prompt, expected)
 
     @app.post(COMPLETIONS_PATH)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         """OpenAI (legacy) completions, routed and proxied (streamed or not)."""
         prompt = body.prompt
         text = prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt)
         return await forward(
-            COMPLETIONS_PATH, body, text, body.max_tokens or DEFAULT_COMPLETION_TOKENS
+            request, COMPLETIONS_PATH, body, text, body.max_tokens or DEFAULT_COMPLETION_TOKENS
         )
 
     @app.get("/v1/models")
@@ -407,6 +580,11 @@ def create_app(
                 f"app '{name}' took longer than request_timeout_s={config.request_timeout_s}",
             ) from None
         calls = [s for s in result.spans if s.kind == "llm" and not s.skipped]
+        for span in calls:
+            if span.ttft_s is not None:
+                node = dag.node_map[span.node_id]
+                called = models.get(getattr(node, "model", ""), "")
+                metrics.ttft.labels(name, called).observe(span.ttft_s)
         answer = AppResponse(
             outputs=result.outputs,
             ok=result.ok,
@@ -424,9 +602,14 @@ def create_app(
             metrics.rejected.labels("router_queue").inc()
         return JSONResponse(answer.model_dump(), status_code=status, headers=headers)
 
+    @app.get("/health")
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        """200 when every model key has a healthy endpoint, else 503; lists each endpoint."""
+    async def health() -> JSONResponse:
+        """200 when every model key has a healthy endpoint, else 503; lists each endpoint.
+
+        /health is vLLM's name for it (what health checks copied from vLLM deployments
+        probe, and what GuideLLM checks before a benchmark); /healthz the Kubernetes-style one.
+        """
         per_key = {
             key: sum(e.healthy for e in router.endpoints if e.model_key == key)
             for key in deployment.models
@@ -439,6 +622,11 @@ def create_app(
             "endpoints": {e.endpoint_id: e.healthy for e in router.endpoints},
         }
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version_info() -> dict[str, str]:
+        """The fmtune version serving, in vLLM's /version shape."""
+        return {"version": version}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

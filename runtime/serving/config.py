@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+#: Default largest request body: room for about a million characters of prompt, far above what
+#: a model's context holds, yet a bound on what one request can make the front door buffer.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
 
 class ServeConfig(BaseModel):
     """How the front door listens, authenticates, bounds its load and judges its SLA."""
@@ -16,7 +20,16 @@ class ServeConfig(BaseModel):
         default=None,
         min_length=1,
         description="Bearer key clients must send (`Authorization: Bearer KEY`) on every "
-        "route but /healthz; None leaves the front door open.",
+        "route but the health checks (/health, /healthz) and /version, as vLLM leaves them "
+        "open; None leaves the front door open.",
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        le=1024**3,
+        description="Largest request body accepted, in bytes; a larger one is answered 413 "
+        "before it is read whole (from its Content-Length, or as soon as a body sent without "
+        "one grows past it) and is never forwarded. Raise it for large base64 images.",
     )
     max_queue: int = Field(
         default=512,

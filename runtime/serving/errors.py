@@ -8,6 +8,7 @@ handler turns it into such a response.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,3 +79,38 @@ def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
         else:
             parts.append(f"{where}: {message}, got {item.get('input')!r}"[:300])
     return "; ".join(parts) or "invalid request body", first
+
+
+def describe_unreadable_body(
+    errors: list[Any], body: Any, content_type: str | None
+) -> tuple[str, str] | None:
+    """(error code, one line) when the request body is not a JSON document at all: invalid
+    JSON (the parser's own message, with line and column), no body, or a body not sent as
+    application/json (which the routes do not parse); None for a schema error, which names
+    its field instead.
+
+    These are malformed requests (400, as vLLM and OpenAI answer them), not values that fail
+    validation (422).
+    """
+    if not errors:
+        return None
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        reason = str((first.get("ctx") or {}).get("error", "invalid JSON"))
+        position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+        if isinstance(body, str | bytes) and position <= len(body):
+            doc = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+            reason = str(json.JSONDecodeError(reason, doc, position))
+        return "invalid_json", f"request body is not valid JSON: {reason}"
+    if loc != ("body",):
+        return None
+    if first.get("type") == "missing":
+        return "missing_body", "request has no body: send a JSON object"
+    if isinstance(first.get("input"), bytes):
+        return (
+            "unsupported_media_type",
+            "request body must be JSON sent with 'Content-Type: application/json', got "
+            + (f"Content-Type '{content_type}'" if content_type else "no Content-Type"),
+        )
+    return None

@@ -1,15 +1,22 @@
 """The Prometheus side of the front door: what `GET /metrics` shows.
 
 Each app gets its own registry, so several front doors in one process do not collide. Request
-latency, answers by status and 429s are updated as requests happen (by the front-door
-middleware); the in-flight count, SLA attainment, router counters, endpoint health and the
-autoscalers' replicas and decisions are read from live state at scrape time.
+latency, answers by status, time to first token and 429s are updated as requests happen (by the
+front-door middleware and the routes); the in-flight count, SLA attainment, router counters,
+endpoint health and the autoscalers' replicas and decisions are read from live state at scrape
+time.
+
+The per-request series carry two labels besides the route: `model_key`, the deployment model
+key an OpenAI call was routed to (or that an app's LLM call went to, for the time to first
+token), and `app`, the deployment app a `/v1/apps/{name}` request ran. A label is empty where
+it does not apply or is not known (a call to an unknown model, a body that did not parse), so
+every label value is a model key or app name of the deployment and the series stay bounded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +28,43 @@ from runtime.scaling.autoscaler import Autoscaler
 
 #: Request latency buckets, seconds: from a cached short answer to a long agentic request.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+#: Time-to-first-token buckets, seconds: from a short prompt on an idle replica to a long
+#: prefill behind a full batch (a subset of vLLM's own TTFT buckets).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+#: The label names of the per-request series, after the route.
+TARGET_LABELS = ("app", "model_key")
+
+
+@dataclass
+class RequestRecord:
+    """What the front door learns about one request while serving it, for its metric labels.
+
+    The middleware creates it when the request arrives and reads it when the response ends;
+    the routes fill in the target once they know it (the model key a call resolves to, the
+    app a request runs).
+    """
+
+    start_s: float
+    app: str = ""
+    model_key: str = ""
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """The values of TARGET_LABELS."""
+        return (self.app, self.model_key)
+
+
+@dataclass
+class SlaCount:
+    """Finished requests of one target and how many met the SLA."""
+
+    finished: int = 0
+    within_sla: int = 0
+
+    @property
+    def attainment(self) -> float:
+        """Share within the SLA (1 before any finished)."""
+        return self.within_sla / self.finished if self.finished else 1.0
 
 
 @dataclass
@@ -28,8 +72,21 @@ class FrontDoorState:
     """Counts the middleware keeps; read by /metrics."""
 
     in_flight: int = 0
-    finished: int = 0
-    within_sla: int = 0
+    sla: dict[tuple[str, str], SlaCount] = field(default_factory=dict)
+    """SLA outcomes by (app, model_key)."""
+
+    def record_outcome(self, labels: tuple[str, str], met_sla: bool) -> None:
+        """Count one finished request of a target."""
+        count = self.sla.setdefault(labels, SlaCount())
+        count.finished += 1
+        count.within_sla += int(met_sla)
+
+
+def _targets(deployment: Deployment, state: FrontDoorState) -> Iterable[tuple[str, str]]:
+    """Every (app, model_key) with an SLA series: each model key and each app from the start
+    (so the series exist before the first request), then any other target seen."""
+    known = [("", key) for key in deployment.models] + [(name, "") for name in deployment.apps]
+    return known + sorted(set(state.sla) - set(known))
 
 
 class _StateCollector(Collector):
@@ -58,9 +115,11 @@ class _StateCollector(Collector):
         sla = GaugeMetricFamily(
             "fmtune_sla_attainment",
             "Share of finished LLM and app requests answered successfully within sla_e2e_s "
-            "(1 before any finished).",
-            value=state.within_sla / state.finished if state.finished else 1.0,
+            "(1 before any finished), by app (app requests) and model key (OpenAI calls).",
+            labels=list(TARGET_LABELS),
         )
+        for labels in _targets(self.deployment, state):
+            sla.add_metric(list(labels), state.sla.get(labels, SlaCount()).attainment)
         depth = GaugeMetricFamily(
             "fmtune_router_queue_depth",
             "Calls waiting in the router's least-slack-first queue.",
@@ -115,6 +174,7 @@ class Metrics:
     registry: CollectorRegistry
     latency: Histogram
     requests: Counter
+    ttft: Histogram
     rejected: Counter
     endpoint_failures: Counter
 
@@ -133,15 +193,25 @@ def create_metrics(
         registry=registry,
         latency=Histogram(
             "fmtune_request_duration_seconds",
-            "Request latency at the front door, to the last byte of the response.",
-            ["route"],
+            "Request latency at the front door, to the last byte of the response, by route, "
+            "app and model key.",
+            ["route", *TARGET_LABELS],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         ),
         requests=Counter(
             "fmtune_requests",
-            "Requests answered, by route and status code.",
-            ["route", "code"],
+            "Requests answered, by route, status code, app and model key.",
+            ["route", "code", *TARGET_LABELS],
+            registry=registry,
+        ),
+        ttft=Histogram(
+            "fmtune_time_to_first_token_seconds",
+            "Time to the first generated token: of a streamed OpenAI call, from its arrival at "
+            "the front door (model_key set, app empty); of each LLM call an app request made "
+            "(app and the model key it called).",
+            list(TARGET_LABELS),
+            buckets=TTFT_BUCKETS,
             registry=registry,
         ),
         rejected=Counter(

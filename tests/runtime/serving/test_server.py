@@ -2,16 +2,20 @@
 
 The front door runs under a real uvicorn on 127.0.0.1 and is driven by the real `openai`
 client and by httpx; the engines behind it are tiny OpenAI-compatible fakes (FakeEngine), so
-these tests need no vLLM and finish in seconds.
+these tests need no vLLM and finish in seconds. `fmtune serve` itself is run in-process
+through the CLI for what it checks before it starts anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
+import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,17 +27,23 @@ import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
+from typer.testing import CliRunner
 
+import runtime.engine.models
 from runtime.cluster import start_endpoints
-from runtime.deployment import Deployment
+from runtime.deployment import Deployment, load_deployment
 from runtime.engine.config import EngineConfig
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import free_port
 from runtime.routing.router import Router
-from runtime.serving.app import create_app
+from runtime.serving.app import _BodyTooLarge, _read_body, build_apps, create_app
 from runtime.serving.config import ServeConfig
 from runtime.serving.server import serve
 from tests.runtime.fake_openai import FakeEngine, FakeReplica, LoopbackServer
+from tuner.cli import app as fmtune_cli
+
+REPO = Path(__file__).resolve().parents[3]
 
 SERVED = "fake-model"
 REPLY = "The quick brown fox jumps"
@@ -185,11 +195,48 @@ def test_bad_bodies_name_the_field() -> None:
         assert bad_tokens.json()["error"]["param"] == "max_tokens"
         assert "got 0" in bad_tokens.json()["error"]["message"]
 
-        not_json = http.post("/v1/completions", content=b"{oops", headers={"content-type": "j"})
-        assert not_json.status_code == 422
+        assert engines[0][0].calls == 0
 
 
-def test_api_key_guards_every_route_but_healthz() -> None:
+def test_malformed_bodies_are_400_with_the_parsers_message() -> None:
+    with (
+        fake_engines(1) as engines,
+        front_door(deployment_for([engines[0][1].url])) as (door, _),
+        httpx.Client(base_url=door.url, timeout=10) as http,
+    ):
+        text = '{"model": "llm", "messages": [}'
+        with pytest.raises(json.JSONDecodeError) as parser:
+            json.loads(text)
+        invalid = http.post(
+            "/v1/chat/completions", content=text, headers={"content-type": "application/json"}
+        )
+        assert invalid.status_code == 400
+        error = invalid.json()["error"]
+        assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+        assert error["message"] == f"request body is not valid JSON: {parser.value}"
+        assert "line 1 column 31 (char 30)" in error["message"]
+
+        form = http.post("/v1/completions", content=b'{"model": "llm", "prompt": "hi"}')
+        assert form.status_code == 400  # no Content-Type: not parsed as JSON, as vLLM does
+        assert form.json()["error"]["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in form.json()["error"]["message"]
+        wrong = http.post("/v1/completions", content=b"{oops", headers={"content-type": "j"})
+        assert wrong.status_code == 400
+        assert "got Content-Type 'j'" in wrong.json()["error"]["message"]
+
+        empty = http.post("/v1/completions", headers={"content-type": "application/json"})
+        assert empty.status_code == 400
+        assert empty.json()["error"]["code"] == "missing_body"
+
+        app_invalid = http.post(
+            "/v1/apps/extract", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert app_invalid.status_code == 400
+        assert app_invalid.json()["error"]["code"] == "invalid_json"
+    assert engines[0][0].calls == 0
+
+
+def test_api_key_guards_every_route_but_the_health_checks_and_version() -> None:
     with (
         fake_engines(1) as engines,
         front_door(deployment_for([engines[0][1].url]), ServeConfig(api_key="k1")) as (door, _),
@@ -204,7 +251,8 @@ def test_api_key_guards_every_route_but_healthz() -> None:
         assert http.get("/v1/models").status_code == 401
         right = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
         assert right.status_code == 200
-        assert http.get("/healthz").status_code == 200
+        for path in ("/health", "/healthz", "/version"):  # open, as vLLM leaves them
+            assert http.get(path).status_code == 200, path
         with pytest.raises(openai.AuthenticationError):
             openai_client(door, api_key="nope").models.list()
 
@@ -247,6 +295,118 @@ async def test_streams_are_relayed_as_produced_and_freed_on_disconnect() -> None
             samples = metric_samples((await http.get("/metrics")).text)
             in_flight = samples["fmtune_in_flight_requests"]
             assert sample_value(in_flight, "fmtune_in_flight_requests") == 0
+
+
+def test_health_and_version_as_vllm_answers_them() -> None:
+    with fake_engines(2) as engines:
+        deployment = deployment_for([server.url for _, server in engines])
+        with (
+            front_door(deployment) as (door, router),
+            httpx.Client(base_url=door.url, timeout=10) as http,
+        ):
+            version = http.get("/version")
+            assert version.status_code == 200
+            assert version.json() == {"version": importlib.metadata.version("fmtune")}
+
+            for path in ("/health", "/healthz"):
+                answer = http.get(path)
+                assert answer.status_code == 200, path
+                assert answer.json()["models"] == {"llm": 2}
+
+            for _, server in engines:
+                server.stop()  # both replicas die; the next call finds out (and retries once)
+            gone = http.post("/v1/completions", json={"model": "llm", "prompt": "hi"})
+            assert gone.status_code == 503
+            assert not any(endpoint.healthy for endpoint in router.endpoints)
+            for path in ("/health", "/healthz"):
+                answer = http.get(path)
+                assert answer.status_code == 503, path
+                assert answer.json()["status"] == "unhealthy"
+
+
+# --------------------------------------------------------------------------------------------
+# Request size: 413 before the body is read whole or forwarded
+# --------------------------------------------------------------------------------------------
+
+BIG = 20_000_000
+
+
+def test_bodies_over_max_body_bytes_are_413_and_never_forwarded() -> None:
+    limit = 64 * 1024
+    with fake_engines(1, reply=json.dumps(ANSWER)) as engines:
+        config = ServeConfig(max_body_bytes=limit)
+        with (
+            front_door(deployment_for([engines[0][1].url]), config) as (door, _),
+            httpx.Client(base_url=door.url, timeout=30) as http,
+        ):
+            prompt = "a" * BIG
+            declared = http.post("/v1/completions", json={"model": "llm", "prompt": prompt})
+            assert declared.status_code == 413
+            error = declared.json()["error"]
+            assert error["code"] == "request_too_large"
+            assert error["type"] == "invalid_request_error"
+            assert f"bytes declared, over max_body_bytes={limit}" in error["message"]
+
+            def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+                yield b'{"model": "llm", "prompt": "'
+                for _ in range(BIG // 65536):
+                    yield b"a" * 65536
+                yield b'"}'
+
+            streamed = http.post(
+                "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+            )
+            assert streamed.status_code == 413
+            assert f"more than {limit} bytes received" in streamed.json()["error"]["message"]
+
+            app_run = http.post("/v1/apps/extract", json={"inputs": {"article": prompt}})
+            assert app_run.status_code == 413  # not 502: the engine never sees it
+            assert app_run.json()["error"]["code"] == "request_too_large"
+
+            article = "Contact Ada Lovelace at ada@example.org."
+            small = http.post("/v1/apps/extract", json={"inputs": {"article": article}})
+            assert small.status_code == 200  # the same client (connection) carries on
+            assert engines[0][0].calls == 1  # the small one only
+
+            samples = metric_samples(http.get("/metrics").text)["fmtune_requests"]
+            for route, app, count in (
+                ("/v1/completions", "", 2),
+                ("/v1/apps/{name}", "extract", 1),
+            ):
+                value = sample_value(
+                    samples, "fmtune_requests_total", route=route, code="413", app=app
+                )
+                assert value == count
+
+
+async def test_body_reader_stops_at_the_limit_of_an_endless_body() -> None:
+    received = 0
+
+    async def endless() -> Message:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    with pytest.raises(_BodyTooLarge) as too_large:
+        await _read_body(endless, 10_000)
+    assert received == 11 and too_large.value.received == 11_000  # one message past it
+
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"c", "more_body": False},
+        ]
+    )
+
+    async def short() -> Message:
+        return next(messages)
+
+    assert await _read_body(short, 10_000) == b"abc"
+
+    async def gone() -> Message:
+        return {"type": "http.disconnect"}
+
+    assert await _read_body(gone, 10_000) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,22 +596,82 @@ def test_metrics_parse_and_hold_latency_histogram_and_sla() -> None:
         samples = metric_samples(http.get("/metrics").text)
         latency = samples["fmtune_request_duration_seconds"]
         route = "/v1/completions"
-        count = sample_value(latency, "fmtune_request_duration_seconds_count", route=route)
-        assert count == 4
+        by_key = {"route": route, "app": "", "model_key": "llm"}
+        count = sample_value(latency, "fmtune_request_duration_seconds_count", **by_key)
+        assert count == 3
         infinite = sample_value(
-            latency, "fmtune_request_duration_seconds_bucket", route=route, le="+Inf"
+            latency, "fmtune_request_duration_seconds_bucket", **by_key, le="+Inf"
         )
-        assert infinite == 4
+        assert infinite == 3
+        unknown = {"route": route, "app": "", "model_key": ""}  # never a client's model name
+        assert sample_value(latency, "fmtune_request_duration_seconds_count", **unknown) == 1
         attainment = samples["fmtune_sla_attainment"]
-        assert sample_value(attainment, "fmtune_sla_attainment") == 1.0  # the 404 is not counted
+        assert sample_value(attainment, "fmtune_sla_attainment", model_key="llm") == 1.0
         requests = samples["fmtune_requests"]
-        assert sample_value(requests, "fmtune_requests_total", route=route, code="404") == 1
+        assert sample_value(requests, "fmtune_requests_total", **unknown, code="404") == 1
         for family in (
             "fmtune_router_queue_depth",
             "fmtune_router_shed",
             "fmtune_in_flight_requests",
+            "fmtune_time_to_first_token_seconds",
         ):
             assert family in samples
+
+
+def test_metrics_by_app_and_model_key_with_ttft_and_sla_attainment() -> None:
+    good = FakeEngine(served_model=SERVED, reply=json.dumps(ANSWER), delay_s=0.2)
+    wrong = FakeEngine(served_model="another-model")  # answers 404 to the deployment's name
+    with LoopbackServer(good.app) as good_server, LoopbackServer(wrong.app) as wrong_server:
+        deployment = Deployment.model_validate(
+            {
+                "cluster": "endpoints",
+                "models": {
+                    "llm": {"engine": {"model": SERVED}, "endpoints": [good_server.url]},
+                    "other": {"engine": {"model": SERVED}, "endpoints": [wrong_server.url]},
+                },
+                "router": {"policy": "round_robin"},
+                "apps": {
+                    "extract": {"model_key": "llm"},
+                    "broken": {"model_key": "other"},
+                },
+            }
+        )
+        with (
+            front_door(deployment, ServeConfig(sla_e2e_s=30)) as (door, _),
+            httpx.Client(base_url=door.url, timeout=10) as http,
+        ):
+            client = openai_client(door)
+            messages = [{"role": "user", "content": "hi"}]
+            assert client.chat.completions.create(model="llm", messages=messages)
+            stream = client.chat.completions.create(model="llm", messages=messages, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            inputs = {"inputs": {"article": "Contact Ada Lovelace at ada@example.org."}}
+            assert http.post("/v1/apps/extract", json=inputs).status_code == 200
+            assert http.post("/v1/apps/broken", json=inputs).status_code == 502
+            samples = metric_samples(http.get("/metrics").text)
+
+    requests = samples["fmtune_requests"]
+    chat = {"route": "/v1/chat/completions", "code": "200", "app": "", "model_key": "llm"}
+    assert sample_value(requests, "fmtune_requests_total", **chat) == 2
+    apps = {"route": "/v1/apps/{name}", "model_key": ""}
+    assert sample_value(requests, "fmtune_requests_total", **apps, app="extract", code="200") == 1
+    assert sample_value(requests, "fmtune_requests_total", **apps, app="broken", code="502") == 1
+
+    ttft = samples["fmtune_time_to_first_token_seconds"]
+    name = "fmtune_time_to_first_token_seconds"
+    # the streamed call only (a JSON answer has no first token to see), from its arrival
+    assert sample_value(ttft, f"{name}_count", app="", model_key="llm") == 1
+    assert 0.2 <= sample_value(ttft, f"{name}_sum", app="", model_key="llm") < 5
+    # the app's one LLM call, on the model key it called
+    assert sample_value(ttft, f"{name}_count", app="extract", model_key="llm") == 1
+    assert 0.2 <= sample_value(ttft, f"{name}_sum", app="extract", model_key="llm") < 5
+
+    attainment = samples["fmtune_sla_attainment"]
+    sla = "fmtune_sla_attainment"
+    assert sample_value(attainment, sla, app="", model_key="llm") == 1.0
+    assert sample_value(attainment, sla, app="", model_key="other") == 1.0  # none finished
+    assert sample_value(attainment, sla, app="extract", model_key="") == 1.0
+    assert sample_value(attainment, sla, app="broken", model_key="") == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +686,13 @@ def _healthz(base: str) -> dict[str, Any] | None:
         return None
 
 
+@pytest.fixture
+def no_model_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake replicas serve any model name: skip the check that it is a prepared model."""
+    monkeypatch.setattr(runtime.engine.models, "resolve_model", lambda name: Path(name))
+
+
+@pytest.mark.usefixtures("no_model_check")
 @pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(), reason="needs the main thread"
 )
@@ -512,17 +739,190 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
             if not served.is_set():
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    phases: list[str] = []
+    ready: list[tuple[str, bool]] = []
+
+    def on_ready(url: str) -> None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            ready.append((url, len(started) == 2))  # listening, every replica already up
+            return
+        ready.append((url, False))
+
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
     try:
-        serve(path, ServeConfig(port=port), pool=ReplicaPool(factory=factory))
+        serve(
+            path,
+            ServeConfig(port=port),
+            pool=ReplicaPool(factory=factory),
+            on_phase=phases.append,
+            on_ready=on_ready,
+        )
     finally:
         served.set()
         driver.join(timeout=15)
     assert "error" not in outcome, outcome.get("error")
+    assert phases == [f"starting 2 replica(s) of {SERVED} for model key 'llm'"]
+    assert ready == [(base, True)]
     assert outcome["first"] == outcome["after"] == "Hello from the fake engine"
     assert len(outcome["endpoints"]) == 2
     assert f"llm/{started[0].replica_id}" not in outcome["endpoints"]
     assert len(started) == 3
     assert all(not replica.running() for replica in started)  # the pool was closed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+# --------------------------------------------------------------------------------------------
+# fmtune serve: bad input is one line before anything starts or is announced
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """A runner of the `fmtune` CLI in this process, undoing the logging set-up it does."""
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield CliRunner()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def acquired(monkeypatch: pytest.MonkeyPatch) -> list[EngineConfig]:
+    """Every replica any pool is asked for (none is started)."""
+    calls: list[EngineConfig] = []
+
+    def acquire(self: ReplicaPool, config: EngineConfig, count: int = 1) -> list[Any]:
+        calls.append(config)
+        raise AssertionError("a replica was asked for")
+
+    monkeypatch.setattr(ReplicaPool, "acquire", acquire)
+    return calls
+
+
+def _write(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+LOCAL = {"models": {"llm": {"engine": {"model": "smollm2-135m"}, "replicas": 2}}}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"models": {"llm": {"engine": {"model": "smollm2-135m", "max_num_seqs": 0}}}},
+            ("models.llm.engine.max_num_seqs: ", "got 0"),
+        ),
+        (
+            {"models": {"llm": {"engine": {"model": "no-such-model"}}}},
+            ("models.llm.engine.model: ", "catalog name", "got 'no-such-model'"),
+        ),
+        (
+            {"apps": {"extract": {"architecture": "nope"}}},
+            ("apps.extract: architecture must be one of", "got 'nope'"),
+        ),
+        ({"router": {"polcy": "sla_aware"}}, ("'router.polcy'", "did you mean 'policy'")),
+    ],
+    ids=["value", "model", "app", "misspelled"],
+)
+def test_serve_a_bad_deploy_file_is_one_line_exit_2_nothing_started_or_announced(
+    tmp_path: Path,
+    cli: CliRunner,
+    acquired: list[EngineConfig],
+    change: dict[str, Any],
+    expected: tuple[str, ...],
+) -> None:
+    path = _write(tmp_path / "DEPLOY.yaml", {**LOCAL, **change})
+
+    result = cli.invoke(fmtune_cli, ["serve", str(path), "--port", str(free_port())])
+
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: ")
+    assert all(part in lines[0] for part in expected), lines[0]
+    assert "serving" not in result.stdout and "starting" not in result.stdout
+    assert acquired == []
+
+
+@pytest.mark.usefixtures("no_model_check")
+def test_serve_on_a_taken_port_fails_before_any_replica_starts(
+    tmp_path: Path, cli: CliRunner, acquired: list[EngineConfig]
+) -> None:
+    path = _write(tmp_path / "DEPLOY.yaml", LOCAL)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli.invoke(fmtune_cli, ["serve", str(path), "--port", str(port)])
+
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert result.stdout == "" and acquired == []
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="needs the main thread"
+)
+def test_serve_announces_itself_once_it_answers(tmp_path: Path, cli: CliRunner) -> None:
+    with fake_engines(1) as engines:
+        path = _write(
+            tmp_path / "DEPLOY.yaml",
+            {
+                "cluster": "endpoints",
+                "models": {"llm": {"engine": {"model": SERVED}, "endpoints": [engines[0][1].url]}},
+            },
+        )
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        health: list[int] = []
+        served = threading.Event()
+
+        def drive() -> None:
+            try:
+                wait_for(
+                    lambda: served.is_set() or (_healthz(base) or {}).get("status") == "ok",
+                    20,
+                    "/healthz",
+                )
+                health.append(httpx.get(f"{base}/health", timeout=5).status_code)
+            finally:
+                if not served.is_set():  # never signal a process that no longer serves
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        try:
+            result = cli.invoke(fmtune_cli, ["serve", str(path), "--port", str(port)])
+        finally:
+            served.set()
+            driver.join(timeout=15)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"serving {path} on {base} (Ctrl-C stops it)"
+    assert health == [200]
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped example: experiments/serve-cpu.deploy.yaml
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_serve_example_is_two_eager_replicas_behind_sla_aware_with_the_app() -> None:
+    deployment = load_deployment(REPO / "experiments" / "serve-cpu.deploy.yaml")
+    assert deployment.cluster == "local"
+    assert list(deployment.models) == ["llm"]
+    model = deployment.models["llm"]
+    assert model.replicas == 2
+    quickstart = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    assert model.engine == EngineConfig(**quickstart["deployment"]["models"]["llm"]["engine"])
+    assert model.engine.model == "smollm2-135m" and model.engine.enforce_eager
+    assert deployment.router.policy == "sla_aware"
+    assert {name: app.task for name, app in deployment.apps.items()} == {"extract": "extraction"}
+    assert deployment.apps["extract"].model_key == "llm"
+    built = build_apps(deployment)  # what the front door builds before it serves
+    assert list(built) == ["extract"] and built["extract"][1] == {"llm": "llm"}
