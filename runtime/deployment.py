@@ -225,4 +225,4 @@ def load_deployment(path: Path) -> Deployment:
     try:
         return Deployment.model_validate(read_yaml_mapping(path))
     except ValidationError as error:
-        raise config_error(error, str(path)) from None
+        raise config_error(error, str(path), Deployment) from None

@@ -159,7 +159,7 @@ def load_run_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> Run
     try:
         return RunSpec.model_validate(data)
     except ValidationError as error:
-        raise config_error(error, str(path)) from None
+        raise config_error(error, str(path), RunSpec) from None
 
 
 def _kind(failure: CallFailure | None) -> str | None:

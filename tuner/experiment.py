@@ -160,7 +160,7 @@ def load_experiment(
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as error:
-        raise config_error(error, str(path)) from None
+        raise config_error(error, str(path), Experiment) from None
     if need_tune and experiment.tune is None:
         raise ConfigError(f"{path}: tune: a tuning section is required by `fmtune tune`")
     if experiment.tune is not None and not experiment.tune.search_space.is_absolute():

@@ -79,7 +79,71 @@ def test_misspelled_key_in_the_file_exits_2(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "unknown field 'workloud'" in done.stderr and "workload: Field required" in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"error: {bad}: unknown field 'workloud' (did you mean 'workload'?)"]
+
+
+def test_a_misspelled_required_field_is_one_short_message(tmp_path: Path) -> None:
+    """The misspelling alone, with its closest name; no dump of the file, no 'Field required'
+    for the real field it stands for."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXTRACT.read_text().replace("workload:", "worklaod:"))
+    with pytest.raises(ConfigError) as caught:
+        load_run_spec(bad)
+    assert str(caught.value) == f"{bad}: unknown field 'worklaod' (did you mean 'workload'?)"
+
+
+def test_a_misspelled_nested_field_names_its_closest_valid_name(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXTRACT.read_text().replace("block_size:", "blok_size:"))
+    with pytest.raises(ConfigError) as caught:
+        load_run_spec(bad)
+    assert str(caught.value) == (
+        f"{bad}: unknown field 'deployment.models.llm.engine.blok_size' "
+        "(did you mean 'block_size'?)"
+    )
+
+
+def test_a_missing_field_without_a_misspelling_is_still_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = EXTRACT.read_text()
+    bad.write_text(text.replace("sla:\n  e2e_s: 30\n", "color: blue\n"))
+    with pytest.raises(ConfigError) as caught:
+        load_run_spec(bad)
+    message = str(caught.value)
+    assert "sla: Field required" in message and "got" not in message
+    assert "unknown field 'color'; valid: app, dataset, deployment" in message
+    assert len(message) < 300
+
+
+def test_a_misspelled_deploy_field_names_its_closest_valid_name(tmp_path: Path) -> None:
+    from runtime.deployment import load_deployment
+
+    deploy = tmp_path / "DEPLOY.yaml"
+    deploy.write_text(
+        "modles:\n  llm:\n    engine: {model: smollm2-135m}\nroutr: {policy: sla_aware}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_deployment(deploy)
+    assert str(caught.value) == (
+        f"{deploy}: unknown field 'modles' (did you mean 'models'?); "
+        "unknown field 'routr' (did you mean 'router'?)"
+    )
+    deploy.write_text("models:\n  llm:\n    engine: {model: smollm2-135m, blok_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"'models\.llm\.engine\.blok_size' \(did you mean "
+                       r"'block_size'\?\)$"):  # fmt: skip
+        load_deployment(deploy)
+
+
+def test_a_long_rejected_value_is_cut_short() -> None:
+    from pydantic import ValidationError
+
+    from runtime.errors import describe_validation_error
+
+    with pytest.raises(ValidationError) as caught:
+        RunSpec.model_validate({"name": "x" * 1000, "app": "y" * 1000})
+    message = describe_validation_error(caught.value, model=RunSpec)
+    assert len(message) < 400 and "..." in message
 
 
 def test_the_trace_keeps_failure_kinds_as_plain_strings(tmp_path: Path) -> None:
