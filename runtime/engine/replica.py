@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 25
 GIB = 1024**3
+STARTING_STOP_GRACE_S = 2.0
+"""Longest wait between SIGTERM and SIGKILL for a replica stopped before it served."""
 
 
 class ReplicaStartError(EngineFailure):
@@ -175,6 +177,7 @@ class Replica:
             raise RuntimeError(f"replica {self.replica_id} was already started")
         model_path = str(resolve_model(self.config.model))
         self.port = free_port(self.host)
+        self.start_s = None  # not serving until _wait_ready returns
         argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)
         env = {**os.environ, **self.config.environment(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -247,22 +250,30 @@ class Replica:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop the whole process group: SIGTERM, then SIGKILL after the grace period."""
+        """Stop the whole process group: SIGTERM, then SIGKILL once the grace period is over.
+
+        One grace period in all, for the server and every process of its group. A replica
+        that is not serving yet (stopped during its start, e.g. by Ctrl-C) gets at most
+        STARTING_STOP_GRACE_S: it has no request to finish, and vLLM often does not act on
+        SIGTERM while it loads weights or compiles, so a longer wait would only delay exit.
+        """
         process, self.process = self.process, None
         _LIVE.discard(self)
         if process is not None:
             pgid = process.pid
+            serving = self.start_s is not None
+            grace = self.stop_grace_s if serving else min(self.stop_grace_s, STARTING_STOP_GRACE_S)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGTERM)
-            try:
-                process.wait(timeout=self.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("replica %s ignored SIGTERM; killing it", self.replica_id)
-            deadline = time.monotonic() + self.stop_grace_s
-            while group_alive(pgid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + grace
+            # poll() reaps the leader, which group_alive would otherwise see as a zombie
+            while (process.poll() is None or group_alive(pgid)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if process.poll() is None or group_alive(pgid):
+                if serving:
+                    logger.warning("replica %s ignored SIGTERM; killing it", self.replica_id)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
             logger.info("replica %s stopped", self.replica_id)

@@ -208,3 +208,55 @@ def test_cli_interrupted_during_startup_leaves_no_replica(sig: int, tmp_path: Pa
         if probe.poll() is None:
             probe.kill()
         output.close()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_tune_interrupted_during_a_replica_start_exits_within_10s(
+    sig: int, code: int, tmp_path: Path
+) -> None:
+    """`fmtune tune` stopped while its first replica is still starting: it exits with 128 +
+    signal within 10 s of the signal (a replica not serving yet is killed after a short
+    grace), names the interrupted trial and the --resume command, and leaves no replica."""
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"app": {"architecture": ["single", "parallel"]}}))
+    data = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    data["name"] = "interrupted-start"
+    data["deployment"]["models"]["llm"]["engine"]["seed"] = 30 + sig  # a cold start
+    data["tune"].update(search_space=str(space), trials=1, sampler="random")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump(data))
+    output = (tmp_path / "cli.log").open("w")
+    tune = subprocess.Popen(
+        [*FMTUNE, "tune", str(experiment), "--out", str(tmp_path / "out")],
+        stdout=output, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        pgid = None
+        deadline = time.monotonic() + 180
+        while pgid is None and tune.poll() is None and time.monotonic() < deadline:
+            for process in psutil.Process(tune.pid).children(recursive=False):
+                if "api_server" in " ".join(process.cmdline()):
+                    pgid = process.pid
+            time.sleep(0.2)
+        assert pgid is not None, "the CLI never started a replica"
+        time.sleep(3)  # loading, not serving yet
+        pids = group_pids(pgid)
+        signalled = time.monotonic()
+        tune.send_signal(sig)
+        try:
+            tune.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the CLI did not exit; it printed:\n{(tmp_path / 'cli.log').read_text()}")
+        seconds = time.monotonic() - signalled
+        printed = (tmp_path / "cli.log").read_text()
+        assert tune.returncode == code, printed
+        assert seconds < 10, f"exit took {seconds:.1f}s after the signal:\n{printed}"
+        assert "during trial 0 (starting replicas)" in printed, printed
+        assert "--study interrupted-start --resume" in printed, printed
+        assert wait_gone(pids, 5) == []
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+        output.close()
