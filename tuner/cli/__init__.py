@@ -63,16 +63,28 @@ tuning_commands.register(app)
 # --- entry point ------------------------------------------------------------------------
 
 
-def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    """Turn SIGTERM/SIGINT into SystemExit(128 + signal), the shell's convention."""
+def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
+    """Turn the first SIGTERM/SIGINT into SystemExit(128 + signal), the shell's convention.
+
+    Later ones are ignored while the first unwinds: a second Ctrl-C would otherwise cut
+    short the finally blocks that stop the replicas (which take a few seconds at most).
+    """
+    for other in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(other, _already_stopping)
     raise SystemExit(128 + signum)
 
 
+def _already_stopping(_signum: int, _frame: FrameType | None) -> None:
+    """A signal while the first one unwinds: nothing to add (a Python handler, not SIG_IGN,
+    so the processes started meanwhile do not inherit an ignored signal)."""
+
+
 def main() -> None:
-    """Console-script entry: SIGTERM and Ctrl-C both unwind as SystemExit, so every replica is
-    stopped by the same finally blocks and atexit hook."""
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    signal.signal(signal.SIGINT, _raise_on_sigterm)
+    """Console-script entry: SIGTERM and Ctrl-C both unwind as SystemExit (exit code 143 and
+    130), so every replica is stopped by the same finally blocks and atexit hook, and `tune`
+    says which trial was interrupted and how to continue."""
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGINT, _raise_on_signal)
     try:
         app()
     except KeyboardInterrupt:

@@ -131,24 +131,55 @@ def short_knob(column: str) -> str:
     return name
 
 
+def _front_fits(metrics: list[str], knob_width: int, width: int | None) -> bool:
+    """Whether one column per objective fits in ``width`` beside the knobs column (each
+    column at least as wide as its longest name, plus rich's borders and padding)."""
+    if width is None:
+        return True
+    columns = [5, *(max(len(m), 7) for m in metrics), knob_width]
+    return sum(columns) + 3 * len(columns) + 1 <= width
+
+
 def front_table(
-    study_name: str, table: pd.DataFrame, metrics: list[str], directions: list[str]
+    study_name: str,
+    table: pd.DataFrame,
+    metrics: list[str],
+    directions: list[str],
+    width: int | None = None,
 ) -> Table:
-    """The Pareto-optimal rows of a study's trial table: objectives, then the active knobs."""
+    """The Pareto-optimal rows of a study's trial table: objectives, then the active knobs.
+
+    Each knob is one ``name: value`` line in a column at least as wide as the longest knob
+    name, so a narrow terminal wraps between name and value and every name stays whole.
+    When one column per objective would not fit in ``width`` (the console's; e.g. four
+    objectives in 80 columns), the objectives share one column, one ``metric: value`` line
+    each. Anything still too long for its column is folded, never cut with an ellipsis.
+    """
     front = table[table["on_front"]]
-    shown = Table(title=f"Pareto front of {study_name} ({len(front)} of {len(table)} trials)")
-    shown.add_column("trial", justify="right")
-    for metric, direction in zip(metrics, directions, strict=True):
-        shown.add_column(
-            f"{metric} ({'min' if direction == 'minimize' else 'max'})", justify="right"
-        )
     knob_columns = [c for c in table.columns if c.startswith("params.")]
-    shown.add_column("knobs", min_width=36)
+    knob_width = max((len(short_knob(c)) + 1 for c in knob_columns), default=5)  # "name:"
+    arrows = ["min" if d == "minimize" else "max" for d in directions]
+    shown = Table(title=f"Pareto front of {study_name} ({len(front)} of {len(table)} trials)")
+    shown.add_column("trial", justify="right", overflow="fold")
+    wide = _front_fits(metrics, knob_width, width)
+    if wide:
+        for metric, arrow in zip(metrics, arrows, strict=True):
+            shown.add_column(f"{metric}\n({arrow})", justify="right", overflow="fold")
+    else:
+        shown.add_column("objectives", overflow="fold")
+    shown.add_column("knobs", overflow="fold", min_width=knob_width)
     for _, row in front.iterrows():
         knobs = "\n".join(
-            f"{short_knob(column)}={format_value(row[column])}"
+            f"{short_knob(column)}: {format_value(row[column])}"
             for column in knob_columns
             if not (isinstance(row[column], float) and row[column] != row[column])  # NaN: inactive
         )
-        shown.add_row(str(row["trial"]), *(format_value(float(row[m])) for m in metrics), knobs)
+        values = [format_value(float(row[m])) for m in metrics]
+        if not wide:
+            values = [
+                "\n".join(
+                    f"{m} ({a}): {v}" for m, a, v in zip(metrics, arrows, values, strict=True)
+                )
+            ]
+        shown.add_row(str(row["trial"]), *values, knobs)
     return shown

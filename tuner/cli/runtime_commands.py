@@ -222,17 +222,32 @@ def serve(
         float | None,
         typer.Option(min=0.001, help="End-to-end deadline in seconds (default: the file's)."),
     ] = None,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest request body accepted before 413 (default: 4 MiB)."),
+    ] = None,
 ) -> None:
     """Serve a deployment: OpenAI-compatible /v1/chat/completions, /v1/completions,
-    /v1/models, each app at /v1/apps/{name}, /healthz and Prometheus /metrics."""
+    /v1/models, each app at /v1/apps/{name}, /health (and /healthz), /version and Prometheus
+    /metrics. The file, its apps and models and the port are checked before anything starts."""
     from runtime.serving.config import ServeConfig
+    from runtime.serving.server import load_for_serving
     from runtime.serving.server import serve as serve_deployment
 
     with user_errors():
+        limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         config = validated(
             lambda: ServeConfig(
-                host=host, port=port, api_key=api_key, max_queue=max_queue, sla_e2e_s=sla
+                host=host, port=port, api_key=api_key, max_queue=max_queue, sla_e2e_s=sla,
+                **limits,
             )
+        )  # fmt: skip
+        checked = load_for_serving(deployment)
+        serve_deployment(
+            checked,
+            config,
+            on_phase=lambda text: console.print(f"{text} (~1 min each on CPU)", soft_wrap=True),
+            on_ready=lambda url: console.print(
+                f"serving {deployment} on {url} (Ctrl-C stops it)", soft_wrap=True
+            ),
         )
-        console.print(f"serving {deployment} on http://{host}:{port} (Ctrl-C stops it)")
-        serve_deployment(deployment, config)

@@ -1,14 +1,20 @@
-"""The study commands: `tune`, `worker`, `export`, `ui`.
+"""The study commands: `tune`, `worker`, `export`, `ui`, `dashboard`.
 
 `tune` and `worker` share one loop (`_run_study`): the tuner owns a replica pool for the whole
 study, so engines stay hot across trials, and shows the study live (`display.StudyDisplay`).
-At the end the Pareto front is written (pareto.csv, pareto.png, report.html) and printed.
+At the end the report is written (pareto.csv, pareto.png, parallel.png, hypervolume.png,
+report.html: `tuner.report`) and the front printed. Ctrl-C or SIGTERM stops the study with the
+interrupted trial named and the exact command that continues it (`_Interruption`).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,13 +22,18 @@ import typer
 from runtime.engine.processes import stop_process
 from runtime.errors import unknown_name_message
 from tuner.cli.common import fail, set_option, user_errors
-from tuner.cli.display import StudyDisplay, console, front_table
+from tuner.cli.display import StudyDisplay, console, error_console, front_table
 from tuner.samplers import SAMPLERS, sampler_help
 
 if TYPE_CHECKING:
+    import subprocess
+    from typing import IO
+
     import optuna
 
     from tuner.experiment import Experiment
+    from tuner.pareto import Objective
+    from tuner.report import StudyReport
     from tuner.study import TrialReport
     from tuner.tracking import StudyTracker
 
@@ -35,6 +46,7 @@ def register(app: typer.Typer) -> None:
     app.command()(worker)
     app.command()(export)
     app.command()(ui)
+    app.command()(dashboard)
 
 
 # --- the study loop ---------------------------------------------------------------------
@@ -51,8 +63,10 @@ def _run_study(
     resume: bool,
     worker: bool,
     tracking_uri: str | None,
+    again: list[str],
 ) -> None:
-    """The study loop with a live display; shared by `tune` and `worker`."""
+    """The study loop with a live display; shared by `tune` and `worker`. `again` is the
+    command that continues the study, shown when Ctrl-C or SIGTERM stops it."""
     import optuna
 
     from runtime.engine.pool import PoolLimits, ReplicaPool
@@ -66,20 +80,33 @@ def _run_study(
     uri = tracking_uri or default_tracking_uri(out)
     tracker = StudyTracker(uri, experiment_name=f"fmtune-{study_name}", study_name=study_name)
     display = StudyDisplay(trials, {o.metric: o.direction for o in experiment.tune.objectives})
+    interruption = _Interruption(again)
+
+    def phase(number: int, text: str) -> None:
+        interruption.phase(number, text)
+        display.phase(number, text)
 
     def trial_done(report: TrialReport) -> None:
+        interruption.trial_done()
         display.trial_done(report)
         display.completed(budget_used(runner.study)[0])
 
-    with ReplicaPool(PoolLimits(max_replicas=3, max_memory_gib=16), log_dir=out / "logs") as pool:
+    pool_limits = PoolLimits(max_replicas=3, max_memory_gib=16)
+    # The MLflow parent run ends with the loop, before the replicas stop: FINISHED once the
+    # budget is used, KILLED on Ctrl-C or SIGTERM, FAILED on an error (tracker.study_run).
+    with (
+        interruption,
+        ReplicaPool(pool_limits, log_dir=out / "logs") as pool,
+        tracker.study_run(),
+    ):
 
         def evaluate(spec: Any) -> Any:
-            return execute_run(spec, pool)
+            return execute_run(spec, pool, on_phase=interruption.run_phase(phase))
 
         runner = StudyRunner(
             experiment, storage_url=storage, study_name=study_name, out_dir=out,
             evaluate=evaluate, tracker=tracker, sampler_name=sampler,
-            events=StudyEvents(on_phase=display.phase, on_trial_done=trial_done),
+            events=StudyEvents(on_phase=phase, on_trial_done=trial_done),
         )  # fmt: skip
         done, running = budget_used(runner.study)
         if (done or running) and not (resume or worker):
@@ -100,11 +127,70 @@ def _run_study(
     _finish_study(runner.study, out, tracker)
 
 
+class _Interruption:
+    """Which trial runs, and when Ctrl-C or SIGTERM ends the study (once its replicas are
+    stopped): one line naming the interrupted trial and one with the exact command that
+    continues the study. The exit code stays 130 (SIGINT) or 143 (SIGTERM); the trial stays
+    RUNNING in the storage, and --resume closes it as interrupted and runs its knobs again."""
+
+    def __init__(self, again: list[str]) -> None:
+        self.again = again
+        self.trial: int | None = None
+        self.doing: str | None = None
+
+    def phase(self, number: int, text: str) -> None:
+        """Trial `number` is now doing `text`."""
+        self.trial, self.doing = number, text
+
+    def run_phase(self, phase: Callable[[int, str], None]) -> Callable[[str], None]:
+        """A run's phase callback that reports through `phase` for the running trial."""
+
+        def report(text: str) -> None:
+            if self.trial is not None:
+                phase(self.trial, text)
+
+        return report
+
+    def trial_done(self) -> None:
+        """No trial runs until the next phase."""
+        self.trial = self.doing = None
+
+    def __enter__(self) -> _Interruption:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            code = 128 + signal.SIGINT
+        elif isinstance(error, SystemExit) and error.code in (
+            128 + signal.SIGINT,
+            128 + signal.SIGTERM,
+        ):
+            code = int(error.code)
+        else:
+            return
+        name = "Ctrl-C" if code == 128 + signal.SIGINT else "SIGTERM"
+        if self.trial is None:
+            what = f"study interrupted by {name} between trials"
+        else:
+            what = (
+                f"study interrupted by {name} during trial {self.trial} ({self.doing}); "
+                "--resume runs it again"
+            )
+        resume = f"continue with: {shlex.join(self.again)}"
+        for line, style in ((what, "bold yellow"), (resume, "")):
+            error_console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
+
+
 def _finish_study(study: optuna.Study, out: Path, tracker: StudyTracker | None) -> None:
     """pareto.csv, pareto.png and report.html; the front as a table."""
     from tuner.export import front_frame, study_objectives
     from tuner.pareto import hypervolume, reference_point
-    from tuner.report import pareto_plot, write_pareto_csv, write_report_html
     from tuner.study import summarize_study
 
     objectives = study_objectives(study)
@@ -117,7 +203,11 @@ def _finish_study(study: optuna.Study, out: Path, tracker: StudyTracker | None) 
         "not_counted_trials": summary.not_counted,
     }
     if table.empty or not table["on_front"].any():
+        report = _write_report(study, objectives, out, facts, tracker)  # failures, reasons
+        if tracker is not None:
+            _track_report(tracker, facts, [], report)
         console.print("[yellow]no feasible complete trial: no Pareto front yet[/]")
+        console.print(f"wrote {report.html}")
         return
     front = table[table["on_front"]]
     metrics = [o.metric for o in objectives]
@@ -128,21 +218,51 @@ def _finish_study(study: optuna.Study, out: Path, tracker: StudyTracker | None) 
         facts["hypervolume"] = hypervolume(
             front[metrics].to_numpy().tolist(), reference, directions
         )
-    csv_path, png_path, html_path = out / "pareto.csv", out / "pareto.png", out / "report.html"
-    write_pareto_csv(table, csv_path)
-    pareto_plot(table, objectives, png_path)
-    write_report_html(
-        html_path, title=f"fmtune study {study.study_name}", summary=facts, table=table,
-        objectives=objectives, plot_path=png_path,
-    )  # fmt: skip
+    report = _write_report(study, objectives, out, facts, tracker)
     if tracker is not None:
-        numeric = {k: float(v) for k, v in facts.items() if isinstance(v, int | float)}
-        numeric["front_size"] = float(len(front))
-        tracker.log_study_summary(
-            numeric, {"pareto.csv": csv_path, "pareto.png": png_path, "report.html": html_path}
-        )
-    console.print(front_table(study.study_name, table, metrics, directions))
-    console.print(f"wrote {csv_path}, {png_path}, {html_path}")
+        _track_report(tracker, facts, [int(n) for n in front["trial"]], report)
+    console.print(front_table(study.study_name, table, metrics, directions, width=console.width))
+    console.print(f"wrote {', '.join(str(path) for path in report.files().values())}")
+
+
+def _track_report(
+    tracker: StudyTracker, facts: dict[str, Any], front: list[int], report: StudyReport
+) -> None:
+    """The study's end in MLflow: its numbers as metrics and its report files (report.html,
+    pareto.csv, pareto.png, ...) as artifacts of the parent run, and the front's trial runs
+    tagged (`tracker.mark_pareto_front`, which also untags trials a resume pushed off it).
+    MLflow failing here costs a warning, not the report already written."""
+    numeric = {k: float(v) for k, v in facts.items() if isinstance(v, int | float)}
+    numeric["front_size"] = float(len(front))
+    files = {name: path for name, path in report.files().items() if path.is_file()}
+    try:
+        tracker.log_study_summary(numeric, files)
+        tracker.mark_pareto_front(front)
+    except Exception as error:
+        logger.warning("MLflow: the study's report and front were not logged: %s", error)
+
+
+def _write_report(
+    study: optuna.Study,
+    objectives: list[Objective],
+    out: Path,
+    facts: dict[str, Any],
+    tracker: StudyTracker | None,
+) -> StudyReport:
+    """The study's report files in `out`: links to the bundles `fmtune export` writes to
+    out/bundles (as `make quickstart` does) and to each trial's run in `fmtune ui`."""
+    from tuner.report import DEFAULT_MLFLOW_UI, MlflowLinks, write_study_report
+
+    experiment_id = None
+    if tracker is not None:
+        try:
+            experiment_id = tracker.experiment_id
+        except Exception as error:  # the report must not fail because MLflow does
+            logger.warning("no MLflow experiment id for the report's links: %s", error)
+    return write_study_report(
+        study, objectives, out, summary=facts, bundles_dir=out / "bundles",
+        mlflow=MlflowLinks(experiment_id=experiment_id, ui_url=DEFAULT_MLFLOW_UI),
+    )  # fmt: skip
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -192,10 +312,18 @@ def tune(
             fail(f"--sampler: {unknown_name_message('sampler', sampler, SAMPLERS)}")
         folder = out or Path("out") / loaded.name
         folder.mkdir(parents=True, exist_ok=True)
+        url, name = storage or default_storage_url(folder), study or loaded.name
+        again = ["fmtune", "tune", str(experiment)]
+        for option, value in (("--trials", trials), ("--sampler", sampler),
+                              ("--tracking-uri", tracking_uri)):  # fmt: skip
+            again += [option, str(value)] if value is not None else []
+        for assignment in set_ or []:
+            again += ["--set", assignment]
+        again += ["--out", str(folder), "--storage", url, "--study", name, "--resume"]
         _run_study(
-            loaded, storage=storage or default_storage_url(folder), study_name=study or loaded.name,
-            out=folder, trials=trials or loaded.tune.trials, sampler=sampler, resume=resume,
-            worker=False, tracking_uri=tracking_uri,
+            loaded, storage=url, study_name=name, out=folder,
+            trials=trials or loaded.tune.trials, sampler=sampler, resume=resume, worker=False,
+            tracking_uri=tracking_uri, again=again,
         )  # fmt: skip
 
 
@@ -215,9 +343,11 @@ def worker(
     with user_errors():
         existing = study_experiment(load_study(study, storage), wait_s=30.0)
         assert existing.tune is not None
+        again = ["fmtune", "worker", "--storage", storage, "--study", study, "--out", str(out)]
+        again += ["--tracking-uri", tracking_uri] if tracking_uri is not None else []
         _run_study(
             existing, storage=storage, study_name=study, out=out, trials=existing.tune.trials,
-            sampler=None, resume=False, worker=True, tracking_uri=tracking_uri,
+            sampler=None, resume=False, worker=True, tracking_uri=tracking_uri, again=again,
         )  # fmt: skip
 
 
@@ -260,10 +390,16 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the UI.")] = 5000,
 ) -> None:
-    """Start the MLflow UI on a study's tracking store (Ctrl-C stops it)."""
-    import subprocess
+    """Start the MLflow UI on a study's tracking store (Ctrl-C stops it).
 
-    from tuner.tracking import default_tracking_uri, ui_command
+    One web worker and no job runner (`tracking.ui_command`, `ui_environment`): a small
+    machine answers in seconds. The URL is printed once the UI answers, and opens the study's
+    runs table.
+    """
+    import subprocess
+    import tempfile
+
+    from tuner.tracking import default_tracking_uri, ui_command, ui_environment, ui_url
 
     if tracking_uri is None:
         if out is None:
@@ -271,10 +407,181 @@ def ui(
         if not (out / "mlflow.db").exists():
             fail(f"--out: no mlflow.db in {out}")
         tracking_uri = default_tracking_uri(out)
+    _check_port_free(host, port)
     command = ui_command(tracking_uri, host=host, port=port)
-    console.print(f"MLflow UI on http://{host}:{port} (tracking {tracking_uri}); Ctrl-C stops it")
-    process = subprocess.Popen(command)
+    with tempfile.TemporaryFile() as log:
+        # Its own process group: Ctrl-C reaches fmtune alone, and stopping the group stops
+        # MLflow's server process and its uvicorn worker together.
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=ui_environment(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            problem = _wait_until_answers(process, host, port, UI_START_TIMEOUT_S)
+            if problem is not None:
+                stop_process(process, grace_s=5.0, group=True)
+                fail(f"MLflow UI on {tracking_uri} {problem}", _tail(log))
+            url = ui_url(f"http://{host}:{port}", _only_fmtune_experiment(host, port))
+            console.print(
+                f"MLflow UI on {url} (tracking {tracking_uri}); Ctrl-C stops it", soft_wrap=True
+            )
+            code = process.wait()
+            error_console.print(f"[bold red]error:[/] the MLflow UI exited with code {code}")
+            detail = _tail(log)
+            if detail:
+                error_console.print(detail, style="dim", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        finally:
+            stop_process(process, grace_s=10.0, group=True)
+
+
+UI_START_TIMEOUT_S = 120.0
+"""How long `fmtune ui` waits for the MLflow UI to answer HTTP (seconds on an idle 2-core
+machine; much longer when the CPUs are busy with a study)."""
+
+
+def _only_fmtune_experiment(host: str, port: int) -> str | None:
+    """The id of the store's one fmtune experiment (``fmtune-<study>``), asked of the UI's
+    REST API; None when there are none or several (the URL then opens the list)."""
+    import json
+    import urllib.request
+
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    base = f"http://{connect if ':' not in connect else f'[{connect}]'}:{port}"
+    body = json.dumps({"max_results": 2, "filter": "name LIKE 'fmtune-%'"}).encode()
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/experiments/search", data=body, method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
     try:
-        process.wait()
-    finally:
-        stop_process(process, grace_s=10.0)
+        with urllib.request.urlopen(request, timeout=10.0) as response:
+            experiments = json.load(response).get("experiments", [])
+    except (OSError, ValueError) as error:
+        logger.info("MLflow UI: no experiment list (%s); linking the list page", error)
+        return None
+    return str(experiments[0]["experiment_id"]) if len(experiments) == 1 else None
+
+
+DASHBOARD_START_TIMEOUT_S = 60.0
+"""How long `fmtune dashboard` waits for optuna-dashboard to answer HTTP."""
+
+
+def dashboard(
+    out: Annotated[
+        Path | None, typer.Option(help="A study's output folder (its study.db).")
+    ] = None,
+    storage: Annotated[str | None, typer.Option(help="Any optuna storage URL.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the dashboard.")] = 8080,
+) -> None:
+    """Start optuna-dashboard on a study's optuna storage: objectives by name, Pareto front,
+    every trial's knobs and fmtune.* attributes (Ctrl-C stops it).
+
+    optuna-dashboard 0.21 does not read optuna 5's named constraints (`trial.set_constraint`):
+    it draws and lists trials that break an SLA bound like feasible ones. Each trial's
+    fmtune.feasible and fmtune.violations attributes say it on its page; the study's front
+    is in its pareto.csv and report.html, and `fmtune export` writes it.
+    """
+    import subprocess
+    import tempfile
+
+    from tuner.cli.display import error_console
+    from tuner.study import default_storage_url
+
+    if storage is None:
+        if out is None:
+            fail("give --out (a study's output folder) or --storage")
+        if not (out / "study.db").is_file():
+            fail(f"--out: no study.db in {out}")
+        storage = default_storage_url(out)
+    elif storage.startswith("sqlite:///") and not _sqlite_file(storage).is_file():
+        fail(f"--storage: no database at {_sqlite_file(storage)}")
+    _check_port_free(host, port)
+    command = [_dashboard_executable(), storage, "--host", host, "--port", str(port), "--quiet"]
+    url = f"http://{host}:{port}/dashboard"
+    with tempfile.TemporaryFile() as log:
+        # Its own process group: Ctrl-C in the terminal reaches fmtune alone, and stopping
+        # the group also stops the workers of a gunicorn server.
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            problem = _wait_until_answers(process, host, port, DASHBOARD_START_TIMEOUT_S)
+            if problem is not None:
+                stop_process(process, grace_s=5.0, group=True)
+                fail(f"optuna-dashboard on {storage} {problem}", _tail(log))
+            console.print(
+                f"optuna-dashboard on {url} (storage {storage}); Ctrl-C stops it", soft_wrap=True
+            )
+            code = process.wait()
+            error_console.print(f"[bold red]error:[/] optuna-dashboard exited with code {code}")
+            detail = _tail(log)
+            if detail:
+                error_console.print(detail, style="dim", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        finally:
+            stop_process(process, grace_s=10.0, group=True)
+
+
+def _sqlite_file(url: str) -> Path:
+    """The database file of a `sqlite:///PATH` URL (query string left out)."""
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _dashboard_executable() -> str:
+    """optuna-dashboard's console script: beside this Python first (the venv), then PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).with_name("optuna-dashboard")
+    found = str(beside) if beside.is_file() else shutil.which("optuna-dashboard")
+    if found is None:
+        fail("optuna-dashboard is not installed: pip install optuna-dashboard")
+    return found
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit 2 when `host:port` is taken: a server already there would answer in its place."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        fail(f"--port: cannot listen on {host}:{port}: {error.strerror or error}")
+
+
+def _wait_until_answers(
+    process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float
+) -> str | None:
+    """None once the server answers HTTP; else why not (it exited, or it kept silent)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    probe = f"http://{connect if ':' not in connect else f'[{connect}]'}:{port}/api/meta"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            return f"exited with code {code} before answering"
+        try:
+            with urllib.request.urlopen(probe, timeout=2.0):
+                return None
+        except urllib.error.HTTPError:
+            return None  # it answers, if not happily: the page will tell
+        except OSError:
+            time.sleep(0.2)
+    return f"did not answer on {host}:{port} within {timeout_s:.0f} s"
+
+
+def _tail(log: IO[bytes], lines: int = 12) -> str:
+    """The last lines of a child's captured output."""
+    log.flush()
+    log.seek(0)
+    text = log.read().decode(errors="replace").rstrip()
+    return "\n".join(text.splitlines()[-lines:])
