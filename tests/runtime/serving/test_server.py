@@ -39,7 +39,7 @@ from runtime.engine.replica import free_port
 from runtime.routing.router import Router
 from runtime.serving.app import _BodyTooLarge, _read_body, build_apps, create_app
 from runtime.serving.config import ServeConfig
-from runtime.serving.server import serve
+from runtime.serving.server import bind_listener, serve
 from tests.runtime.fake_openai import FakeEngine, FakeReplica, LoopbackServer
 from tuner.cli import app as fmtune_cli
 
@@ -926,3 +926,18 @@ def test_the_shipped_serve_example_is_two_eager_replicas_behind_sla_aware_with_t
     assert deployment.apps["extract"].model_key == "llm"
     built = build_apps(deployment)  # what the front door builds before it serves
     assert list(built) == ["extract"] and built["extract"][1] == {"llm": "llm"}
+
+
+def test_the_listener_is_tcp_without_nagle() -> None:
+    """Accepted connections send small writes at once: with Nagle's algorithm on, a response
+    written as headers then body waited ~40 ms for the client's delayed ACK."""
+    listener = bind_listener(ServeConfig(port=free_port()))
+    try:
+        assert listener.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY only then
+        listener.listen()
+        with socket.create_connection(listener.getsockname()[:2]):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listener.close()
