@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -396,8 +396,6 @@ def ui(
     machine answers in seconds. The URL is printed once the UI answers, and opens the study's
     runs table.
     """
-    import subprocess
-    import tempfile
 
     from tuner.tracking import default_tracking_uri, ui_command, ui_environment, ui_url
 
@@ -409,30 +407,12 @@ def ui(
         tracking_uri = default_tracking_uri(out)
     _check_port_free(host, port)
     command = ui_command(tracking_uri, host=host, port=port)
-    with tempfile.TemporaryFile() as log:
-        # Its own process group: Ctrl-C reaches fmtune alone, and stopping the group stops
-        # MLflow's server process and its uvicorn worker together.
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=ui_environment(), start_new_session=True,
-        )  # fmt: skip
-        try:
-            problem = _wait_until_answers(process, host, port, UI_START_TIMEOUT_S)
-            if problem is not None:
-                stop_process(process, grace_s=5.0, group=True)
-                fail(f"MLflow UI on {tracking_uri} {problem}", _tail(log))
-            url = ui_url(f"http://{host}:{port}", _only_fmtune_experiment(host, port))
-            console.print(
-                f"MLflow UI on {url} (tracking {tracking_uri}); Ctrl-C stops it", soft_wrap=True
-            )
-            code = process.wait()
-            error_console.print(f"[bold red]error:[/] the MLflow UI exited with code {code}")
-            detail = _tail(log)
-            if detail:
-                error_console.print(detail, style="dim", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        finally:
-            stop_process(process, grace_s=10.0, group=True)
+    _serve_web_app(
+        "MLflow UI", command, host, port, UI_START_TIMEOUT_S,
+        store=("tracking", tracking_uri),
+        url=lambda: ui_url(f"http://{host}:{port}", _only_fmtune_experiment(host, port)),
+        env=ui_environment(),
+    )  # fmt: skip
 
 
 UI_START_TIMEOUT_S = 120.0
@@ -482,10 +462,7 @@ def dashboard(
     fmtune.feasible and fmtune.violations attributes say it on its page; the study's front
     is in its pareto.csv and report.html, and `fmtune export` writes it.
     """
-    import subprocess
-    import tempfile
 
-    from tuner.cli.display import error_console
     from tuner.study import default_storage_url
 
     if storage is None:
@@ -499,23 +476,45 @@ def dashboard(
     _check_port_free(host, port)
     command = [_dashboard_executable(), storage, "--host", host, "--port", str(port), "--quiet"]
     url = f"http://{host}:{port}/dashboard"
+    _serve_web_app(
+        "optuna-dashboard", command, host, port, DASHBOARD_START_TIMEOUT_S,
+        store=("storage", storage), url=lambda: url,
+    )  # fmt: skip
+
+
+def _serve_web_app(
+    name: str,
+    command: list[str],
+    host: str,
+    port: int,
+    timeout_s: float,
+    *,
+    store: tuple[str, str],
+    url: Callable[[], str],
+    env: dict[str, str] | None = None,
+) -> NoReturn:
+    """Run a web UI (MLflow's, optuna-dashboard) until Ctrl-C: print its URL once it answers
+    HTTP, exit 2 with its output's tail if it dies or never answers, exit 1 if it stops on
+    its own later. It runs in its own process group, so Ctrl-C in the terminal reaches fmtune
+    alone, and stopping the group stops its workers too, on every exit path. `store` is what
+    it shows: (kind, location), e.g. ("tracking", the MLflow tracking URI)."""
+    import subprocess
+    import tempfile
+
+    kind, location = store
     with tempfile.TemporaryFile() as log:
-        # Its own process group: Ctrl-C in the terminal reaches fmtune alone, and stopping
-        # the group also stops the workers of a gunicorn server.
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env=env, start_new_session=True,
         )  # fmt: skip
         try:
-            problem = _wait_until_answers(process, host, port, DASHBOARD_START_TIMEOUT_S)
+            problem = _wait_until_answers(process, host, port, timeout_s)
             if problem is not None:
                 stop_process(process, grace_s=5.0, group=True)
-                fail(f"optuna-dashboard on {storage} {problem}", _tail(log))
-            console.print(
-                f"optuna-dashboard on {url} (storage {storage}); Ctrl-C stops it", soft_wrap=True
-            )
+                fail(f"{name} on {location} {problem}", _tail(log))
+            console.print(f"{name} on {url()} ({kind} {location}); Ctrl-C stops it", soft_wrap=True)
             code = process.wait()
-            error_console.print(f"[bold red]error:[/] optuna-dashboard exited with code {code}")
+            error_console.print(f"[bold red]error:[/] {name} exited with code {code}")
             detail = _tail(log)
             if detail:
                 error_console.print(detail, style="dim", highlight=False, soft_wrap=True)
