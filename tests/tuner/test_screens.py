@@ -26,6 +26,7 @@ from runtime.errors import EngineFailure
 from runtime.metrics import RunMetrics
 from runtime.routing.router import RouterStats
 from runtime.run import RunResult, RunSpec
+from tests.tuner.test_study import SPACE
 from tuner.experiment import load_experiment
 from tuner.study import StudyRunner, default_storage_url
 from tuner.tracking import StudyTracker, default_tracking_uri
@@ -39,15 +40,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
     pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used"),
 ]
-
-SPACE = """
-description: tiny space for the screens test
-app:
-  architecture: [single, parallel]
-  format: [json, tag]
-engine:
-  max_num_seqs: {type: int, low: 4, high: 16, step: 4}
-"""
 
 # (architecture, format, max_num_seqs) of the four trials, in order: one infeasible (quality
 # below the bound), two on the front, one whose replica "fails to start".
