@@ -109,10 +109,7 @@ def served(bundled_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """`fmtune serve` over two replicas of the small engine, stopped whatever happens."""
     folder = tmp_path_factory.mktemp("serve-engine")
     deploy = folder / "DEPLOY.yaml"
-    engine = {
-        "model": SERVED, "max_model_len": 2048, "max_num_seqs": 16, "block_size": 128,
-        "enforce_eager": True,  # starts in ~35 s instead of ~90 s; serving is under test
-    }  # fmt: skip
+    engine = {"model": SERVED, "max_model_len": 2048, "max_num_seqs": 16, "block_size": 128}
     deploy.write_text(
         yaml.safe_dump(
             {
