@@ -25,6 +25,14 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a pooled connection may sit idle before it is dropped instead of reused. Servers
+#: close idle keep-alive connections themselves (vLLM's uvicorn after 5 s,
+#: VLLM_HTTP_TIMEOUT_KEEP_ALIVE); a client that reuses one at the moment the server closes it
+#: sees "Server disconnected without sending a response" although nothing is wrong. Dropping
+#: them well before the server does, with room for a server whose event loop runs late on a
+#: saturated machine, keeps that race out of the calls.
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 class CallFailure(StrEnum):
     """Why a call failed: an LLM call (client, router) or, in the executor, a node of a request.
@@ -220,9 +228,15 @@ class EngineClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=64,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
             transport=transport,
         )
+        self._transport = transport
+        self._headers = headers
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -238,6 +252,22 @@ class EngineClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    async def answers(self, path: str = "/v1/models", timeout_s: float = 10.0) -> bool:
+        """Whether the server answers `path` with 200 over a fresh connection (a health probe:
+        a pooled connection may be the very one that broke)."""
+        async with httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            transport=self._transport,
+        ) as fresh:
+            try:
+                response = await fresh.get(path)
+            except httpx.HTTPError:
+                return False
+        return response.status_code == 200
 
     async def models(self) -> list[str]:
         """The model names the server serves."""

@@ -588,3 +588,19 @@ class RouterConfig(BaseModel):
         description="Seconds between scrapes of each replica's Prometheus /metrics "
         "(running/waiting sequences, KV-cache usage) that refresh the snapshots.",
     )
+    health_probes: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3,
+        description="Health probes (each over a fresh connection) a replica must fail, after "
+        "a call or a /metrics scrape to it failed at the connection level, before it is "
+        "declared dead (and replaced when serving); it is out of rotation while probed and "
+        "back in as soon as one probe answers. A replica whose process exited is dead at once.",
+    )
+    health_probe_interval_s: Annotated[float, Field(gt=0.0, le=60.0)] = Field(
+        default=1.0,
+        description="Seconds between two failed health probes of a suspect replica.",
+    )
+    health_probe_timeout_s: Annotated[float, Field(gt=0.0, le=300.0)] = Field(
+        default=10.0,
+        description="Seconds one health probe waits for an answer (an engine on a saturated "
+        "machine can take seconds to answer; a dead one refuses at once).",
+    )

@@ -9,8 +9,11 @@ call it builds snapshots of the replicas (its own outstanding counters plus the 
 - with the sla_aware policy, admission control sheds a call whose deadline is already out of
   reach (or passes while it waits), before it takes capacity from calls that can still make
   it; the other policies never shed: late calls run late;
-- a replica that fails a call at the connection level (it died) is taken out of rotation and
-  the call is retried once on another replica.
+- a replica that fails a call (or a /metrics scrape) at the connection level is taken out
+  of rotation and the call is retried once on another replica; then the replica is found
+  out: dead at once if its process exited, otherwise probed over fresh connections and back
+  in rotation as soon as it answers (one broken connection is not a dead engine), declared
+  dead (`on_unhealthy`, which replaces it when serving) after `health_probes` failures.
 A call the router refuses comes back as a failed CallRecord whose `failure` says why (SHED,
 QUEUE_FULL, NO_ENDPOINT), so the executor and the run read the kind, never the message.
 Deadlines come from `client.call_deadline()`, which the executor sets for every call from
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from runtime.engine.client import (
+    KEEPALIVE_EXPIRY_S,
     CallFailure,
     CallRecord,
     EngineClient,
@@ -70,6 +74,10 @@ class Endpoint:
     replica: Replica | None = None
     client: EngineClient | None = None
     healthy: bool = True
+    """In rotation: calls may be routed here."""
+    probing: bool = False
+    """Out of rotation while health probes find out whether a connection failure means the
+    endpoint is dead (see `Router.connection_failed`)."""
     outstanding: int = 0
     outstanding_prefill_tokens: int = 0
     outstanding_decode_tokens: int = 0
@@ -152,7 +160,10 @@ class Router:
         self._queues: dict[str, SlackQueue[_Waiter]] = {}
         self._counter = 0
         self._refresher: asyncio.Task[None] | None = None
-        self._http = httpx.AsyncClient(timeout=5.0)
+        self._probes: set[asyncio.Task[None]] = set()
+        self._http = httpx.AsyncClient(
+            timeout=5.0, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        )
         for endpoint in endpoints:
             self.add_endpoint(endpoint)
 
@@ -210,6 +221,9 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
+        for probe in list(self._probes):
+            probe.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
         for endpoint in self.endpoints:
             if endpoint.client is not None:
                 await endpoint.client.aclose()
@@ -230,6 +244,8 @@ class Router:
         if endpoint.replica is not None and not endpoint.replica.running():
             self._mark_unhealthy(endpoint, "process exited")
             return
+        if endpoint.probing:
+            return
         if not endpoint.healthy:
             if endpoint.replica is None and await self._answers(endpoint):
                 logger.info("endpoint %s answers again; back in rotation", endpoint.endpoint_id)
@@ -242,27 +258,64 @@ class Router:
             metrics = parse_metrics(response.text)
         except (httpx.HTTPError, ValueError) as error:
             if endpoint.replica is not None:
-                self._mark_unhealthy(endpoint, f"metrics scrape failed: {error}")
+                self.connection_failed(endpoint, f"metrics scrape failed: {error!r}")
             return
         endpoint.num_running = int(metrics.num_requests_running)
         endpoint.num_waiting = int(metrics.num_requests_waiting)
         endpoint.kv_cache_usage = metrics.kv_cache_usage
 
     async def _answers(self, endpoint: Endpoint) -> bool:
-        """Whether an external endpoint answers /v1/models again."""
-        try:
-            response = await self._http.get(f"{endpoint.base_url}/v1/models")
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        """Whether an endpoint answers /v1/models, over a fresh connection."""
+        assert endpoint.client is not None
+        return await endpoint.client.answers(timeout_s=self.config.health_probe_timeout_s)
 
     def _mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
-        if endpoint.healthy:
+        """Declare an endpoint dead: out of rotation, and `on_unhealthy` told (once)."""
+        if endpoint.healthy or endpoint.probing:
             logger.warning("endpoint %s out of rotation: %s", endpoint.endpoint_id, reason)
             endpoint.healthy = False
+            endpoint.probing = False
             if self.on_unhealthy is not None:
                 self.on_unhealthy(endpoint)
             self._wake(endpoint.model_key)
+
+    def connection_failed(self, endpoint: Endpoint, reason: str) -> None:
+        """A call or a scrape to this endpoint failed at the connection level: take it out of
+        rotation and find out why. A local replica whose process exited is dead at once;
+        anything else (a keep-alive connection closed under the call, an engine too busy to
+        answer a scrape in time) is probed over fresh connections in the background, back in
+        rotation at the first answer, dead after `health_probes` failures."""
+        if not endpoint.healthy:
+            return  # already being probed, or dead
+        if endpoint.replica is not None and not endpoint.replica.running():
+            self._mark_unhealthy(endpoint, f"{reason}; its process exited")
+            return
+        logger.warning("endpoint %s out of rotation, probing it: %s", endpoint.endpoint_id, reason)
+        endpoint.healthy = False
+        endpoint.probing = True
+        self._wake(endpoint.model_key)
+        probe = asyncio.get_running_loop().create_task(self._probe(endpoint, reason))
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+
+    async def _probe(self, endpoint: Endpoint, reason: str) -> None:
+        """Health-probe a suspect endpoint until it answers or has failed every probe."""
+        config = self.config
+        for attempt in range(config.health_probes):
+            if attempt:
+                await asyncio.sleep(config.health_probe_interval_s)
+            if not endpoint.probing:
+                return  # declared dead meanwhile (its process exited)
+            if endpoint.replica is not None and not endpoint.replica.running():
+                break
+            if await self._answers(endpoint):
+                endpoint.probing = False
+                if endpoint in self.endpoints:
+                    logger.info("endpoint %s answers; back in rotation", endpoint.endpoint_id)
+                    endpoint.healthy = True
+                    self._wake(endpoint.model_key)
+                return
+        self._mark_unhealthy(endpoint, f"{reason}; then {config.health_probes} probes failed")
 
     # --- dispatch steps (public: the server's streaming proxy uses them too) ---------------
 
@@ -270,12 +323,13 @@ class Router:
         """Endpoints of a model key that are in rotation."""
         return [e for e in self.endpoints if e.model_key == model_key and e.healthy]
 
-    def mark_unhealthy(self, endpoint: Endpoint, reason: str) -> None:
-        """Take an endpoint out of rotation (its process died, its connection broke)."""
-        self._mark_unhealthy(endpoint, reason)
-
     def _has_room(self, model_key: str) -> bool:
         return any(e.outstanding < e.max_num_seqs for e in self.healthy(model_key))
+
+    def _unservable(self, model_key: str) -> bool:
+        """No endpoint of the model is in rotation, nor being probed to come back: waiting
+        calls are released to fail (NO_ENDPOINT) instead of waiting for nothing."""
+        return not any(e.healthy or e.probing for e in self.endpoints if e.model_key == model_key)
 
     def _wake(self, model_key: str) -> None:
         """Release waiting calls, least slack first, while the model has room. With the
@@ -288,7 +342,7 @@ class Router:
             for waiter in queue.drop_expired(self.clock()):
                 if not waiter.future.done():
                     waiter.future.set_exception(TimeoutError("deadline passed while queued"))
-        while len(queue) and (self._has_room(model_key) or not self.healthy(model_key)):
+        while len(queue) and (self._has_room(model_key) or self._unservable(model_key)):
             waiter = queue.pop(self.clock()).item
             if not waiter.future.done():
                 waiter.future.set_result(None)
@@ -315,15 +369,15 @@ class Router:
 
     async def admit(self, model_key: str, demand: CallDemand) -> None:
         """Shed a call that cannot make its deadline, or wait (least slack first) while every
-        replica of its model is full; raises Rejected with the reason."""
+        replica of its model is full or being probed; raises Rejected with the reason."""
         if model_key not in self._queues:
             raise Rejected(CallFailure.NO_ENDPOINT, f"no endpoint serves model key '{model_key}'")
         candidates = [e.snapshot() for e in self.healthy(model_key)]
-        if not candidates:
+        if self._unservable(model_key):
             raise Rejected(
                 CallFailure.NO_ENDPOINT, f"no healthy endpoint serves model key '{model_key}'"
             )
-        if self.config.policy == "sla_aware":
+        if self.config.policy == "sla_aware" and candidates:
             context = self._context()
             best = min(
                 predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
@@ -374,10 +428,11 @@ class Router:
     def retry_elsewhere(
         self, model_key: str, endpoint: Endpoint, tried: set[str], error: str
     ) -> bool:
-        """After `endpoint` could not be reached: take it out of rotation, add it to `tried`,
-        and say whether the call goes once more to another healthy endpoint. A call is retried
-        at most once, so a dying fleet costs each call one extra connect, not one per replica."""
-        self.mark_unhealthy(endpoint, error)
+        """After `endpoint` could not be reached: take it out of rotation (`connection_failed`),
+        add it to `tried`, and say whether the call goes once more to another healthy endpoint.
+        A call is retried at most once, so a dying fleet costs each call one extra connect, not
+        one per replica."""
+        self.connection_failed(endpoint, error)
         tried.add(endpoint.endpoint_id)
         retry = len(tried) == 1 and any(
             other.endpoint_id not in tried for other in self.healthy(model_key)

@@ -480,7 +480,7 @@ def create_app(
                 content = await response.aread()
             except httpx.HTTPError as error:
                 if isinstance(error, CONNECTION_ERRORS):
-                    proxy.mark_dead(upstream.endpoint, error)
+                    proxy.connection_broke(upstream.endpoint, error)
                 raise ProxyError(
                     502, "upstream_error", f"endpoint '{upstream.endpoint.endpoint_id}': {error!r}"
                 ) from None

@@ -68,3 +68,12 @@ class ServeConfig(BaseModel):
         description="On Ctrl-C/SIGTERM, how long open requests may finish before the "
         "connections are closed and the replicas stopped.",
     )
+    timeout_keep_alive_s: int = Field(
+        default=75,
+        gt=0,
+        le=3600,
+        description="Seconds an idle client connection stays open for the next request. "
+        "Longer than the idle timeouts of common load balancers and client pools (60 s and "
+        "less), so the front door never closes a connection a client is about to reuse "
+        "(uvicorn's default of 5 s races clients that keep connections for 5 s too).",
+    )

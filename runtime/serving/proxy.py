@@ -168,9 +168,9 @@ class RouterProxy:
         with anyio.CancelScope(shield=True):
             await upstream.response.aclose()
 
-    def mark_dead(self, endpoint: Endpoint, error: Exception) -> None:
-        """Take an endpoint whose connection broke out of rotation."""
-        self.router.mark_unhealthy(endpoint, f"connection: {error!r}")
+    def connection_broke(self, endpoint: Endpoint, error: Exception) -> None:
+        """An open response from this endpoint broke: the router finds out whether it died."""
+        self.router.connection_failed(endpoint, f"connection: {error!r}")
 
     async def _admit(self, model_key: str, demand: CallDemand) -> None:
         """The router's admission (shedding, least-slack queue) as HTTP errors."""
@@ -232,7 +232,7 @@ async def relay(proxy: RouterProxy, upstream: Upstream) -> AsyncIterator[bytes]:
             yield chunk
     except httpx.HTTPError as error:
         if isinstance(error, CONNECTION_ERRORS):
-            proxy.mark_dead(upstream.endpoint, error)
+            proxy.connection_broke(upstream.endpoint, error)
         logger.warning("stream from %s broke: %r", upstream.endpoint.endpoint_id, error)
         message = f"stream from endpoint '{upstream.endpoint.endpoint_id}' broke: {error!r}"
         body = openai_error(502, message, kind="server_error", code="upstream_error").body

@@ -171,6 +171,7 @@ async def _serve_async(
                 port=config.port,
                 log_config=None,
                 timeout_graceful_shutdown=config.shutdown_grace_s,
+                timeout_keep_alive=config.timeout_keep_alive_s,
             )
         )
         server.on_started = on_started

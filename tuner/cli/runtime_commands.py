@@ -226,6 +226,10 @@ def serve(
         int | None,
         typer.Option(help="Largest request body accepted before 413 (default: 4 MiB)."),
     ] = None,
+    timeout_keep_alive: Annotated[
+        int | None,
+        typer.Option(help="Seconds an idle client connection stays open (default: 75)."),
+    ] = None,
 ) -> None:
     """Serve a deployment: OpenAI-compatible /v1/chat/completions, /v1/completions,
     /v1/models, each app at /v1/apps/{name}, /health (and /healthz), /version and Prometheus
@@ -235,7 +239,11 @@ def serve(
     from runtime.serving.server import serve as serve_deployment
 
     with user_errors():
-        limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+        limits: dict[str, int] = {}
+        if max_body_bytes is not None:
+            limits["max_body_bytes"] = max_body_bytes
+        if timeout_keep_alive is not None:
+            limits["timeout_keep_alive_s"] = timeout_keep_alive
         config = validated(
             lambda: ServeConfig(
                 host=host, port=port, api_key=api_key, max_queue=max_queue, sla_e2e_s=sla,

@@ -29,16 +29,49 @@ def sse_answer(text: str) -> bytes:
     return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
 
 
-def scripted(name: str, delay_s: float = 0.0, refuse: bool = False) -> httpx.MockTransport:
+def scripted(
+    name: str,
+    delay_s: float = 0.0,
+    refuse: bool = False,
+    drop_calls: int = 0,
+    probe_delay_s: float = 0.0,
+) -> httpx.MockTransport:
+    """An endpoint's transport: answers calls with its name after delay_s; `refuse`: nothing
+    answers (a dead server); `drop_calls`: the first calls lose their connection before any
+    byte (a keep-alive connection the server closed under them) while /v1/models answers
+    after probe_delay_s."""
+    dropped = 0
+
     async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal dropped
         if refuse:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/metrics":
             return httpx.Response(200, text="")
+        if request.url.path == "/v1/models":
+            await asyncio.sleep(probe_delay_s)
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        if dropped < drop_calls:
+            dropped += 1
+            message = "Server disconnected without sending a response."
+            raise httpx.RemoteProtocolError(message, request=request)
         await asyncio.sleep(delay_s)
         return httpx.Response(200, content=sse_answer(name))
 
     return httpx.MockTransport(handler)
+
+
+#: Probes quick enough for tests (the defaults wait seconds between probes).
+QUICK_PROBES = {"health_probes": 2, "health_probe_interval_s": 0.01}
+
+
+async def settled(router: Router) -> None:
+    """Wait until no endpoint is being probed."""
+    for _ in range(500):
+        if not any(e.probing for e in router.endpoints):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("probes did not settle")
 
 
 def endpoint(name: str, max_num_seqs: int = 4, **script: object) -> Endpoint:
@@ -126,7 +159,7 @@ async def test_a_call_is_retried_at_most_once_even_with_more_dead_endpoints() ->
     await router.aclose()
 
 
-def test_retry_elsewhere_needs_another_healthy_endpoint() -> None:
+async def test_retry_elsewhere_needs_another_healthy_endpoint() -> None:
     router = Router([endpoint("a"), endpoint("b")])
     a, b = router.endpoints
     tried: set[str] = set()
@@ -137,20 +170,77 @@ def test_retry_elsewhere_needs_another_healthy_endpoint() -> None:
     lone = Router([endpoint("c")])
     assert not lone.retry_elsewhere("llm", lone.endpoints[0], set(), "connection: refused")
     assert lone.stats.retried == 0
+    await router.aclose()
+    await lone.aclose()
 
 
 async def test_dead_endpoint_is_taken_out_and_the_call_retried_elsewhere() -> None:
     dead_seen: list[str] = []
     router = Router(
         [endpoint("dead", refuse=True), endpoint("alive")],
-        RouterConfig(policy="round_robin"),
+        RouterConfig(policy="round_robin", **QUICK_PROBES),
         on_unhealthy=lambda e: dead_seen.append(e.endpoint_id),
     )
     records = [await router.chat("llm", USER, SamplingParams()) for _ in range(4)]
     assert all(r.ok and r.text == "alive" for r in records)
     assert sum(r.retries for r in records) == 1 and router.stats.retried == 1
+    await settled(router)  # the probes of "dead" fail: it is declared dead, once
     assert dead_seen == ["dead"]
     assert [e.healthy for e in router.endpoints] == [False, True]
+    await router.aclose()
+
+
+async def test_a_dropped_connection_to_a_live_endpoint_does_not_declare_it_dead() -> None:
+    dead_seen: list[str] = []
+    router = Router(
+        [endpoint("flaky", drop_calls=1, probe_delay_s=0.05), endpoint("steady")],
+        RouterConfig(policy="round_robin", **QUICK_PROBES),
+        on_unhealthy=lambda e: dead_seen.append(e.endpoint_id),
+    )
+    first = await router.chat("llm", USER, SamplingParams())  # flaky drops it: retried
+    assert first.ok and first.text == "steady" and first.retries == 1
+    flaky = router.endpoints[0]
+    assert flaky.probing and not flaky.healthy  # out of rotation while probed
+    await settled(router)
+    assert flaky.healthy and dead_seen == []  # it answered its probe: back in rotation
+    texts = {(await router.chat("llm", USER, SamplingParams())).text for _ in range(4)}
+    assert texts == {"flaky", "steady"}
+    await router.aclose()
+
+
+async def test_a_call_waits_while_the_only_endpoint_is_probed() -> None:
+    router = Router(
+        [endpoint("lone", drop_calls=1, probe_delay_s=0.2)],
+        RouterConfig(policy="round_robin", **QUICK_PROBES),
+    )
+    dropped = await router.chat("llm", USER, SamplingParams())  # nowhere else to retry
+    assert dropped.failure is CallFailure.CONNECTION
+    assert router.endpoints[0].probing
+    waited = await router.chat("llm", USER, SamplingParams())  # queued until the probe answers
+    assert waited.ok and waited.text == "lone"
+    assert router.endpoints[0].healthy
+    await router.aclose()
+
+
+class _ExitedProcess:
+    """A replica whose server process has exited (all the router asks of it)."""
+
+    def running(self) -> bool:
+        return False
+
+
+async def test_a_replica_whose_process_exited_is_dead_without_probes() -> None:
+    dead_seen: list[str] = []
+    gone = endpoint("gone", refuse=True)
+    gone.replica = _ExitedProcess()  # type: ignore[assignment]
+    router = Router(
+        [gone, endpoint("live")],
+        RouterConfig(policy="round_robin"),  # default probes: seconds, if they ran
+        on_unhealthy=lambda e: dead_seen.append(e.endpoint_id),
+    )
+    record = await router.chat("llm", USER, SamplingParams())  # "gone" sorts first
+    assert record.ok and record.text == "live" and record.retries == 1
+    assert dead_seen == ["gone"] and not gone.probing and not gone.healthy
     await router.aclose()
 
 

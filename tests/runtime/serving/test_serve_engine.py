@@ -295,6 +295,9 @@ def test_overload_gives_429s_and_the_service_stays_up_and_bounded(served: Served
     statuses = [o.status_code if isinstance(o, httpx.Response) else o for o in outcomes]
     counts = dict(collections.Counter(map(str, statuses)))
     summary = f"{len(outcomes)} requests at {10 * sustainable:.1f}/s: {counts}"
+    odd = [o.text[:300] if isinstance(o, httpx.Response) else o for o in outcomes]
+    odd = [text for text, status in zip(odd, statuses, strict=True) if status not in (200, 429)]
+    summary += "".join(f"\n  {text}" for text in odd[:5]) + f"\nserver log:\n{served.log_tail()}"
     rejected = [o for o in outcomes if isinstance(o, httpx.Response) and o.status_code == 429]
     assert len(rejected) > len(outcomes) / 2, summary
     for response in rejected[:20]:

@@ -490,7 +490,8 @@ async def test_router_queue_full_is_429_and_shed_is_503() -> None:
 def test_dead_endpoint_calls_retried_none_lost_and_reported() -> None:
     with fake_engines(2, reply=REPLY) as engines:
         (alive, _), (doomed, doomed_server) = engines
-        deployment = deployment_for([server.url for _, server in engines])
+        urls = [server.url for _, server in engines]
+        deployment = deployment_for(urls, health_probes=2, health_probe_interval_s=0.05)
         with (
             front_door(deployment) as (door, router),
             httpx.Client(base_url=door.url, timeout=10) as http,
@@ -522,6 +523,11 @@ def test_dead_endpoint_calls_retried_none_lost_and_reported() -> None:
             assert health.json()["healthy_endpoints"] == 1
             assert health.json()["endpoints"] == {"llm/0": True, "llm/1": False}
 
+            def declared_dead() -> bool:  # once its health probes have failed
+                failures = metric_samples(http.get("/metrics").text)["fmtune_endpoint_failures"]
+                return any(sample.value == 1 for sample in failures)
+
+            wait_for(declared_dead, 5, "the dead endpoint's probes to fail")
             samples = metric_samples(http.get("/metrics").text)
             healthy = samples["fmtune_endpoints_healthy"]
             assert sample_value(healthy, "fmtune_endpoints_healthy", model_key="llm") == 1
