@@ -21,14 +21,18 @@ be acyclic. Conditions are parsed, never evaluated: `<ref> == 'value'` or `<ref>
 from __future__ import annotations
 
 import graphlib
+import hashlib
 import importlib
+import importlib.util
 import logging
 import re
 import string
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -36,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from runtime.app.formats import OutputFormat
 from runtime.engine.client import SamplingParams
-from runtime.errors import ConfigError, describe_validation_error
+from runtime.errors import ConfigError, closest_name, describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -144,22 +148,65 @@ def _normal(value: Any) -> str:
 
 
 def resolve_callable(path: str) -> Callable[..., Any]:
-    """Import 'package.module:function'; ValueError saying what is wrong with the path."""
-    module_name, sep, attribute = path.partition(":")
+    """Import 'package.module:function', or load 'path/to/file.py:function' from a Python
+    file (how app folders name their code: app.yaml's loader makes the path absolute);
+    ValueError saying what is wrong with the path."""
+    module_name, sep, attribute = path.rpartition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"callable must look like 'package.module:function', got '{path}'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"callable '{path}': cannot import '{module_name}' ({error})") from None
+        raise ValueError(
+            f"callable must look like 'package.module:function' or 'file.py:function', got '{path}'"
+        )
+    if module_name.endswith(".py"):
+        module = _file_module(Path(module_name), path)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(
+                f"callable '{path}': cannot import '{module_name}' ({error})"
+            ) from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ValueError(f"callable '{path}': '{module_name}' has no attribute '{attribute}'")
+            public = [name for name in vars(module) if not name.startswith("_")]
+            hint = closest_name(part, public)
+            guess = f" (did you mean '{hint}'?)" if hint else ""
+            raise ValueError(
+                f"callable '{path}': '{module_name}' has no attribute '{attribute}'{guess}"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise ValueError(f"callable '{path}' is not callable")
     return target
+
+
+_FILE_MODULES: dict[Path, ModuleType] = {}
+"""Python files loaded by resolve_callable, by resolved path: each file is run once."""
+
+
+def _file_module(file: Path, path: str) -> ModuleType:
+    """The module of a Python file, loaded once under a name unique to its path."""
+    resolved = file.resolve()
+    if resolved in _FILE_MODULES:
+        return _FILE_MODULES[resolved]
+    if not resolved.is_file():
+        raise ValueError(f"callable '{path}': no such file '{file}'")
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    name = f"_fmtune_file_{resolved.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"callable '{path}': cannot load '{file}' as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the file's own code may raise anything while it loads
+        del sys.modules[name]
+        raise ValueError(
+            f"callable '{path}': loading '{file}' raised {type(error).__name__}: {error}"
+        ) from None
+    _FILE_MODULES[resolved] = module
+    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +332,10 @@ class CodeNode(_NodeBase):
     """A Python function `f(inputs: dict) -> dict`, sync or async, imported lazily."""
 
     kind: Literal["code"] = Field("code", description="Node kind discriminator.")
-    callable: str = Field(description="Dotted path 'package.module:function'.")
+    callable: str = Field(
+        description="'package.module:function', or 'file.py:function' (in an app folder: "
+        "relative to the folder)."
+    )
     inputs: dict[str, str] = Field(
         default_factory=dict,
         description="Argument name -> reference ('article' or 'node.field'): the dict the "

@@ -20,6 +20,7 @@ from runtime.app.dag import (
     app_from_dict,
     load_app,
     render,
+    resolve_callable,
     template_refs,
 )
 from runtime.app.formats import OutputFormat
@@ -268,6 +269,20 @@ def test_code_callable_must_import() -> None:
     node = {"id": "c", "kind": "code", "callable": "tests.runtime.app.test_dag"}
     with pytest.raises(ConfigError, match=r"must look like 'package.module:function'"):
         build([node])
+
+
+def test_code_callable_may_be_a_function_of_a_python_file(tmp_path: Path) -> None:
+    (tmp_path / "calc.py").write_text("def double(inputs):\n    return {'n': inputs['x'] * 2}\n")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('cannot load')\n")
+    node = CodeNode(id="c", callable=f"{tmp_path}/calc.py:double", output_fields=("n",))
+    assert resolve_callable(node.callable)({"x": 4}) == {"n": 8}
+    assert resolve_callable(node.callable) is resolve_callable(f"{tmp_path}/calc.py:double")
+    with pytest.raises(ValueError, match=r"calc\.py' has no attribute 'doubel' \(did you mean"):
+        resolve_callable(f"{tmp_path}/calc.py:doubel")
+    with pytest.raises(ValueError, match=r"no such file '.*/nope\.py'"):
+        resolve_callable(f"{tmp_path}/nope.py:f")
+    with pytest.raises(ValueError, match=r"loading '.*broken\.py' raised RuntimeError: cannot"):
+        resolve_callable(f"{tmp_path}/broken.py:f")
 
 
 def test_code_and_api_nodes_validate_their_references() -> None:
