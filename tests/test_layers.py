@@ -35,6 +35,8 @@ def test_contracts_hold_on_the_tree() -> None:
         ("runtime/engine/config.py", "import runtime.serving.server", "runtime layers"),
         ("runtime/run.py", "import apps.extraction", "shipped application"),
         ("tuner/report.py", "import runtime.routing.router", "public entry points"),
+        ("runtime/routing/policies.py", "import runtime.sim.cluster", "runtime layers"),
+        ("runtime/sim/cluster.py", "import runtime.routing.router", "no live part"),
     ],
 )
 def test_a_deliberate_violation_breaks_its_contract(
