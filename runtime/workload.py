@@ -90,8 +90,28 @@ class WorkloadSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     arrivals: Arrivals = Field(description="How requests arrive; chosen by its 'kind'.")
-    num_requests: int = Field(ge=1, description="Requests sent in one run.")
+    num_requests: int = Field(ge=1, description="Requests sent in one run (one repeat).")
     seed: int = Field(0, ge=0, description="Seed of every random draw in the workload.")
+    warmup_requests: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Requests sent all at once before the measured ones, once per run, and "
+        "left out of every metric, the trace and the cost: they pay for what a cold engine "
+        "does once (first batches, allocator growth, caches) so it does not land on the "
+        "first measured requests. They carry the dataset examples the measured requests do "
+        "not (the next ones of the seeded order), while there are such examples.",
+    )
+    repeats: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Times the measured workload is sent, one after the other on the same "
+        "replicas, with the same examples in the same order and the same schedule. Each "
+        "metric is then the median over repeats with a 95% bootstrap interval "
+        "(`<metric>_ci95`); 1 for screening, 3 or more to confirm a result or compare it "
+        "with another measurement.",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,15 +258,33 @@ def arrival_offsets(spec: WorkloadSpec) -> list[float] | None:
     return offsets[:n]
 
 
-def sample_requests(spec: WorkloadSpec, dataset_size: int) -> list[int]:
-    """Which dataset example each of the spec's requests carries (indices, seeded).
-
-    Walks a seeded permutation of the dataset, drawing a fresh one each time it is used
-    up, so every example is sent once before any is sent twice.
-    """
+def _example_order(spec: WorkloadSpec, dataset_size: int, count: int) -> list[int]:
+    """The first `count` dataset indices of the spec's seeded order: a seeded permutation
+    of the dataset, a fresh one each time it is used up. The order depends only on the
+    workload's seed and the dataset's size, never on the deployment or the app's knobs, so
+    every trial of an experiment sends the same examples in the same order."""
     if dataset_size < 1:
         raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
     rng = _rng(spec.seed, _REQUEST_STREAM)
-    cycles = -(-spec.num_requests // dataset_size)
-    order = np.concatenate([rng.permutation(dataset_size) for _ in range(cycles)])
-    return order[: spec.num_requests].tolist()
+    cycles = -(-count // dataset_size)
+    order = np.concatenate([rng.permutation(dataset_size) for _ in range(max(cycles, 1))])
+    return order[:count].tolist()
+
+
+def sample_requests(spec: WorkloadSpec, dataset_size: int) -> list[int]:
+    """Which dataset example each of the spec's measured requests carries (indices, seeded).
+
+    Walks a seeded permutation of the dataset, drawing a fresh one each time it is used
+    up, so every example is sent once before any is sent twice. Every repeat of a run, and
+    every run of the same workload and dataset, sends this list in this order (paired
+    comparisons of quality rest on it).
+    """
+    return _example_order(spec, dataset_size, spec.num_requests)
+
+
+def warmup_examples(spec: WorkloadSpec, dataset_size: int) -> list[int]:
+    """Which dataset example each warm-up request carries: the spec.warmup_requests examples
+    that follow the measured ones in the seeded order, so a warm-up does not pre-fill the
+    engine's prefix cache with a measured example unless the dataset has no other."""
+    count = spec.num_requests + spec.warmup_requests
+    return _example_order(spec, dataset_size, count)[spec.num_requests :]
