@@ -5,6 +5,14 @@ succeeded, the share of all requests answered within the SLA deadline (failures 
 requests count as misses), the rate of such requests (goodput), what the replicas and API
 tokens cost per thousand requests, peak memory, and answer quality with a bootstrap
 confidence interval (a failed request scores 0, since its user got nothing).
+
+Cost counts the replica time of the work itself: each replica is charged from the first
+measured request's send to the last measured answer (`busy_replica_seconds`), not its
+start-up, the warm-up requests or idle time around the run.
+
+A run measured several times (the workload's `repeats`) is summarized by `combine_repeats`:
+the median of each metric over repeats with a 95% bootstrap interval, and quality over the
+same examples averaged across repeats.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.app.formats import FormatTally
-from runtime.stats import bootstrap_ci, percentiles
+from runtime.stats import bootstrap_ci, bootstrap_median_ci, percentiles
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,27 @@ class CostModel(BaseModel):
     )
 
 
+def busy_replica_seconds(
+    outcomes: Sequence[RequestOutcome], replicas: Mapping[str, int]
+) -> dict[str, float]:
+    """Replica-seconds of the work itself, by model key: every replica of a key is charged
+    the run's busy span, from the first request's send (min start_s) to the last answer
+    (max end_s), whether or not it served a call at every moment of it (a replica is held
+    for the whole run). Start-up, warm-up requests and idle time before the first send or
+    after the last answer are not charged, so an engine that starts slowly or a pause
+    between repeats does not move the cost. No requests: zero.
+
+    replicas: running replicas by model key (all >= 0).
+    """
+    for key, count in replicas.items():
+        if count < 0:
+            raise ValueError(f"replicas[{key!r}] must be >= 0, got {count}")
+    if not outcomes:
+        return dict.fromkeys(replicas, 0.0)
+    span = max(o.end_s for o in outcomes) - min(o.start_s for o in outcomes)
+    return {key: span * count for key, count in replicas.items()}
+
+
 def cost_per_1k_requests(
     replica_seconds: Mapping[str, float],
     prices: Mapping[str, float],
@@ -169,17 +198,32 @@ class RunMetrics(BaseModel):
     )
     goodput_rps: float | None = _desc("Requests that met the SLA, per wall second.")
     error_rate: float | None = _desc("Share of requests that failed or were shed.")
-    cost_per_1k_usd: float | None = _desc("USD per 1000 requests (replicas + API tokens).")
+    cost_per_1k_usd: float | None = _desc(
+        "USD per 1000 requests: replica-seconds of the work itself (each replica charged from "
+        "the first measured request's send to the last measured answer; start-up, warm-up "
+        "and idle time not charged) times the replica price, plus API tokens."
+    )
     peak_memory_gib: float | None = _desc("Peak memory of the deployment, GiB.")
     quality: float | None = _desc(
         "Mean task score over all requests, a failed request scoring 0; None if unscored."
     )
-    quality_ci95: list[float] | None = _desc("95% bootstrap interval of quality: [low, high].")
+    quality_ci95: list[float] | None = _desc(
+        "95% bootstrap interval of quality over the examples: [low, high] (with repeats, "
+        "each example's score is its mean over repeats)."
+    )
     format_clean_rate: float | None = _desc("Share of structured answers parsed strictly.")
     format_repaired_rate: float | None = _desc("Share parsed only after CPU-side repair.")
     format_unparseable_rate: float | None = _desc("Share that could not be parsed at all.")
     llm_calls_per_request: float | None = _desc("Mean LLM calls per request.")
     tokens_per_request: float | None = _desc("Mean prompt + completion tokens per request.")
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Times the workload was measured. With more than one, num_requests, "
+        "num_failed, num_shed and wall_s add up over repeats, peak_memory_gib is the "
+        "highest, quality is over the examples (each averaged over repeats), and every "
+        "other metric is the median over repeats.",
+    )
 
 
 def _per_second(count: float, wall_s: float) -> float | None:
@@ -269,4 +313,112 @@ def summarize(
         tokens_per_request=(
             float(np.mean([o.prompt_tokens + o.completion_tokens for o in outcomes])) if n else None
         ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Repeats
+# --------------------------------------------------------------------------------------------
+
+_SUMMED = ("num_requests", "num_failed", "num_shed", "wall_s")
+"""Counts and durations that add up over repeats."""
+_KEPT = ("sla_e2e_s", "quality", "quality_ci95", "repeats")
+"""Fields not taken per repeat: the deadline, quality (over examples) and the count."""
+_HIGHEST = ("peak_memory_gib",)
+
+
+def median_metric_names() -> list[str]:
+    """The metrics a run with repeats reports as the median over repeats (each with a 95%
+    bootstrap interval): every numeric RunMetrics field but the counts, durations, peak
+    memory and quality."""
+    skip = set(_SUMMED) | set(_KEPT) | set(_HIGHEST)
+    return [name for name in RunMetrics.model_fields if name not in skip]
+
+
+def example_quality(repeats: Sequence[Sequence[RequestOutcome]]) -> list[float] | None:
+    """Each example's quality averaged over repeats, in request order (request i of every
+    repeat carries example i), a failed or shed request scoring 0; None when no repeat
+    scored a successful request (an unscored app)."""
+    scored = [_quality_scores(outcomes) for outcomes in repeats]
+    if all(scores is None for scores in scored):
+        return None
+    sizes = {len(outcomes) for outcomes in repeats}
+    if len(sizes) != 1:
+        raise ValueError(f"every repeat must send the same requests, got sizes {sorted(sizes)}")
+    (size,) = sizes
+    table = [scores if scores is not None else [0.0] * size for scores in scored]
+    return [float(value) for value in np.mean(np.asarray(table, dtype=float), axis=0)]
+
+
+@dataclass(frozen=True)
+class RepeatedMetrics:
+    """A run measured once or several times: the combined metrics and where they came from.
+
+    Attributes:
+        metrics: The combined metrics (RunMetrics.repeats says how they combine).
+        per_repeat: Each repeat's own metrics, in the order they ran.
+        intervals: 95% bootstrap interval of each median metric over repeats, by metric
+            name: [low, high]; empty with one repeat (quality's is metrics.quality_ci95).
+        example_quality: Each example's quality averaged over repeats, in request order;
+            None when the app is unscored.
+    """
+
+    metrics: RunMetrics
+    per_repeat: tuple[RunMetrics, ...]
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    example_quality: list[float] | None = None
+
+    def values(self) -> dict[str, list[float]]:
+        """Each median metric's value in every repeat that defined it, by metric name."""
+        out: dict[str, list[float]] = {}
+        for name in median_metric_names():
+            values = [getattr(m, name) for m in self.per_repeat]
+            out[name] = [float(v) for v in values if v is not None]
+        return out
+
+
+def combine_repeats(
+    per_repeat: Sequence[RunMetrics], example_scores: Sequence[float] | None = None
+) -> RepeatedMetrics:
+    """The metrics of a run from its repeats' metrics and its examples' scores.
+
+    Medians (numpy's, the mean of the middle two for an even count) over the repeats that
+    defined the metric, with a seeded 95% bootstrap interval of the median when two or more
+    did; counts and wall_s add up; peak memory is the highest; quality is the mean of the
+    examples' scores (each averaged over repeats) and quality_ci95 its bootstrap interval
+    over examples, since quality varies with the examples far more than between repeats of
+    greedy decoding. Without example scores, quality is the one repeat's own, or the median
+    over repeats.
+    """
+    if not per_repeat:
+        raise ValueError("per_repeat must not be empty")
+    slas = {m.sla_e2e_s for m in per_repeat}
+    if len(slas) != 1:
+        raise ValueError(f"every repeat must use the same sla_e2e_s, got {sorted(slas)}")
+    data: dict[str, Any] = {"sla_e2e_s": per_repeat[0].sla_e2e_s, "repeats": len(per_repeat)}
+    for name in _SUMMED:
+        data[name] = sum(getattr(m, name) for m in per_repeat)
+    peaks = [m.peak_memory_gib for m in per_repeat if m.peak_memory_gib is not None]
+    data["peak_memory_gib"] = max(peaks) if peaks else None
+    intervals: dict[str, list[float]] = {}
+    for name in median_metric_names():
+        values = [float(v) for v in (getattr(m, name) for m in per_repeat) if v is not None]
+        data[name] = float(np.median(values)) if values else None
+        if len(values) >= 2:
+            intervals[name] = list(bootstrap_median_ci(values))
+    if example_scores is not None and len(example_scores):
+        data["quality"] = float(np.mean(example_scores))
+        data["quality_ci95"] = list(bootstrap_ci(example_scores))
+    elif len(per_repeat) == 1:  # no scores given: the one repeat's own
+        data["quality"], data["quality_ci95"] = per_repeat[0].quality, per_repeat[0].quality_ci95
+    else:
+        qualities = [m.quality for m in per_repeat if m.quality is not None]
+        data["quality"] = float(np.median(qualities)) if qualities else None
+        data["quality_ci95"] = list(bootstrap_median_ci(qualities)) if qualities else None
+    metrics = RunMetrics.model_validate(data)
+    return RepeatedMetrics(
+        metrics=metrics,
+        per_repeat=tuple(per_repeat),
+        intervals=intervals,
+        example_quality=list(example_scores) if example_scores is not None else None,
     )

@@ -29,11 +29,20 @@ from runtime.engine.client import CallFailure
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import GIB
 from runtime.errors import ConfigError, config_error
-from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
+from runtime.metrics import (
+    CostModel,
+    RepeatedMetrics,
+    RequestOutcome,
+    RunMetrics,
+    busy_replica_seconds,
+    combine_repeats,
+    example_quality,
+    summarize,
+)
 from runtime.routing.router import Endpoint, Router, RouterStats
 from runtime.scaling.autoscaler import app_sampler, llm_calls_per_request, size_deployment
 from runtime.scaling.provisioner import SizingResult
-from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
+from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests, warmup_examples
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +113,14 @@ class RunSpec(BaseModel):
 
 @dataclass
 class RunResult:
-    """What a run measured."""
+    """What a run measured (warm-up requests left out of all of it)."""
 
     metrics: RunMetrics
+    """The run's metrics, combined over repeats (`runtime.metrics.combine_repeats`)."""
     trace: pd.DataFrame
+    """One row per span of every measured request, with its repeat and dataset example."""
     results: list[RequestResult]
+    """Every measured request's result, repeat after repeat."""
     router_stats: RouterStats
     replica_start_s: dict[str, float]
     endpoints: list[str] = field(default_factory=list)
@@ -118,10 +130,28 @@ class RunResult:
     """How each model key with replicas 'auto' was sized before the run (none otherwise);
     the count stays fixed during the run (no autoscaling: runs are short, and the cost
     accounting counts a fixed number of replicas)."""
+    repeated: RepeatedMetrics | None = None
+    """Each repeat's metrics, the intervals over repeats and each example's quality (None
+    for a result built without them)."""
+    examples: list[int] = field(default_factory=list)
+    """The dataset example each measured request carried, in request order (the same in
+    every repeat, and in every run of the same workload and dataset)."""
 
     def metrics_dict(self) -> dict[str, Any]:
-        """metrics.json: the run metrics plus replica start times and router counters."""
+        """metrics.json: the run metrics plus replica start times and router counters, and,
+        for comparisons with other runs: `<metric>_ci95` (the 95% interval of each median
+        over repeats, with two or more), `repeat_values` (each metric's value per repeat)
+        and `examples` (`index`: the dataset examples in request order, `quality`: each
+        one's score averaged over repeats)."""
         data = self.metrics.model_dump(mode="json")
+        if self.repeated is not None:
+            for name, interval in self.repeated.intervals.items():
+                data[f"{name}_ci95"] = interval
+            data["repeat_values"] = self.repeated.values()
+            data["examples"] = {
+                "index": list(self.examples),
+                "quality": self.repeated.example_quality,
+            }
         data["replica_start_s"] = max(self.replica_start_s.values(), default=None)
         data["router_shed"] = self.router_stats.shed
         data["router_retried"] = self.router_stats.retried
@@ -168,13 +198,22 @@ def _kind(failure: CallFailure | None) -> str | None:
 
 
 def _trace_frame(
-    results: list[RequestResult], t0: float, quality: list[float | None]
+    results: list[RequestResult],
+    t0: float,
+    quality: list[float | None],
+    *,
+    repeat: int = 0,
+    examples: list[int] | None = None,
 ) -> pd.DataFrame:
-    """One row per span, times relative to the run's start."""
+    """One row per span, times relative to the run's start; `repeat` and the dataset
+    `example` of each request (by request id) as columns."""
     rows = []
     for result, request_quality in zip(results, quality, strict=True):
         for span in result.spans:
             row = dataclasses.asdict(span)
+            row["repeat"] = repeat
+            if examples is not None:
+                row["example"] = examples[result.request_id]
             row["itl_s"] = list(row.get("itl_s") or [])
             row["failure"] = _kind(span.failure)
             row["start_s"] = span.start_s - t0
@@ -228,17 +267,25 @@ def execute_run(
 
     Model keys with replicas 'auto' are sized first (runtime.scaling.autoscaler.initial_size,
     calibrated with the app's own calls on the run's first examples) and keep that count.
+    Then the workload's warm-up requests are sent all at once and forgotten (no metric, trace
+    row, router counter, memory sample or replica-second comes from them), and the measured
+    workload is sent `repeats` times, one repeat after the other, each with the same
+    examples in the same order and the same schedule. on_request_done is called for
+    measured requests only.
     """
     app = spec.app.build()
     keys = sorted(spec.deployment.models)
     app.validate_against(set(keys))
     application = spec.app.application()
     dataset = application.examples(spec.dataset.size, spec.dataset.seed)
-    chosen = [dataset[index] for index in sample_requests(spec.workload, len(dataset))]
+    examples = sample_requests(spec.workload, len(dataset))
+    chosen = [dataset[index] for index in examples]
+    warmup = [dict(dataset[index].inputs) for index in warmup_examples(spec.workload, len(dataset))]
     offsets = arrival_offsets(spec.workload)
     arrivals = spec.workload.arrivals
     users = getattr(arrivals, "users", None) if offsets is None else None
     think_s = float(getattr(arrivals, "think_time_s", 0.0) or 0.0)
+    repeats = spec.workload.repeats
 
     def phase(text: str) -> None:
         logger.info(text)
@@ -256,57 +303,95 @@ def execute_run(
     )
     endpoints = start_endpoints(deployment, pool)
     starts = {e.endpoint_id: float(e.replica.start_s or 0.0) for e in endpoints if e.replica}
-    phase(f"running {len(chosen)} requests")
+    models = {key: key for key in keys}
 
-    async def drive() -> tuple[list[RequestResult], RouterStats, float, float]:
+    async def drive() -> tuple[list[list[RequestResult]], list[float], RouterStats, float, float]:
         router = Router(endpoints, spec.deployment.router, default_deadline_s=spec.sla.e2e_s)
+        runs: list[list[RequestResult]] = []
+        walls: list[float] = []
         async with router:
-            t0 = time.monotonic()
-            results = await run_requests(
-                app,
-                inputs,
-                router,
-                {key: key for key in keys},
-                arrival_offsets_s=offsets,
-                users=users,
-                think_time_s=think_s,
-                node_timeout_s=spec.node_timeout_s,
-                on_done=on_request_done,
-                sla_e2e_s=spec.sla.e2e_s,
-            )
-            wall = time.monotonic() - t0
-        return results, router.stats, t0, wall
+            if warmup:
+                phase(f"warming up with {len(warmup)} requests")
+                done = await run_requests(
+                    app, warmup, router, models, arrival_offsets_s=[0.0] * len(warmup),
+                    node_timeout_s=spec.node_timeout_s, sla_e2e_s=spec.sla.e2e_s,
+                )  # fmt: skip
+                failed = sum(not result.ok for result in done)
+                if failed:
+                    logger.warning("%d of %d warm-up requests failed", failed, len(done))
+            before = dataclasses.replace(router.stats)
+            phase(f"running {len(chosen)} requests")
+            with _MemorySampler(endpoints) as memory:
+                t0 = time.monotonic()
+                for repeat in range(repeats):
+                    if repeats > 1:
+                        phase(f"running {len(chosen)} requests (repeat {repeat + 1} of {repeats})")
+                    started = time.monotonic()
+                    runs.append(
+                        await run_requests(
+                            app,
+                            inputs,
+                            router,
+                            models,
+                            arrival_offsets_s=offsets,
+                            users=users,
+                            think_time_s=think_s,
+                            node_timeout_s=spec.node_timeout_s,
+                            on_done=on_request_done,
+                            sla_e2e_s=spec.sla.e2e_s,
+                        )
+                    )
+                    walls.append(time.monotonic() - started)
+        stats = dataclasses.replace(
+            router.stats,
+            routed=router.stats.routed - before.routed,
+            shed=router.stats.shed - before.shed,
+            queue_rejected=router.stats.queue_rejected - before.queue_rejected,
+            retried=router.stats.retried - before.retried,
+        )  # the warm-up's calls are not the run's
+        return runs, walls, stats, t0, memory.peak_gib
 
-    with _MemorySampler(endpoints) as memory:
-        results, stats, t0, wall = asyncio.run(drive())
+    runs, walls, stats, t0, peak_gib = asyncio.run(drive())
 
-    qualities: list[float | None] = []
-    outcomes: list[RequestOutcome] = []
-    for result, example in zip(results, chosen, strict=True):
-        quality = application.score(result.outputs, example.reference) if result.ok else None
-        qualities.append(quality)
-        outcomes.append(to_outcome(result, quality))  # shed by its failure kind
-    replica_seconds = {
-        key: wall * sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
+    replicas = {
+        key: sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
         for key in keys
     }
-    metrics = summarize(
-        outcomes,
-        wall_s=wall,
-        sla_e2e_s=spec.sla.e2e_s,
-        replica_seconds=replica_seconds,
-        prices=spec.pricing.cost_model(keys),
-        peak_memory_gib=memory.peak_gib if starts else None,
-    )
+    prices = spec.pricing.cost_model(keys)
+    per_repeat: list[RunMetrics] = []
+    repeat_outcomes: list[list[RequestOutcome]] = []
+    frames: list[pd.DataFrame] = []
+    for repeat, (results, wall) in enumerate(zip(runs, walls, strict=True)):
+        qualities: list[float | None] = []
+        outcomes: list[RequestOutcome] = []
+        for result, example in zip(results, chosen, strict=True):
+            quality = application.score(result.outputs, example.reference) if result.ok else None
+            qualities.append(quality)
+            outcomes.append(to_outcome(result, quality))  # shed by its failure kind
+        repeat_outcomes.append(outcomes)
+        per_repeat.append(
+            summarize(
+                outcomes,
+                wall_s=wall,
+                sla_e2e_s=spec.sla.e2e_s,
+                replica_seconds=busy_replica_seconds(outcomes, replicas),
+                prices=prices,
+                peak_memory_gib=peak_gib if starts else None,
+            )
+        )
+        frames.append(_trace_frame(results, t0, qualities, repeat=repeat, examples=examples))
+    repeated = combine_repeats(per_repeat, example_quality(repeat_outcomes))
     return RunResult(
-        metrics=metrics,
-        trace=_trace_frame(results, t0, qualities),
-        results=results,
+        metrics=repeated.metrics,
+        trace=pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0],
+        results=[result for results in runs for result in results],
         router_stats=stats,
         replica_start_s=starts,
         endpoints=[e.endpoint_id for e in endpoints],
         replica_logs={e.endpoint_id: e.replica.log_tail() for e in endpoints if e.replica},
         sizing=sizing,
+        repeated=repeated,
+        examples=examples,
     )
 
 

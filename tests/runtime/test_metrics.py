@@ -149,6 +149,7 @@ def test_empty_run() -> None:
         "num_shed",
         "wall_s",
         "sla_e2e_s",
+        "repeats",
     }
     assert all(getattr(metrics, name) is None for name in undefined)
 
@@ -173,3 +174,51 @@ def test_summary_rejects_bad_deadline() -> None:
         summarize(
             [], wall_s=1.0, sla_e2e_s=0, replica_seconds={}, prices=PRICES, peak_memory_gib=None
         )
+
+
+def test_busy_replica_seconds_is_the_span_of_the_work_per_replica() -> None:
+    from runtime.metrics import busy_replica_seconds
+
+    outcomes = [_ok(0, 2.0), _ok(3, 1.5)]  # sends at 10 and 13, answers at 12 and 14.5
+    assert busy_replica_seconds(outcomes, {"llm": 2, "judge": 1}) == {"llm": 9.0, "judge": 4.5}
+    assert busy_replica_seconds([], {"llm": 1}) == {"llm": 0.0}
+    with pytest.raises(ValueError, match=r"replicas\['llm'\] must be >= 0, got -1"):
+        busy_replica_seconds(outcomes, {"llm": -1})
+
+
+def _metrics(e2e: list[float], quality: float = 1.0, peak: float = 1.0) -> RunMetrics:
+    outcomes = [_ok(i, value, quality=quality) for i, value in enumerate(e2e)]
+    return summarize(outcomes, 10.0, 30.0, {"smollm2": 10.0}, PRICES, peak)
+
+
+def test_repeats_combine_to_medians_sums_and_examples() -> None:
+    from runtime.metrics import combine_repeats, example_quality, median_metric_names
+
+    runs = [_metrics([1.0, 2.0], peak=1.0), _metrics([3.0, 4.0], peak=3.0),
+            _metrics([2.0, 3.0], peak=2.0)]  # fmt: skip
+    scores = [[1.0, 0.0], [1.0, 1.0], [1.0, 0.5]]
+    outcomes = [[_ok(i, 1.0, quality=q) for i, q in enumerate(repeat)] for repeat in scores]
+    per_example = example_quality(outcomes)
+    assert per_example == pytest.approx([1.0, 0.5])
+    combined = combine_repeats(runs, per_example)
+    m = combined.metrics
+    assert m.repeats == 3 and m.num_requests == 6 and m.wall_s == 30.0
+    assert m.e2e_p50_s == pytest.approx(2.5)  # the repeats' medians are 1.5, 3.5, 2.5
+    assert combined.intervals["e2e_p50_s"] == pytest.approx([1.5, 3.5])
+    assert m.peak_memory_gib == 3.0
+    assert m.quality == pytest.approx(0.75) and m.quality_ci95 is not None
+    assert combined.values()["e2e_p50_s"] == pytest.approx([1.5, 3.5, 2.5])
+    assert "quality" not in median_metric_names() and "num_requests" not in median_metric_names()
+    # one repeat is itself, with no interval over repeats
+    single = combine_repeats(runs[:1])
+    assert single.metrics.model_dump(exclude={"repeats"}) == runs[0].model_dump(exclude={"repeats"})
+    assert single.intervals == {}
+
+
+def test_example_quality_counts_failures_as_zero_and_needs_equal_repeats() -> None:
+    from runtime.metrics import example_quality
+
+    assert example_quality([[_ok(0, 1.0, quality=1.0), _failed(1)]]) == [1.0, 0.0]
+    assert example_quality([[_ok(0, 1.0, quality=None)]]) is None
+    with pytest.raises(ValueError, match="same requests"):
+        example_quality([[_ok(0, 1.0)], [_ok(0, 1.0), _ok(1, 1.0)]])
