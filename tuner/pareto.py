@@ -9,13 +9,23 @@ module only turns optuna studies into the minimization matrices those functions 
 A trial is infeasible when any of its optuna constraint values is > 0 (optuna's convention:
 ``trial.set_constraint(name, value)`` or a sampler's ``constraints_func``, stored in the
 trial's system attrs under ``"constraints"``).
+
+A knob set stands on the front once: a trial recorded as a duplicate of an earlier one
+(user attr ``fmtune.duplicate_of``, set by the study instead of measuring the knobs again),
+and a complete trial with the same params as an earlier complete one (two workers that
+measured the same knobs at the same time), are left out; the earliest trial stands for them.
+
+Front points can be too close to tell apart: :func:`indistinguishable_from` pairs those
+whose every objective's 95% interval overlaps the other's (the rule the report states).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import optuna
@@ -27,6 +37,16 @@ from pydantic import BaseModel, ConfigDict, Field
 logger = logging.getLogger(__name__)
 
 Direction = Literal["minimize", "maximize"]
+
+ATTR_DUPLICATE_OF = "fmtune.duplicate_of"
+"""User attribute of a trial the study did not measure because an earlier complete trial had
+the same knobs: that trial's number (the duplicate carries its values and constraints)."""
+INTERVAL_SUFFIX = "_ci95"
+"""A metric's 95% bootstrap interval is stored beside it as ``<metric>_ci95`` = [low, high]
+(e.g. ``quality_ci95``, see runtime.metrics.RunMetrics)."""
+
+Interval = tuple[float, float]
+"""A closed interval [low, high] of an objective's value."""
 
 
 class Objective(BaseModel):
@@ -85,10 +105,29 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return all(v <= 0.0 for v in trial_constraints(trial))
 
 
+def duplicate_of(trial: FrozenTrial) -> int | None:
+    """The number of the earlier trial whose result ``trial`` reuses, or None when it was
+    measured itself."""
+    number = trial.user_attrs.get(ATTR_DUPLICATE_OF)
+    return int(number) if number is not None else None
+
+
+def _params_key(trial: FrozenTrial) -> str:
+    return json.dumps(sorted(trial.params.items()), default=str)
+
+
 def _candidates(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete, feasible trials of ``study``, by trial number."""
+    """Complete, feasible trials of ``study``, by trial number, each knob set once: the
+    earliest complete trial of a knob set stands for its duplicates and twins."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in trials if is_feasible(t)]
+    seen: set[str] = set()
+    originals = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        key = _params_key(trial)
+        if duplicate_of(trial) is None and key not in seen:
+            originals.append(trial)
+        seen.add(key)
+    return [t for t in originals if is_feasible(t)]
 
 
 def _front_mask(trials: Sequence[FrozenTrial], directions: Sequence[DirectionLike]) -> np.ndarray:
@@ -111,7 +150,8 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """The non-dominated complete feasible trials of ``study``, by trial number.
 
     For a single-objective study this is the one best feasible trial (the earliest on ties).
-    Trials with equal objective values are all kept. Empty when nothing is feasible.
+    Trials with equal objective values but different knobs are all kept; a knob set is there
+    once (duplicates and twins of a trial are left out). Empty when nothing is feasible.
     """
     trials = _candidates(study)
     mask = _front_mask(trials, study.directions)
@@ -192,3 +232,64 @@ def front_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Data
         rows.append(row)
     columns = ["trial", *(f"params.{p}" for p in param_names), *metrics, "feasible", "on_front"]
     return pd.DataFrame(rows, columns=columns)
+
+
+# --- indistinguishable front points -----------------------------------------------------
+
+
+INDISTINGUISHABLE_RULE = (
+    "Two front points are statistically indistinguishable when, for every objective, their "
+    "95% bootstrap intervals overlap. An objective measured without an interval (only "
+    "those with a stored <metric>_ci95 have one) counts as its value alone, so it tells two "
+    "points apart unless their values are equal."
+)
+"""The rule :func:`indistinguishable_from` applies, in words, for reports."""
+
+
+def objective_intervals(
+    values: Sequence[float], metrics: Mapping[str, Any], objectives: Sequence[Objective]
+) -> list[Interval]:
+    """Each objective's 95% interval: ``metrics["<metric>_ci95"]`` when it is a pair of
+    finite numbers (widened to hold the value itself), else the value alone [v, v]."""
+    if len(values) != len(objectives):
+        raise ValueError(f"values: expected {len(objectives)} values, got {list(values)}")
+    intervals = []
+    for value, objective in zip(values, objectives, strict=True):
+        value = float(value)
+        stored = metrics.get(f"{objective.metric}{INTERVAL_SUFFIX}")
+        bounds: list[float] = []
+        if isinstance(stored, list | tuple) and len(stored) == 2:
+            try:
+                bounds = [float(b) for b in stored]
+            except (TypeError, ValueError):
+                bounds = []
+        if len(bounds) == 2 and all(math.isfinite(b) for b in bounds):
+            intervals.append((min(*bounds, value), max(*bounds, value)))
+        else:
+            intervals.append((value, value))
+    return intervals
+
+
+def overlaps(a: Interval, b: Interval) -> bool:
+    """Whether two closed intervals share a point."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def indistinguishable_from(intervals: Mapping[int, Sequence[Interval]]) -> dict[int, list[int]]:
+    """For each point (trial number -> its objectives' intervals), the other points it cannot
+    be told apart from: every objective's interval overlaps (:data:`INDISTINGUISHABLE_RULE`).
+
+    Pure; the relation is symmetric but not transitive (a ~ b and b ~ c need not give a ~ c),
+    so each point lists its own partners, by number; a point with none maps to [].
+    """
+    numbers = sorted(intervals)
+    widths = {len(intervals[n]) for n in numbers}
+    if len(widths) > 1:
+        raise ValueError(f"intervals: every point needs the same objectives, got sizes {widths}")
+    partners: dict[int, list[int]] = {n: [] for n in numbers}
+    for i, a in enumerate(numbers):
+        for b in numbers[i + 1 :]:
+            if all(overlaps(x, y) for x, y in zip(intervals[a], intervals[b], strict=True)):
+                partners[a].append(b)
+                partners[b].append(a)
+    return partners

@@ -6,7 +6,10 @@ study's objectives, so the report shows exactly what the front computation saw. 
 lists every trial (failed ones with their failure kind and reason), the SLA attainment of
 each, links to the front trials' exported bundles and MLflow runs, a parallel-coordinates view
 of knobs and objectives, and the hypervolume after each trial (:func:`write_study_report`
-writes all of it).
+writes all of it). Front points that are statistically indistinguishable (every objective's
+95% interval overlaps: :func:`tuner.pareto.indistinguishable_from`) are marked, and the rule
+is stated on the page; a trial that reused an earlier trial's result (same knobs) is listed
+among all trials with the trial it duplicates, never on the front.
 
 The HTML page is self-contained (plots embedded as base64, CSS inline; the PNG files are also
 written beside it) so it can be mailed or attached to an MLflow run and opened anywhere; its
@@ -35,10 +38,15 @@ from optuna.trial import TrialState
 from runtime.errors import ConfigError
 from tuner import tracking
 from tuner.pareto import (
+    INDISTINGUISHABLE_RULE,
+    INTERVAL_SUFFIX,
     Objective,
+    duplicate_of,
     front_table,
     hypervolume,
+    indistinguishable_from,
     is_feasible,
+    objective_intervals,
     pareto_front,
     reference_point,
 )
@@ -51,9 +59,15 @@ logger = logging.getLogger(__name__)
 PARAM_PREFIX = "params."
 SLA_ATTAINMENT = "sla_attainment"
 """The run metric shown beside the objectives: the share of requests that met the SLA."""
-INFO_COLUMNS = ("state", SLA_ATTAINMENT, "failure_kind", "failure_reason", "mlflow_run_id")
+DUPLICATE_OF = "duplicate_of"
+"""Column of :func:`trials_table`: the trial whose result a trial reused (same knobs)."""
+INDISTINGUISHABLE = "indistinguishable_from"
+"""Column of the front: the other front trials a front trial cannot be told apart from."""
+INFO_COLUMNS = (
+    "state", SLA_ATTAINMENT, "failure_kind", "failure_reason", DUPLICATE_OF, "mlflow_run_id",
+)  # fmt: skip
 """Columns of :func:`trials_table` that are neither a knob nor an objective."""
-_STATUS_COLUMNS = ("trial", "feasible", "on_front", *INFO_COLUMNS)
+_STATUS_COLUMNS = ("trial", "feasible", "on_front", INDISTINGUISHABLE, *INFO_COLUMNS)
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 """Where `fmtune ui` serves the MLflow UI by default."""
 _ANNOTATE_AT_MOST = 25
@@ -135,8 +149,10 @@ def trials_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Dat
     (None where a knob was inactive or never sampled), one column per objective metric (NaN
     unless complete), ``sla_attainment`` (from the trial's measured metrics; absent when it is
     an objective already), ``feasible`` and ``on_front`` (False unless complete),
-    ``failure_kind``, ``failure_reason`` and ``mlflow_run_id`` (None where not set). The
-    front is the one :func:`tuner.pareto.front_table` computes, so both tables agree.
+    ``failure_kind``, ``failure_reason``, ``duplicate_of`` (the trial whose result a trial
+    reused instead of measuring the same knobs again) and ``mlflow_run_id`` (None where not
+    set). The front is the one :func:`tuner.pareto.front_table` computes, so both tables
+    agree.
     """
     from tuner.study import ATTR_FAILURE, ATTR_KIND, ATTR_METRICS, ATTR_RUN_ID
 
@@ -166,14 +182,66 @@ def trials_table(study: optuna.Study, objectives: Sequence[Objective]) -> pd.Dat
         row["on_front"] = trial.number in front
         row["failure_kind"] = trial.user_attrs.get(ATTR_KIND)
         row["failure_reason"] = trial.user_attrs.get(ATTR_FAILURE)
+        row[DUPLICATE_OF] = duplicate_of(trial)
         row["mlflow_run_id"] = trial.user_attrs.get(ATTR_RUN_ID)
         rows.append(row)
     columns = [
         "trial", "state", *(f"{PARAM_PREFIX}{p}" for p in param_names), *metrics,
         *([SLA_ATTAINMENT] if extra_sla else []), "feasible", "on_front", "failure_kind",
-        "failure_reason", "mlflow_run_id",
+        "failure_reason", DUPLICATE_OF, "mlflow_run_id",
     ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=columns)
+    # trial numbers, None where measured (pandas would make them floats beside None)
+    table[DUPLICATE_OF] = pd.Series([row[DUPLICATE_OF] for row in rows], dtype=object)
+    return table
+
+
+@dataclass(frozen=True)
+class FrontDistinctions:
+    """Which front points cannot be told apart, and on what evidence."""
+
+    partners: dict[int, list[int]]
+    """Front trial -> the other front trials it is indistinguishable from (by number)."""
+    with_intervals: list[str]
+    """The objectives at least one front trial has a 95% interval for."""
+
+    def cell(self, trial: int) -> str:
+        """The front table's cell: the partners, comma-separated (empty when none)."""
+        return ", ".join(str(n) for n in self.partners.get(int(trial), []))
+
+    def note(self) -> str:
+        """The rule, the evidence and the outcome in words, for the report."""
+        evidence = (
+            f"Objectives with an interval here: {', '.join(self.with_intervals)}."
+            if self.with_intervals
+            else "No objective has an interval here."
+        )
+        pairs = sorted({tuple(sorted((a, b))) for a, bs in self.partners.items() for b in bs})
+        found = (
+            "Indistinguishable pairs: " + ", ".join(f"{a} and {b}" for a, b in pairs) + "."
+            if pairs
+            else "No two front points are indistinguishable."
+        )
+        return f"{INDISTINGUISHABLE_RULE} {evidence} {found}"
+
+
+def front_distinctions(study: optuna.Study, objectives: Sequence[Objective]) -> FrontDistinctions:
+    """The study's front points that are statistically indistinguishable
+    (:func:`tuner.pareto.indistinguishable_from` on each front trial's stored intervals)."""
+    from tuner.study import ATTR_METRICS
+
+    intervals = {}
+    with_intervals: list[str] = []
+    for trial in pareto_front(study):
+        assert trial.values is not None
+        metrics = trial.user_attrs.get(ATTR_METRICS) or {}
+        intervals[trial.number] = objective_intervals(trial.values, metrics, objectives)
+        with_intervals += [
+            o.metric
+            for o in objectives
+            if f"{o.metric}{INTERVAL_SUFFIX}" in metrics and o.metric not in with_intervals
+        ]
+    return FrontDistinctions(indistinguishable_from(intervals), with_intervals)
 
 
 def _in_state(table: pd.DataFrame, state: TrialState) -> np.ndarray:
@@ -696,8 +764,10 @@ def _outcome_first(table: pd.DataFrame, objectives: Sequence[Objective]) -> pd.D
         SLA_ATTAINMENT,
         "feasible",
         "on_front",
+        INDISTINGUISHABLE,
         "failure_kind",
         "failure_reason",
+        DUPLICATE_OF,
     ]
     ordered = [c for c in first if c in table.columns]
     ordered += [c for c in table.columns if str(c).startswith(PARAM_PREFIX)]
@@ -741,6 +811,7 @@ def write_report_html(
     bundles_dir: Path | None = None,
     mlflow: MlflowLinks | None = None,
     notes: Sequence[str] = (),
+    front_notes: Sequence[str] = (),
 ) -> Path:
     """report.html: summary, plots (embedded), front table and all trials; returns ``path``.
 
@@ -749,8 +820,10 @@ def write_report_html(
     bundle (under ``bundles_dir``, relative to the page, once exported) and MLflow run, and
     the last section lists every trial, failed ones with their failure kind and reason.
     ``images`` are (caption, PNG) shown after the Pareto plot; ``notes`` are plain-text lines
-    under the summary. Self-contained: no external scripts, styles or images (the links
-    point at the bundles beside it and the MLflow UI). Every text is escaped.
+    under the summary, ``front_notes`` under the front's heading (e.g. which front points are
+    indistinguishable, and by what rule). Self-contained: no external scripts, styles or
+    images (the links point at the bundles beside it and the MLflow UI). Every text is
+    escaped.
     """
     _check_objectives(table, objectives)
     report_dir = Path(path).resolve().parent
@@ -770,6 +843,7 @@ def write_report_html(
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    front_notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in front_notes)
     if trials is None:
         front = front_rows(table, objectives)
         front_html = _html_table(front, objectives)
@@ -779,9 +853,10 @@ def write_report_html(
     else:
         front = front_rows(trials, objectives)
         front_view = _outcome_first(front, objectives).drop(
-            columns=["state", "feasible", "on_front", "failure_kind", "failure_reason"],
+            columns=["state", "feasible", "on_front", "failure_kind", "failure_reason",
+                     DUPLICATE_OF],
             errors="ignore",
-        )
+        )  # fmt: skip
         links: list[tuple[str, Sequence[str]]] = []
         if bundles_dir is not None:
             links.append(
@@ -793,7 +868,9 @@ def write_report_html(
         runs = [_run_cell(mlflow, r) for r in ordered["mlflow_run_id"]]
         rest_title = f"All trials ({len(ordered)}, {int(_failed(ordered).sum())} failed)"
         rest_html = _html_table(
-            _outcome_first(ordered, objectives), objectives, [("MLflow run", runs)]
+            _outcome_first(ordered, objectives).drop(columns=[INDISTINGUISHABLE], errors="ignore"),
+            objectives,
+            [("MLflow run", runs)],
         )
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -811,6 +888,7 @@ def write_report_html(
 <p>{html.escape(", ".join(axis_label(o) for o in objectives))}</p>
 {"".join(figures)}
 <h2>Pareto front ({len(front)} trials)</h2>
+{front_notes_html}
 {front_html}
 <h2>{html.escape(rest_title)}</h2>
 {rest_html}
@@ -859,11 +937,18 @@ def write_study_report(
     ``bundles_dir`` is where `fmtune export` writes (or will write) the front's bundles:
     the page links each front trial's folder relative to itself once it exists, and says how
     to export them otherwise. pareto.csv holds the front rows, best first by the first
-    objective, with their SLA attainment and MLflow run id.
+    objective, with their SLA attainment, MLflow run id and the front trials each is
+    statistically indistinguishable from (the page states the rule).
     """
     out = Path(out)
     table = front_table(study, objectives)
     trials = trials_table(study, objectives)
+    distinctions = front_distinctions(study, objectives)
+    for frame in (table, trials):
+        frame[INDISTINGUISHABLE] = [
+            distinctions.cell(n) if on else None
+            for n, on in zip(frame["trial"], frame["on_front"].astype(bool), strict=True)
+        ]
     extra = [c for c in (SLA_ATTAINMENT, "mlflow_run_id") if c in trials and c not in table]
     csv_table = table.merge(trials[["trial", *extra]], on="trial", how="left")
     csv = write_pareto_csv(csv_table, out / "pareto.csv", objectives)
@@ -893,6 +978,7 @@ def write_study_report(
         bundles_dir=bundles_dir,
         mlflow=mlflow,
         notes=notes,
+        front_notes=[distinctions.note()] if distinctions.partners else [],
     )
     return StudyReport(csv, pareto_png, parallel_png, hypervolume_png, page, trials)
 

@@ -19,6 +19,13 @@ Bookkeeping that makes a study trustworthy:
   failed and re-queued by optuna's stale-trial handling.
 - SLA bounds become optuna constraints (`trial.set_constraint`), so infeasible trials stay
   in the study and never reach the Pareto front.
+- A knob set already measured is not measured again (optuna's FAQ pattern for duplicated
+  samples: compare the new trial's params with the complete trials' and tell it their
+  values). When the sampler proposes the knobs of a complete trial (the same deployment
+  after the knob translation: `knob_identity`), the new trial starts no replica: it is told that
+  trial's values and constraints and carries `fmtune.duplicate_of` = its number, so the
+  sampler learns the point is known and the front lists it once. It counts toward the budget
+  like any trial (a sampler that keeps proposing measured points cannot loop forever).
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from runtime.deployment import Deployment
 from runtime.errors import ConfigError, EngineFailure, FmtuneError
 from runtime.run import RunResult, RunSpec, write_run
 from tuner.experiment import Experiment, TuneSpec, run_spec_of
-from tuner.knobs import InvalidTrial, check_knob_names, trial_spec
+from tuner.knobs import InvalidTrial, check_knob_names, experiment_overrides, trial_spec
+from tuner.pareto import ATTR_DUPLICATE_OF
 from tuner.samplers import make_driver, make_sampler
 from tuner.space import load_space
 
@@ -69,6 +77,8 @@ ATTR_FEASIBLE = "fmtune.feasible"
 readable where those are not shown (optuna-dashboard 0.21 ignores optuna 5's named ones)."""
 ATTR_VIOLATIONS = "fmtune.violations"
 """The SLA bounds a complete trial broke, by text, with how far past each it was."""
+# ATTR_DUPLICATE_OF ("fmtune.duplicate_of", declared in tuner.pareto, which reads it): the
+# number of the earlier complete trial whose result a trial reuses instead of measuring.
 
 
 class FailureKind(StrEnum):
@@ -112,6 +122,8 @@ class TrialReport:
     params: dict[str, Any]
     seconds: float
     feasible: bool | None = None
+    duplicate_of: int | None = None
+    """The earlier trial whose result this one reuses (its knobs were not measured again)."""
 
 
 @dataclass
@@ -200,7 +212,9 @@ class StudyRunner:
         self.experiment = experiment.model_copy(update={"tune": tune})
         self.tune = tune
         self.space = load_space(tune.search_space)
-        check_knob_names(self.space, experiment.deployment.models, tune.search_space)
+        check_knob_names(
+            self.space, experiment.deployment.models, tune.search_space, experiment.app
+        )
         self.base = run_spec_of(experiment).model_dump(mode="json")
         self.out_dir = out_dir
         self.evaluate = evaluate
@@ -296,6 +310,9 @@ class StudyRunner:
             reason = "asked beyond the budget by a racing worker"
             self._close(trial, FailureKind.OVER_BUDGET, reason)
             return None
+        original = self._measured_twin(params)
+        if original is not None:
+            return self._reuse(trial, params, original, started)
         self._phase(trial.number, "preparing")
         run_id: str | None = None
         try:
@@ -324,6 +341,22 @@ class StudyRunner:
                 trial.number, "FAIL", None, f"{failure.kind}: {failure}", params,
                 time.monotonic() - started,
             )  # fmt: skip
+        feasible = self._tell_complete(trial, params, metrics, values)
+        self._finish_tracking(run_id, "COMPLETE", metrics, None, trial.number, result)
+        return TrialReport(
+            trial.number, "COMPLETE", tuple(values), None, params,
+            time.monotonic() - started, feasible,
+        )  # fmt: skip
+
+    def _tell_complete(
+        self,
+        trial: optuna.trial.Trial,
+        params: dict[str, Any],
+        metrics: dict[str, Any],
+        values: list[float],
+    ) -> bool:
+        """Record a complete trial: SLA bounds as constraints, metrics, values told to the
+        study (and the driver); whether it met every bound."""
         violations: dict[str, float] = {}
         for bound in self.tune.bounds():
             violation = bound.violation(metrics)
@@ -337,10 +370,51 @@ class StudyRunner:
         self.study.tell(trial, values)
         if self._driver is not None:
             self._driver.tell(params, values, feasible)
-        self._finish_tracking(run_id, "COMPLETE", metrics, None, trial.number, result)
+        return feasible
+
+    def _identity(self, params: dict[str, Any]) -> str | None:
+        """The knob set's identity (`knob_identity`); None for names of no known form (the
+        trial then fails 'invalid' when its spec is built)."""
+        try:
+            return knob_identity(params, sorted(self.base["deployment"]["models"]))
+        except ConfigError:
+            return None
+
+    def _measured_twin(self, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+        """The earliest complete, measured trial with the same knobs, if any."""
+        identity = self._identity(params)
+        if identity is None:
+            return None
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for past in sorted(complete, key=lambda t: t.number):
+            if ATTR_DUPLICATE_OF in past.user_attrs or past.values is None:
+                continue
+            if self._identity(past.params) == identity:
+                return past
+        return None
+
+    def _reuse(
+        self,
+        trial: optuna.trial.Trial,
+        params: dict[str, Any],
+        original: optuna.trial.FrozenTrial,
+        started: float,
+    ) -> TrialReport:
+        """Complete `trial` with the result of `original` (same knobs) without measuring."""
+        assert original.values is not None
+        values = list(original.values)
+        trial.set_user_attr(ATTR_DUPLICATE_OF, original.number)
+        if ATTR_CONFIG_HASH in original.user_attrs:
+            trial.set_user_attr(ATTR_CONFIG_HASH, original.user_attrs[ATTR_CONFIG_HASH])
+        metrics = dict(original.user_attrs.get(ATTR_METRICS) or {})
+        feasible = self._tell_complete(trial, params, metrics, values)
+        logger.info(
+            "trial %d has the knobs of trial %d: its result is reused, nothing is measured",
+            trial.number, original.number,
+        )  # fmt: skip
         return TrialReport(
             trial.number, "COMPLETE", tuple(values), None, params,
-            time.monotonic() - started, feasible,
+            time.monotonic() - started, feasible, duplicate_of=original.number,
         )  # fmt: skip
 
     def _beyond_budget(self, trial: optuna.trial.Trial, budget: int) -> bool:
@@ -467,9 +541,29 @@ class StudyRunner:
             thread.join(timeout=5)
 
 
+def _canonical(value: Any) -> Any:
+    """A knob value as a validated config holds it: integral floats as ints (pydantic turns
+    16.0 into 16 for an int field), so equal deployments compare equal."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def knob_identity(params: dict[str, Any], model_keys: list[str]) -> str:
+    """One text per distinct deployment a knob set makes: the experiment overrides the knobs
+    set (`tuner.knobs.experiment_overrides`: "none" as None, ``engine.X`` spread over the
+    model keys, the per-model form of a field the same as the shared one), sorted by path,
+    as JSON. Two trials with the same identity measure the same deployment of the study's
+    experiment. A SpaceError (a ConfigError) when a name is of no known form."""
+    overrides = experiment_overrides(params, model_keys)
+    return json.dumps(
+        sorted((path, _canonical(value)) for path, value in overrides.items()), default=str
+    )
+
+
 def deployment_of(spec: RunSpec) -> Deployment:
-    """The DEPLOY.yaml of a trial: its deployment serving its app under the task's name."""
-    return spec.deployment.model_copy(update={"apps": {spec.app.task: spec.app}})
+    """The DEPLOY.yaml of a trial: its deployment serving its app under the app's name."""
+    return spec.deployment.model_copy(update={"apps": {spec.app.name: spec.app}})
 
 
 def _json_safe(data: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,16 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from tuner.pareto import (
+    ATTR_DUPLICATE_OF,
+    INDISTINGUISHABLE_RULE,
     Objective,
+    duplicate_of,
     front_table,
     hypervolume,
+    indistinguishable_from,
     is_feasible,
+    objective_intervals,
+    overlaps,
     pareto_front,
     reference_point,
 )
@@ -191,3 +197,79 @@ def test_front_table_checks_objectives(two_min_study: optuna.Study) -> None:
     ]
     with pytest.raises(ValueError, match=r"objective 'quality': direction 'maximize' does not"):
         front_table(two_min_study, wrong)
+
+
+# --- a knob set on the front once -------------------------------------------------------
+
+
+def test_a_knob_set_stands_on_the_front_once() -> None:
+    """A duplicate (told an earlier trial's values by the study) and a twin measured by
+    another worker at the same time have the knobs of trial 0: trial 0 stands for them, even
+    where the twin measured better."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    knobs = {"engine.block_size": 16, "x": 7}
+    for values, attrs in (
+        ([1.0, 5.0], {}),  # 0: measured
+        ([1.0, 5.0], {ATTR_DUPLICATE_OF: 0}),  # 1: the study reused trial 0's result
+        ([0.5, 4.0], {}),  # 2: the same knobs measured at once by another worker
+        ([5.0, 1.0], {}),  # 3: other knobs
+    ):
+        params = knobs if len(study.trials) < 3 else {"engine.block_size": 32, "x": 8}
+        study.add_trial(
+            create_trial(values=values, params=params, distributions=DIST, user_attrs=attrs)
+        )
+
+    assert [t.number for t in pareto_front(study)] == [0, 3]
+    assert [duplicate_of(t) for t in study.trials] == [None, 0, None, None]
+    table = front_table(study, [Objective(metric="a", direction="minimize"),
+                                Objective(metric="b", direction="minimize")])  # fmt: skip
+    assert table["on_front"].tolist() == [True, False, False, True]
+
+
+# --- indistinguishable front points -----------------------------------------------------
+
+QUALITY = Objective(metric="quality", direction="maximize")
+COST = Objective(metric="cost_per_1k_usd", direction="minimize")
+
+
+def test_objective_intervals_read_the_stored_ci95_and_fall_back_to_the_value() -> None:
+    metrics = {"quality": 0.5, "quality_ci95": [0.4, 0.7], "cost_per_1k_usd_ci95": None}
+    assert objective_intervals([0.5, 2.0], metrics, [QUALITY, COST]) == [(0.4, 0.7), (2.0, 2.0)]
+    # an interval that misses its own value is widened to hold it
+    assert objective_intervals([0.8], {"quality_ci95": [0.4, 0.7]}, [QUALITY]) == [(0.4, 0.8)]
+    for broken in ([0.4], [None, 0.7], ["a", "b"], [float("nan"), 0.7], "0.4-0.7"):
+        assert objective_intervals([0.5], {"quality_ci95": broken}, [QUALITY]) == [(0.5, 0.5)]
+    with pytest.raises(ValueError, match="expected 2 values"):
+        objective_intervals([0.5], {}, [QUALITY, COST])
+
+
+def test_overlaps_is_closed_and_symmetric() -> None:
+    assert overlaps((0.0, 1.0), (1.0, 2.0)) and overlaps((1.0, 2.0), (0.0, 1.0))
+    assert overlaps((0.0, 3.0), (1.0, 2.0)) and overlaps((1.0, 2.0), (0.0, 3.0))
+    assert not overlaps((0.0, 1.0), (1.01, 2.0)) and not overlaps((1.01, 2.0), (0.0, 1.0))
+    assert overlaps((2.0, 2.0), (2.0, 2.0)) and not overlaps((2.0, 2.0), (2.5, 2.5))
+
+
+def test_indistinguishable_when_every_objective_overlaps() -> None:
+    """Quality intervals chain 0 ~ 1 ~ 2 but 0 and 2 are apart; 3 overlaps 0 on quality
+    but its cost (a value without interval) differs: it is told apart from everyone."""
+    intervals = {
+        0: [(0.30, 0.50), (1.0, 1.0)],
+        1: [(0.45, 0.65), (1.0, 1.0)],
+        2: [(0.60, 0.80), (1.0, 1.0)],
+        3: [(0.35, 0.45), (1.5, 1.5)],
+        4: [(0.10, 0.20), (0.8, 1.2)],
+    }
+    assert indistinguishable_from(intervals) == {0: [1], 1: [0, 2], 2: [1], 3: [], 4: []}
+    # with an interval on its cost that holds 1.0, 3 is like 0 and 1 (it touches 1's quality
+    # interval at 0.45); 4's quality is still apart from everyone's
+    intervals[3] = [(0.35, 0.45), (0.9, 1.5)]
+    assert indistinguishable_from(intervals)[3] == [0, 1]
+    assert indistinguishable_from({}) == {}
+    with pytest.raises(ValueError, match="same objectives"):
+        indistinguishable_from({0: [(0.0, 1.0)], 1: [(0.0, 1.0), (2.0, 2.0)]})
+
+
+def test_the_rule_is_stated_in_words() -> None:
+    assert "95% bootstrap intervals overlap" in INDISTINGUISHABLE_RULE
+    assert "<metric>_ci95" in INDISTINGUISHABLE_RULE

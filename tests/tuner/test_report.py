@@ -343,3 +343,61 @@ def test_a_running_trial_is_listed_but_neither_failed_nor_drawn(tmp_path: Path) 
     assert "<tr><td>6</td><td>RUNNING</td>" in page  # no failed or infeasible class
     history = hypervolume_history(report.trials, objectives)
     assert history["hypervolume"].iloc[-1] == history["hypervolume"].iloc[-2]
+
+
+def test_report_marks_indistinguishable_front_points_and_lists_duplicates(
+    tmp_path: Path,
+) -> None:
+    """Trials 0 and 1 overlap on both objectives' intervals, 2 is apart; 3 reused trial 0's
+    result (same knobs): listed with it among all trials, never on the front."""
+    objectives = [COST, QUALITY]
+    study = optuna.create_study(directions=[o.direction for o in objectives])
+    points = [  # cost, its interval, quality, its interval
+        (1.0, [0.8, 1.2], 0.5, [0.3, 0.7]),
+        (1.1, [0.9, 1.3], 0.6, [0.4, 0.8]),
+        (3.0, [2.9, 3.1], 0.9, [0.85, 0.95]),
+        (1.0, [0.8, 1.2], 0.5, [0.3, 0.7]),
+    ]
+    for i, (cost, cost_ci, quality, quality_ci) in enumerate(points):
+        metrics = {"cost_per_1k_usd_ci95": cost_ci, "quality_ci95": quality_ci}
+        attrs: dict[str, object] = {"fmtune.metrics": metrics}
+        if i == 3:
+            attrs["fmtune.duplicate_of"] = 0
+        study.add_trial(create_trial(
+            values=[cost, quality], params={"arch": "dag", "block": 16 + (i % 3)},
+            distributions=DIST, user_attrs=attrs,
+        ))  # fmt: skip
+
+    report = write_study_report(study, objectives, tmp_path, summary={"study": "x"})
+
+    csv = pd.read_csv(report.csv, dtype={"indistinguishable_from": str})
+    assert csv["trial"].tolist() == [0, 1, 2]
+    assert csv["indistinguishable_from"].fillna("").tolist() == ["1", "0", ""]
+    assert report.trials["duplicate_of"].tolist() == [None, None, None, 0]
+    assert report.trials["on_front"].tolist() == [True, True, True, False]
+    page = report.html.read_text(encoding="utf-8")
+    assert "95% bootstrap intervals overlap" in page
+    assert "&lt;metric&gt;_ci95" in page  # the rule, escaped
+    assert "Objectives with an interval here: cost_per_1k_usd, quality." in page
+    assert "Indistinguishable pairs: 0 and 1." in page
+    assert "Pareto front (3 trials)" in page
+    assert "<th>duplicate_of</th>" in page and "<th>indistinguishable_from</th>" in page
+
+
+def test_report_says_when_no_front_points_are_alike(tmp_path: Path) -> None:
+    """Quality intervals alone (cost measured without one): two front points that differ in
+    cost are told apart, and the page says so and on what evidence."""
+    objectives = [COST, QUALITY]
+    study = optuna.create_study(directions=[o.direction for o in objectives])
+    for i, (cost, quality) in enumerate([(1.0, 0.5), (1.1, 0.6)]):
+        study.add_trial(create_trial(
+            values=[cost, quality], params={"arch": "dag", "block": 16 + i}, distributions=DIST,
+            user_attrs={"fmtune.metrics": {"quality_ci95": [quality - 0.2, quality + 0.2]}},
+        ))  # fmt: skip
+
+    report = write_study_report(study, objectives, tmp_path, summary={})
+
+    page = report.html.read_text(encoding="utf-8")
+    assert "Objectives with an interval here: quality." in page
+    assert "No two front points are indistinguishable." in page
+    assert pd.read_csv(report.csv)["indistinguishable_from"].isna().all()

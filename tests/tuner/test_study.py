@@ -29,7 +29,7 @@ from runtime.routing.router import RouterStats
 from runtime.run import RunResult, RunSpec
 from tuner.experiment import Experiment, load_experiment
 from tuner.export import export_front, load_study, study_experiment
-from tuner.pareto import pareto_front, trial_constraints
+from tuner.pareto import ATTR_DUPLICATE_OF, pareto_front, trial_constraints
 from tuner.samplers import SAMPLERS
 from tuner.study import (
     ATTR_CONFIG_HASH,
@@ -45,6 +45,7 @@ from tuner.study import (
     StudyRunner,
     budget_used,
     counted,
+    knob_identity,
     summarize_study,
     worker_id,
 )
@@ -200,11 +201,13 @@ def test_budget_is_exactly_the_number_of_counted_trials(tmp_path: Path) -> None:
     reports = study_runner.run()
 
     assert len(reports) == 5
-    assert len(evaluate.specs) == 5
     assert budget_used(study_runner.study) == (5, 0)
     trials = study_runner.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
-    for trial in trials:
+    # The random sampler may propose a knob set twice: only distinct ones are measured.
+    measured = [t for t in trials if ATTR_DUPLICATE_OF not in t.user_attrs]
+    assert len(evaluate.specs) == len(measured) == len({knobs_of(t.params) for t in trials})
+    for trial in measured:
         assert trial.user_attrs[ATTR_WORKER] == worker_id()
         assert trial.user_attrs[ATTR_METRICS]["quality"] == pytest.approx(trial.values[1])
         folder = tmp_path / "out" / "trials" / f"{trial.number:04d}"
@@ -218,7 +221,7 @@ def test_budget_is_exactly_the_number_of_counted_trials(tmp_path: Path) -> None:
 
     # The budget is used up: running again evaluates nothing.
     assert runner(tmp_path, experiment(tmp_path, trials=5), evaluate).run() == []
-    assert len(evaluate.specs) == 5
+    assert len(evaluate.specs) == len(measured)
     # A larger budget continues the same study up to the new total.
     assert len(study_runner.run(trials=7)) == 2
     assert budget_used(study_runner.study) == (7, 0)
@@ -232,15 +235,17 @@ def test_every_sampler_completes_a_short_study(tmp_path: Path, sampler: str) -> 
     reports = study_runner.run()
 
     assert [r.state for r in reports] == ["COMPLETE"] * 6
-    assert len(evaluate.specs) == 6
     trials = study_runner.study.get_trials()
     assert len(trials) == 6
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    # Every trial evaluated the knobs it recorded.
-    assert evaluate.knobs() == [knobs_of(t.params) for t in trials]
+    # Every measured trial evaluated the knobs it recorded; a repeated knob set was not
+    # measured again.
+    measured = [t for t in trials if ATTR_DUPLICATE_OF not in t.user_attrs]
+    assert evaluate.knobs() == [knobs_of(t.params) for t in measured]
+    assert len(measured) == len({knobs_of(t.params) for t in trials})
     assert pareto_front(study_runner.study)
     if sampler == "grid":  # the grid sampler never repeats a point of the grid
-        assert len({knobs_of(t.params) for t in trials}) == 6
+        assert len(measured) == 6
 
 
 def test_sampler_override_is_used_and_stored(tmp_path: Path) -> None:
@@ -443,11 +448,13 @@ def test_resume_requeues_an_interrupted_trial_without_counting_it(tmp_path: Path
     resumed.run()
 
     assert evaluate.knobs()[0] == knobs_of(params)
-    assert len(evaluate.specs) == 3
     assert budget_used(resumed.study) == (3, 0)
     trials = resumed.study.get_trials()
     assert len(trials) == 4
     assert trials[1].params == params
+    # The sampler, seeded as the crashed worker's, may propose the same knobs again: each
+    # knob set is measured once.
+    assert len(evaluate.specs) == len({knobs_of(t.params) for t in trials[1:]})
     summary = summarize_study(resumed.study)
     assert (summary.complete, summary.failed, summary.not_counted) == (3, 0, 1)
     # Nothing left to recover.
@@ -724,6 +731,12 @@ def test_an_interrupted_study_ends_its_mlflow_run_killed_and_resume_finishes_it(
     assert trials[0].info.status == "KILLED"
     assert trials[0].data.tags[TAG_INTERRUPTED] == "true"
 
+    # Other knobs than the interrupted trial's (which --resume queues again), so that both
+    # trials of the resumed study are measured and have a run.
+    study = load_study(STUDY, storage_url(tmp_path))
+    interrupted = knobs_of(study.get_trials()[0].params)
+    other = "single" if interrupted[0] == "parallel" else "parallel"
+    enqueue(study, other, interrupted[1], interrupted[2])
     cli_study(tmp_path, monkeypatch, Evaluation(), trials=2, resume=True)
     _, resumed, trials = mlflow_runs(tmp_path)
     assert resumed.info.run_id == parent.info.run_id
@@ -831,7 +844,134 @@ def test_a_dead_workers_trial_is_failed_requeued_and_not_counted(
     assert trials[0].state == TrialState.FAIL
     assert not counted(trials[0])
     assert evaluate.knobs()[0] == knobs_of(params)  # the dead worker's knobs, run again
-    assert len(evaluate.specs) == 2
+    # each knob set measured once (the sampler may propose the dead worker's knobs again)
+    assert len(evaluate.specs) == len({knobs_of(t.params) for t in trials[1:]})
     assert budget_used(alive.study) == (2, 0)
     summary = summarize_study(alive.study)
     assert (summary.complete, summary.failed, summary.not_counted) == (2, 0, 1)
+
+
+# --- a knob set is measured once --------------------------------------------------------
+
+
+class RepeatingSampler(optuna.samplers.BaseSampler):
+    """A sampler that proposes the same knob set every time (each knob's first choice or
+    lowest value): what TPE or NSGA-II do now and then on a small space, every time."""
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            return distribution.choices[0]
+        return distribution.low
+
+
+def test_a_knob_set_the_sampler_repeats_is_measured_once_and_on_the_front_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuner.report import trials_table, write_study_report
+
+    monkeypatch.setattr("tuner.study.make_sampler", lambda tune, space: RepeatingSampler())
+    evaluate = Evaluation()
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=3), evaluate)
+
+    reports = study_runner.run()
+
+    assert evaluate.knobs() == [("single", "json", 4)]  # measured once
+    assert [r.state for r in reports] == ["COMPLETE"] * 3
+    assert [r.duplicate_of for r in reports] == [None, 0, 0]
+    first, *twins = study_runner.study.get_trials()
+    assert ATTR_DUPLICATE_OF not in first.user_attrs
+    for twin in twins:  # both trials exist, told the first one's result
+        assert twin.state == TrialState.COMPLETE
+        assert twin.params == first.params
+        assert twin.values == first.values
+        assert twin.user_attrs[ATTR_DUPLICATE_OF] == 0
+        assert twin.user_attrs[ATTR_METRICS] == first.user_attrs[ATTR_METRICS]
+        assert twin.user_attrs[ATTR_CONFIG_HASH] == first.user_attrs[ATTR_CONFIG_HASH]
+        assert ATTR_RUN_ID not in twin.user_attrs  # no run of its own: nothing ran
+        assert not (tmp_path / "out" / "trials" / f"{twin.number:04d}").exists()
+    assert budget_used(study_runner.study) == (3, 0)  # duplicates use up budget
+    study = load_study(STUDY, storage_url(tmp_path))
+    assert [t.number for t in pareto_front(study)] == [0]
+    assert [b.trial for b in export_front(study, tmp_path / "bundles")] == [0]
+    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["trial-0000"]
+    objectives = [o for o in study_runner.tune.objectives]
+    report = write_study_report(study, objectives, tmp_path / "report", summary={})
+    assert pd.read_csv(report.csv)["trial"].tolist() == [0]
+    listed = trials_table(study, objectives)
+    assert listed["duplicate_of"].tolist()[1:] == [0, 0]
+    assert listed["on_front"].tolist() == [True, False, False]
+
+
+def test_a_duplicate_keeps_the_feasibility_of_the_trial_it_repeats(tmp_path: Path) -> None:
+    evaluate = Evaluation()
+    exp = experiment(tmp_path, trials=4, constraints=["quality >= 0.5"])
+    study_runner = runner(tmp_path, exp, evaluate)
+    enqueue(study_runner.study, "single", "json", 4)  # infeasible: quality 0.3
+    enqueue(study_runner.study, "parallel", "json", 8)  # feasible
+    enqueue(study_runner.study, "single", "json", 4)  # the first one's knobs
+    enqueue(study_runner.study, "parallel", "json", 8)  # the second one's knobs
+
+    reports = study_runner.run()
+
+    assert evaluate.knobs() == [("single", "json", 4), ("parallel", "json", 8)]
+    assert [r.duplicate_of for r in reports] == [None, None, 0, 1]
+    assert [r.feasible for r in reports] == [False, True, False, True]
+    trials = study_runner.study.get_trials()
+    for twin, original in ((trials[2], trials[0]), (trials[3], trials[1])):
+        assert trial_constraints(twin) == trial_constraints(original)
+        assert twin.user_attrs[ATTR_FEASIBLE] == original.user_attrs[ATTR_FEASIBLE]
+        assert twin.user_attrs[ATTR_VIOLATIONS] == original.user_attrs[ATTR_VIOLATIONS]
+    assert [t.number for t in pareto_front(study_runner.study)] == [1]
+
+
+def test_a_failed_knob_set_is_not_reused_as_a_result(tmp_path: Path) -> None:
+    """Only complete trials are reused: knobs whose measurement failed (here for a reason
+    that is not the engine's) are measured again when proposed again."""
+    outcomes = iter([TimeoutError("node llm timed out after 300 s"), None])
+    evaluate = Evaluation(lambda spec: next(outcomes))
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=2), evaluate)
+    enqueue(study_runner.study, "parallel", "tag", 8)
+    enqueue(study_runner.study, "parallel", "tag", 8)
+
+    reports = study_runner.run()
+
+    assert [r.state for r in reports] == ["FAIL", "COMPLETE"]
+    assert [r.duplicate_of for r in reports] == [None, None]
+    assert len(evaluate.specs) == 2
+
+
+def test_knob_identity_is_the_same_for_knob_sets_that_deploy_the_same_thing() -> None:
+    keys = ["llm"]
+    base = {
+        "app.architecture": "single",
+        "engine.max_num_seqs": 16,
+        "engine.speculative_method": "none",
+    }
+    same = [
+        dict(reversed(list(base.items()))),  # another order
+        base | {"engine.max_num_seqs": 16.0},  # a float the config turns into 16
+        base | {"engine.speculative_method": None},  # "none" is how a space writes None
+        {k: v for k, v in base.items() if k != "engine.max_num_seqs"}
+        | {"models.llm.engine.max_num_seqs": 16},  # the model-key form of the same field
+    ]
+    for params in same:
+        assert knob_identity(params, keys) == knob_identity(base, keys), params
+    for params in (base | {"engine.max_num_seqs": 8}, base | {"app.architecture": "parallel"}):
+        assert knob_identity(params, keys) != knob_identity(base, keys)
+    # with two model keys, engine.X sets both: not the same as setting one of them
+    two = ["judge", "llm"]
+    one_key = {"app.architecture": "single", "models.llm.engine.max_num_seqs": 16}
+    both = {"app.architecture": "single", "engine.max_num_seqs": 16}
+    assert knob_identity(one_key, two) != knob_identity(both, two)

@@ -155,6 +155,8 @@ class StudyDisplay:
                 self.best[metric] = value if better else old  # type: ignore[assignment]
         shown = "  ".join(f"{k}={v:.4g}" for k, v in self.best.items()) or "no feasible trial yet"
         outcome = "ok" if report.state == "COMPLETE" else f"FAILED ({report.failure})"
+        if report.duplicate_of is not None:
+            outcome = f"has the knobs of trial {report.duplicate_of}: its result reused, not run"
         self.progress.console.print(
             f"trial {report.number} {outcome} in {report.seconds:.0f}s; "
             f"best of each objective so far: {shown}",
