@@ -18,10 +18,14 @@ discrete-event simulation:
   pieces (`runtime.routing.policies`): admission control and the least-slack queue for
   `sla_aware`, the policy's choice over replica snapshots (the router's own outstanding
   counters, and the engine's running/waiting/KV usage as of the last `/metrics` refresh),
-  the per-replica speed estimator fed by every finished call.
+  the per-replica speed estimator fed by every finished call (with `sla_aware`, the one
+  policy whose decisions read it).
 - **Each replica** is a `runtime.sim.scheduler.ReplicaScheduler` (vLLM's scheduler) whose
   steps last what the replica's `StepTimeProfile` predicts, plus the profile's API overheads
   before the engine sees a call and after each step's tokens.
+- **Replicas 'auto'** are sized as a real run sizes them (`runtime.scaling.autoscaler.
+  initial_size`): the app's own calls, one request at a time on one simulated replica, give
+  the service-time sample, and the provisioner's pure `size_replicas` picks the count.
 
 The output is per-request `RequestOutcome` records and `RunMetrics` computed by the same
 `runtime.metrics.summarize` as a real run, so simulated and measured runs compare key by
@@ -35,7 +39,7 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -51,10 +55,17 @@ from runtime.routing.policies import (
     RouteContext,
     RouterConfig,
     SlackQueue,
+    SpeedEstimate,
     SpeedEstimator,
     admit,
     get_policy,
     predict_completion_s,
+)
+from runtime.scaling.provisioner import (
+    ReplicaCount,
+    ScalingPolicy,
+    SizingResult,
+    size_replicas,
 )
 from runtime.sim.scheduler import (
     ReplicaCounters,
@@ -64,7 +75,7 @@ from runtime.sim.scheduler import (
     SimRequest,
 )
 from runtime.sim.steptime import StepTimeProfile
-from runtime.workload import WorkloadSpec, arrival_offsets, sample_requests
+from runtime.workload import ClosedLoop, WorkloadSpec, arrival_offsets, sample_requests
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +258,32 @@ class SimModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     engine: EngineConfig = Field(description="The engine knobs of every replica.")
-    replicas: int = Field(ge=1, description="Replicas serving this model key.")
+    replicas: ReplicaCount = Field(
+        description="Replicas serving this model key, or 'auto' for the provisioner to size."
+    )
     profile: StepTimeProfile = Field(description="The measured model of one replica.")
+
+
+class SimProvisioner(BaseModel):
+    """How 'auto' replica counts are sized (runtime.deployment.ProvisionerConfig's fields,
+    and the calibration runtime.scaling.autoscaler.app_sampler makes)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target_rps: float = Field(1.0, gt=0, description="Application requests per second to size for.")
+    sla_p99_s: float = Field(
+        30.0, gt=0, description="End-to-end p99 latency the sizing must stay within."
+    )
+    epsilon: float = Field(
+        0.01, gt=0, lt=1, description="Largest predicted share of requests allowed to miss the SLA."
+    )
+    scaling: ScalingPolicy = Field(
+        default_factory=ScalingPolicy, description="min_replicas and max_replicas bound the count."
+    )
+    calibration_calls: int = Field(
+        6, ge=1, description="Calls whose service times make the sample (the live default)."
+    )
+    warmup_calls: int = Field(1, ge=0, description="First calls left out of the sample.")
 
 
 class SimSpec(BaseModel):
@@ -264,6 +299,9 @@ class SimSpec(BaseModel):
     sla_e2e_s: float = Field(gt=0, description="End-to-end deadline of one request, seconds.")
     models: dict[str, SimModel] = Field(min_length=1, description="Model keys and replicas.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Routing.")
+    provisioner: SimProvisioner = Field(
+        default_factory=SimProvisioner, description="Sizing of model keys with replicas 'auto'."
+    )
     prices: CostModel = Field(
         description="Replica-hour price of every model key (and the API token price)."
     )
@@ -346,6 +384,8 @@ class SimResult:
     replica_start_s: dict[str, float]
     events: int = 0
     """Events the simulation processed (a measure of its work)."""
+    sizing: dict[str, SizingResult] = field(default_factory=dict)
+    """How each model key with replicas 'auto' was sized (none otherwise)."""
 
     def metrics_dict(self) -> dict[str, Any]:
         """The keys a real run's metrics.json has (runtime.run.RunResult.metrics_dict)."""
@@ -358,8 +398,85 @@ class SimResult:
 
 
 def simulate(spec: SimSpec) -> SimResult:
-    """Run the experiment on the virtual clock and measure it as a real run is measured."""
-    return _Simulation(spec).run()
+    """Run the experiment on the virtual clock and measure it as a real run is measured.
+
+    Model keys with replicas 'auto' are sized first (`size_auto_replicas`) and keep that
+    count for the run, as in a real run.
+    """
+    sized, sizing = size_auto_replicas(spec)
+    result = _Simulation(sized).run()
+    result.sizing = sizing
+    return result
+
+
+def llm_calls_per_request(app: App, model_key: str) -> int:
+    """LLM calls of one request on a model key, loop bodies counted max_rounds times (as
+    runtime.scaling.autoscaler.llm_calls_per_request counts them)."""
+    rounds = {node_id: loop.max_rounds for loop in app.loops for node_id in loop.body}
+    return sum(
+        rounds.get(node.id, 1)
+        for node in app.nodes
+        if isinstance(node, LlmNode) and node.model == model_key
+    )
+
+
+def size_auto_replicas(spec: SimSpec) -> tuple[SimSpec, dict[str, SizingResult]]:
+    """The spec with every 'auto' replica count sized, and how each was sized.
+
+    As runtime.scaling.autoscaler.initial_size does on real replicas: the run's requests (in
+    order, cycled) run one at a time through the app on one replica per model key until
+    warm-up plus calibration calls were made; each LLM call's duration on the key is a
+    service-time sample; `size_replicas` picks the smallest count predicted to meet the
+    provisioner's p99 for its target rate with the app's calls per request, clamped to the
+    scaling policy's min and max.
+    """
+    auto = [key for key, model in spec.models.items() if model.replicas == "auto"]
+    if not auto:
+        return spec, {}
+    prov = spec.provisioner
+    wanted = prov.calibration_calls + prov.warmup_calls
+    single = {
+        key: model.model_copy(update={"replicas": 1}) if model.replicas == "auto" else model
+        for key, model in spec.models.items()
+    }
+    per_request = {key: max(1, llm_calls_per_request(spec.app, key)) for key in auto}
+    count = 4 * wanted  # at most 4 tries per wanted call, as the live sampler
+    shapes = tuple(spec.shapes[index % len(spec.shapes)] for index in range(count))
+    calibration = spec.model_copy(
+        update={
+            "models": single,
+            "router": RouterConfig(policy="round_robin"),  # the live sampler skips the router
+            "workload": WorkloadSpec(arrivals=ClosedLoop(users=1), num_requests=count),
+            "shapes": shapes,
+        }
+    )
+    calls = _Simulation(calibration).run().calls
+    sizing: dict[str, SizingResult] = {}
+    models = dict(spec.models)
+    cap = prov.scaling.max_replicas
+    floor = min(prov.scaling.min_replicas, cap)
+    model_of = {node.id: node.model for node in spec.app.nodes if isinstance(node, LlmNode)}
+    for key in auto:
+        durations = [
+            call.end_s - call.start_s
+            for call in sorted(calls, key=lambda c: c.start_s)
+            if model_of.get(call.node_id) == key and call.error is None
+        ][:wanted]
+        samples = durations[prov.warmup_calls :] or durations
+        if not samples:
+            raise ValueError(f"calibration of model key '{key}' made no successful call")
+        result = size_replicas(
+            prov.target_rps, per_request[key], samples, prov.sla_p99_s, prov.epsilon,
+            max_replicas=cap,
+        )  # fmt: skip
+        chosen = min(max(result.replicas, floor), cap)
+        if chosen != result.replicas:
+            result = replace(
+                result, replicas=chosen, reason=f"{result.reason}; clamped to {chosen}"
+            )
+        sizing[key] = result
+        models[key] = models[key].model_copy(update={"replicas": chosen})
+    return spec.model_copy(update={"models": models}), sizing
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +594,7 @@ class _Simulation:
         self.policy = get_policy(config.policy)
         self.sla_aware = config.policy == "sla_aware"
         self.speeds = SpeedEstimator(alpha=config.ewma_alpha)
+        self._speeds: dict[str, SpeedEstimate] | None = None  # snapshot until an observation
         self.counter = 0
         self.router_stats = RouterCounters()
         self.endpoints: dict[str, list[_Endpoint]] = {}
@@ -495,7 +613,7 @@ class _Simulation:
                     profile=model.profile,
                     max_num_seqs=model.engine.max_num_seqs or ROUTER_DEFAULT_MAX_NUM_SEQS,
                 )
-                for index in range(model.replicas)
+                for index in range(_count(model))
             ]
             self.queues[key] = SlackQueue(config.queue_capacity)
         self.all_endpoints = [e for key in sorted(self.endpoints) for e in self.endpoints[key]]
@@ -690,9 +808,11 @@ class _Simulation:
         run.queued = True
 
     def _context(self) -> RouteContext:
+        if self._speeds is None:
+            self._speeds = self.speeds.snapshot()
         return RouteContext(
             counter=self.counter,
-            speeds=self.speeds.snapshot(),
+            speeds=self._speeds,
             safety_factor=self.spec.router.safety_factor,
         )
 
@@ -846,19 +966,21 @@ class _Simulation:
             self._first_token(run)
         self._release(run)
         ttft = (run.first_token_s or self.now) - run.sent_s
-        gaps: list[float] = []
-        if engine_request.emissions > 1:
-            assert engine_request.first_token_s is not None
-            assert engine_request.last_token_s is not None
-            span = engine_request.last_token_s - engine_request.first_token_s
-            gaps = [span / (engine_request.emissions - 1)]
-        self.speeds.observe(
-            endpoint.endpoint_id,
-            ttft,
-            engine_request.prompt_tokens,
-            gaps,
-            run.running_at_start,
-        )
+        if self.sla_aware:  # only sla_aware decides on speeds; the others ignore them
+            gaps: list[float] = []
+            if engine_request.emissions > 1:
+                assert engine_request.first_token_s is not None
+                assert engine_request.last_token_s is not None
+                span = engine_request.last_token_s - engine_request.first_token_s
+                gaps = [span / (engine_request.emissions - 1)]
+            self.speeds.observe(
+                endpoint.endpoint_id,
+                ttft,
+                engine_request.prompt_tokens,
+                gaps,
+                run.running_at_start,
+            )
+            self._speeds = None
         request = run.request
         request.llm_calls += 1
         request.prompt_tokens += engine_request.prompt_tokens
@@ -936,7 +1058,7 @@ class _Simulation:
             for request in self.requests
         ]
         wall = max((o.end_s for o in outcomes), default=0.0)
-        replica_seconds = {key: wall * spec.models[key].replicas for key in spec.models}
+        replica_seconds = {key: wall * _count(spec.models[key]) for key in spec.models}
         metrics = summarize(
             outcomes,
             wall_s=wall,
@@ -965,5 +1087,12 @@ def _peak_memory_gib(spec: SimSpec) -> float | None:
         if profile.memory_gib_without_kv is None or engine.device != "cpu":
             return None
         kv_gib = engine.kv_cache_space_gib or 1
-        total += model.replicas * (profile.memory_gib_without_kv + kv_gib)
+        total += _count(model) * (profile.memory_gib_without_kv + kv_gib)
     return total
+
+
+def _count(model: SimModel) -> int:
+    """A sized model's replica count ('auto' is sized before a simulation starts)."""
+    if model.replicas == "auto":
+        raise ValueError("replicas 'auto' must be sized before simulating (size_auto_replicas)")
+    return int(model.replicas)

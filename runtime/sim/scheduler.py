@@ -44,7 +44,6 @@ so the result is the same as stepping one by one; the simulator is just faster.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
@@ -417,9 +416,8 @@ class ReplicaScheduler:
         self.rejected: list[SimRequest] = []
         self.last_features = StepFeatures()
         self._uids = 0
-        # the step in flight: [request, tokens, drafts, sampled-at-end] per scheduled request
+        # the step in flight: the scheduled requests and the drafts each verifies
         self._scheduled: list[SimRequest] = []
-        self._tokens: list[int] = []
         self._drafts: list[int] = []
         self._start_s: float | None = None
         self._first_s = 0.0  # duration of the first step of the macro
@@ -556,22 +554,29 @@ class ReplicaScheduler:
         running = self.running
         budget = config.max_num_batched_tokens
         scheduled: list[SimRequest] = []
-        tokens: list[int] = []
         drafts: list[int] = []
         prefill_tokens = pairs = decode_seqs = context = spec = 0
         preempted = False
 
+        # Running requests, in admission order. Each request's computed count is advanced
+        # as it is scheduled (vLLM does it after the pass; nothing in the pass reads it back:
+        # a preemption victim is always a request not scheduled yet).
         index = 0
-        while index < len(running) and budget > 0:
+        count_running = len(running)
+        while index < count_running and budget > 0:
             request = running[index]
             computed = request.num_computed
             num_tokens = request.prompt_tokens + request.num_output
             uncomputed = num_tokens - computed
-            count = min(uncomputed + request.drafts, budget)
-            need = -(-(computed + count) // block_size) - len(request.blocks)
+            count = uncomputed + request.drafts
+            if count > budget:
+                count = budget
+            end = computed + count
+            need = -(-end // block_size) - len(request.blocks)
             if need > 0:
-                while need > pool.num_free:
+                while need > pool.free_plain + len(pool.evictable):
                     victim = running.pop()
+                    count_running -= 1
                     self._preempt(victim)
                     preempted = True
                     if victim is request:
@@ -579,19 +584,20 @@ class ReplicaScheduler:
                 if request.state is not RequestState.RUNNING:
                     break
                 request.blocks.extend(pool.take(need))
-            pool.register(request, min(computed + count, num_tokens))
+            if (end if end < num_tokens else num_tokens) // block_size > request.num_cached_blocks:
+                pool.register(request, end if end < num_tokens else num_tokens)
+            request.num_computed = end
             scheduled.append(request)
-            tokens.append(count)
             if uncomputed == 1:
                 decode_seqs += 1
-                context += computed + count
+                context += end
                 spec += count - 1
                 drafts.append(count - 1)
+                request.drafts = 0
             else:
                 prefill_tokens += count
                 pairs += prefill_pairs(computed, count)
                 drafts.append(0)
-            request.drafts = 0
             budget -= count
             index += 1
 
@@ -618,21 +624,17 @@ class ReplicaScheduler:
                 if request.cached_tokens is None:
                     request.cached_tokens = hit_tokens
                 self.counters.prefix_hit_tokens += hit_tokens
-                request.num_computed = hit_tokens
+                request.num_computed = hit_tokens + count
                 request.state = RequestState.RUNNING
                 running.append(request)
                 scheduled.append(request)
-                tokens.append(count)
                 drafts.append(0)
                 prefill_tokens += count
                 pairs += prefill_pairs(hit_tokens, count)
                 budget -= count
                 admitted = True
 
-        for request, count in zip(scheduled, tokens, strict=True):
-            request.num_computed += count
         self._scheduled = scheduled
-        self._tokens = tokens
         self._drafts = drafts
         self._steady = (
             not preempted and not admitted and not prefill_tokens and len(scheduled) == len(running)
@@ -644,12 +646,15 @@ class ReplicaScheduler:
         """How many identical decode steps, starting with the one just scheduled, can run
         before one needs a new block or finishes (requests each gain one token a step)."""
         block_size = self.config.block_size
-        steps = math.inf
+        steps = 1 << 62
         for request in self._scheduled:
             room = len(request.blocks) * block_size - request.num_computed + 1
+            if room < steps:
+                steps = room
             left = request.output_tokens - request.num_output
-            steps = min(steps, room, left)
-        return max(int(steps), 1)
+            if left < steps:
+                steps = left
+        return steps if steps > 1 else 1
 
     def _preempt(self, request: SimRequest) -> None:
         """Recompute preemption: free the blocks, back to the front of the waiting queue."""
@@ -690,43 +695,51 @@ class ReplicaScheduler:
         speculative = config.num_speculative_tokens
         running_state = RequestState.RUNNING
         first_emission = start + self._first_s if steps > 1 else now
+        extra = steps - 1
+        pool = self.pool
+        block_size = config.block_size
+        decoded = 0
+        draw = self.rng.random
+        acceptance, proposal = config.acceptance_rate, config.proposal_rate
+        max_len = config.max_model_len if config.max_model_len is not None else 1 << 62
         for request, drafts in zip(self._scheduled, self._drafts, strict=True):
             if request.state is not running_state:
                 continue  # aborted (or preempted) while the step ran
-            num_tokens = request.prompt_tokens + request.num_output
-            if request.num_computed < num_tokens:
+            if request.num_computed < request.prompt_tokens + request.num_output:
                 continue  # a prefill chunk that does not reach the end of the prompt
             gained = steps
             if drafts:
                 accepted = 0
-                while accepted < drafts and self.rng.random() < config.acceptance_rate:
+                while accepted < drafts and draw() < acceptance:
                     accepted += 1
                 request.num_computed -= drafts - accepted
                 counters.draft_tokens += drafts
                 counters.accepted_tokens += accepted
                 gained = accepted + 1
-            elif steps > 1:
-                request.num_computed += steps - 1
-                self.pool.register(request, request.num_computed)
-            gained = min(gained, request.output_tokens - request.num_output)
+            elif extra:
+                request.num_computed += extra
+                if request.num_computed // block_size > request.num_cached_blocks:
+                    pool.register(request, request.num_computed)
+            left = request.output_tokens - request.num_output
+            if gained > left:
+                gained = left
             request.num_output += gained
-            counters.decode_tokens += gained
+            decoded += gained
             if request.first_token_s is None:
                 request.first_token_s = first_emission
                 first_tokens.append(request)
             request.last_token_s = now
             request.emissions += steps
-            if request.num_output >= request.output_tokens:
+            if gained == left:
                 self.running.remove(request)
-                self.pool.free(request.blocks)
+                pool.free(request.blocks)
                 request.blocks = []
                 request.state = RequestState.FINISHED
                 request.finished_s = now
                 done.append(request)
-            elif speculative and self.rng.random() < config.proposal_rate:
-                request.drafts = speculative
-                if config.max_model_len is not None:
-                    room = config.max_model_len - request.prompt_tokens - request.num_output
-                    request.drafts = max(min(speculative, room), 0)
+            elif speculative and draw() < proposal:
+                room = max_len - request.prompt_tokens - request.num_output
+                request.drafts = speculative if room >= speculative else max(room, 0)
+        counters.decode_tokens += decoded
         self._scheduled = []
         return first_tokens, done

@@ -268,3 +268,24 @@ def test_speculation_on_the_engine_needs_its_rates_in_the_profile() -> None:
     fast = simulate(make_spec(requests=2, replicas=1, engine=engine, profile=faster))
     plain = simulate(make_spec(requests=2, replicas=1))
     assert fast.metrics.tpot_p50_s < plain.metrics.tpot_p50_s
+
+
+def test_auto_replicas_are_sized_by_the_provisioner_from_calibration_calls() -> None:
+    # one call takes 0.11 s on an idle replica: 1 rps needs one replica, 20 rps needs more
+    light = make_spec(replicas="auto", provisioner={"target_rps": 1.0, "sla_p99_s": 1.0})
+    result = simulate(light)
+    assert result.sizing["llm"].replicas == 1
+    assert result.sizing["llm"].feasible
+    heavy = make_spec(
+        replicas="auto", provisioner={"target_rps": 20.0, "sla_p99_s": 1.0}, rate_rps=20.0
+    )
+    sized = simulate(heavy)
+    assert sized.sizing["llm"].replicas >= 3  # 20 rps * 0.11 s = 2.2 replicas busy
+    assert {call.endpoint for call in sized.calls} == {
+        f"llm/{i}" for i in range(sized.sizing["llm"].replicas)
+    }
+    capped = make_spec(
+        replicas="auto", rate_rps=20.0,
+        provisioner={"target_rps": 20.0, "sla_p99_s": 1.0, "scaling": {"max_replicas": 2}},
+    )  # fmt: skip
+    assert simulate(capped).sizing["llm"].replicas == 2
