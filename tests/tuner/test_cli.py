@@ -4,10 +4,9 @@ one-line errors with exit code 2."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,20 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "fake-model"
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The CLI configures logging for its process; undo that after each in-process run."""
-    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    noisy = {name: logging.getLogger(name).level for name in ("mlflow", "alembic", "optuna")}
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, old in noisy.items():
-        logging.getLogger(name).setLevel(old)
-
-
 def test_import_does_not_load_the_engine() -> None:
     done = subprocess.run(
         [sys.executable, "-c", "import sys, tuner.cli; "
@@ -49,7 +34,18 @@ def test_import_does_not_load_the_engine() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["models"], ["probe"], ["run"], ["serve"], ["tune"], ["worker"], ["export"], ["ui"]],
+    [
+        [],
+        ["models"],
+        ["probe"],
+        ["run"],
+        ["serve"],
+        ["tune"],
+        ["worker"],
+        ["export"],
+        ["ui"],
+        ["schedule"],
+    ],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])

@@ -24,6 +24,7 @@ from runtime.errors import unknown_name_message
 from tuner.cli.common import fail, set_option, user_errors
 from tuner.cli.display import StudyDisplay, console, error_console, front_table
 from tuner.samplers import SAMPLERS, sampler_help
+from tuner.schedule import DEFAULT_AT, DEFAULT_NAME, ScheduleFormat
 
 if TYPE_CHECKING:
     import subprocess
@@ -47,6 +48,8 @@ def register(app: typer.Typer) -> None:
     app.command()(export)
     app.command()(ui)
     app.command()(dashboard)
+    # Everything after `--` is passed through to the scheduled `fmtune regress`.
+    app.command(context_settings={"allow_extra_args": True})(schedule)
 
 
 # --- the study loop ---------------------------------------------------------------------
@@ -584,3 +587,99 @@ def _tail(log: IO[bytes], lines: int = 12) -> str:
     log.seek(0)
     text = log.read().decode(errors="replace").rstrip()
     return "\n".join(text.splitlines()[-lines:])
+
+
+# --- schedule ---------------------------------------------------------------------------
+
+
+def schedule(
+    ctx: typer.Context,
+    baseline: Annotated[
+        str,
+        typer.Argument(
+            help="What the nightly `fmtune regress` measures again: an export folder or a study."
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="The regress --out folder, where its history grows.")],
+    at: Annotated[
+        str, typer.Option(help="Time of day, HH:MM on a 24-hour clock, local time.")
+    ] = DEFAULT_AT,
+    format_: Annotated[
+        ScheduleFormat,
+        typer.Option("--format", help="cron: a crontab line; systemd: a .service and .timer."),
+    ] = "cron",
+    install: Annotated[
+        bool,
+        typer.Option(
+            help="Add the line to your crontab, or write the units to ~/.config/systemd/user."
+        ),
+    ] = False,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Folder the command runs in (default: this one).")
+    ] = None,
+    name: Annotated[
+        str, typer.Option(help="systemd unit name, and the crontab line's marker.")
+    ] = DEFAULT_NAME,
+) -> None:
+    """Print (or --install) a nightly `fmtune regress BASELINE --out DIR` as a cron line or a
+    systemd service and timer; regress flags go after `--` (e.g. `-- --repeats 5`).
+
+    The command runs in --workdir through this installation's fmtune (cron and systemd do not
+    see a virtual environment's PATH). The units are written, never enabled: the lines that
+    enable them are printed. examples/schedule/ has the same job for GitHub Actions and a
+    Kubernetes CronJob.
+    """
+    from pydantic import ValidationError
+
+    from runtime.errors import describe_validation_error
+    from tuner.schedule import (
+        Schedule,
+        cron_line,
+        enable_commands,
+        install_cron,
+        install_systemd_units,
+        systemd_units,
+        systemd_user_dir,
+    )
+
+    try:
+        plan = Schedule(
+            baseline=baseline, out=out, at=at, extra_args=tuple(ctx.args),
+            workdir=(workdir or Path.cwd()).absolute(), executable=_fmtune_executable(),
+            name=name,
+        )  # fmt: skip
+    except ValidationError as error:
+        fail(describe_validation_error(error, locate=lambda loc: ("", (f"--{loc[0]}",))))
+    verbatim = {"markup": False, "highlight": False, "emoji": False, "soft_wrap": True}
+    with user_errors():
+        if format_ == "cron":
+            console.print(cron_line(plan), **verbatim)  # stdout: the line alone
+            if install:
+                install_cron(plan)
+                error_console.print(f"added to your crontab as {plan.name} (crontab -l shows it)")
+            return
+        folder = systemd_user_dir()
+        for file_name, text in systemd_units(plan).items():
+            console.print(f"# {folder / file_name}\n{text}", **verbatim)
+        if install:
+            written = install_systemd_units(plan, folder)
+            error_console.print(f"wrote {', '.join(str(path) for path in written)}", **verbatim)
+        else:
+            error_console.print(f"--install writes these files into {folder}", **verbatim)
+        enable = " && ".join(shlex.join(command) for command in enable_commands(plan))
+        error_console.print(f"then enable the timer with: {enable}", **verbatim)
+
+
+def _fmtune_executable() -> Path:
+    """This installation's fmtune console script: beside this Python (the virtual
+    environment), else the one on PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "fmtune"
+    if beside.is_file():
+        return beside.absolute()
+    found = shutil.which("fmtune")
+    if found is None:
+        fail("the fmtune console script is neither beside this Python nor on PATH")
+    return Path(found).absolute()
