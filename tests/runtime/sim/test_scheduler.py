@@ -3,6 +3,9 @@ out by hand from the rules in runtime/sim/scheduler.py's docstring, then checked
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
 from runtime.sim.scheduler import (
@@ -307,3 +310,94 @@ def test_macro_steps_give_the_same_times_as_stepping_one_by_one() -> None:
         assert fast[0] == pytest.approx(slow[0], rel=1e-9)
         assert fast[1] == pytest.approx(slow[1], rel=1e-9)
         assert fast[2:] == slow[2:]
+
+
+def _random_case(
+    seed: int, speculation: bool
+) -> tuple[SchedulerConfig, list[tuple[float, SimRequest]]]:
+    """A random small replica and its arrivals: tight caches, small budgets, shared prefixes."""
+    rng = random.Random(seed)
+    config = SchedulerConfig(
+        block_size=rng.choice([16, 32]),
+        num_blocks=rng.randint(6, 40),
+        max_num_seqs=rng.randint(1, 8),
+        max_num_batched_tokens=rng.choice([16, 64, 256]),
+        enable_prefix_caching=rng.random() < 0.7,
+        max_model_len=rng.choice([None, 300]),
+        num_speculative_tokens=rng.choice([0, 3]) if speculation else 0,
+        proposal_rate=0.8,
+        acceptance_rate=0.6,
+    )
+    arrivals = []
+    for key in range(rng.randint(1, 25)):
+        shared = ((("g", rng.randint(0, 2)), 40),) if rng.random() < 0.5 else ()
+        request = SimRequest(key, rng.randint(41, 150), rng.randint(1, 60), prefix=shared)
+        arrivals.append((round(rng.random() * 2, 3), request))
+    return config, sorted(arrivals, key=lambda item: item[0])
+
+
+def _replay(
+    scheduler: ReplicaScheduler,
+    arrivals: list[tuple[float, SimRequest]],
+    on_step: Callable[[ReplicaScheduler], None] = lambda _: None,
+) -> None:
+    """Drive a replica as the cluster does: arrivals join (cutting a macro step), steps end."""
+    now, end, pending = 0.0, None, list(arrivals)
+    while pending or scheduler.has_work or end is not None:
+        if end is None:
+            if pending and (not scheduler.has_work or pending[0][0] <= now):
+                when, request = pending.pop(0)
+                now = max(now, when)
+                scheduler.add(request, now)
+                continue
+            end = scheduler.start_step(now)
+            continue
+        if pending and pending[0][0] < end:
+            when, request = pending.pop(0)
+            scheduler.add(request, when)
+            end = scheduler.interrupt(when) or end
+            continue
+        scheduler.finish_step(end)
+        now, end = end, None
+        on_step(scheduler)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_blocks_are_never_lost_or_double_counted(seed: int) -> None:
+    config, arrivals = _random_case(seed, speculation=True)
+
+    def check(scheduler: ReplicaScheduler) -> None:
+        held = {id(block): block for r in scheduler.running for block in r.blocks}
+        users: dict[int, int] = {}
+        for request in scheduler.running:
+            for block in request.blocks:
+                users[id(block)] = users.get(id(block), 0) + 1
+        assert all(block.ref == users[key] for key, block in held.items())
+        assert scheduler.pool.num_free + len(held) == config.num_blocks
+        assert all(not request.blocks for request in scheduler.waiting)
+
+    scheduler = ReplicaScheduler(config, SIMPLE, seed=seed)
+    _replay(scheduler, arrivals, check)
+    for _, request in arrivals:
+        assert request.state in (RequestState.FINISHED, RequestState.REJECTED)
+        if request.state is RequestState.FINISHED:
+            assert request.num_output == request.output_tokens
+    assert scheduler.pool.num_free == config.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_macro_steps_match_single_steps_on_random_replicas(seed: int) -> None:
+    coefficients = StepTimeCoefficients(
+        base_s=0.003, prefill_token_s=0.0002, decode_seq_s=0.002, context_token_s=0.00001
+    )
+    outcomes = []
+    for macro in (True, False):
+        config, arrivals = _random_case(seed, speculation=False)
+        _replay(ReplicaScheduler(config, coefficients, macro_steps=macro), arrivals)
+        outcomes.append(
+            [(r.first_token_s, r.finished_s, r.preemptions, r.cached_tokens) for _, r in arrivals]
+        )
+    for fast, slow in zip(*outcomes, strict=True):
+        assert fast[2:] == slow[2:]
+        for one, other in zip(fast[:2], slow[:2], strict=True):  # None: refused
+            assert one == other or one == pytest.approx(other, rel=1e-9)
