@@ -113,9 +113,10 @@ class CallShape(BaseModel):
     prompt_tokens: int = Field(ge=1, description="Prompt tokens, chat template included.")
     completion_tokens: int = Field(ge=1, description="Tokens the call generates.")
     shared: tuple[Segment, ...] = Field(
-        (), description="The prompt's leading segments shared with other calls, in order; "
-        "the rest of the prompt is this call's own."
-    )  # fmt: skip
+        (),
+        description="The prompt's leading segments shared with other calls, in order; "
+        "the rest of the prompt is this call's own.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CallShape:
@@ -196,17 +197,22 @@ def synthetic_shapes(
 
 
 def shapes_from_spans(
-    rows: Iterable[Mapping[str, Any]], shared: Mapping[str, tuple[Segment, ...]] | None = None
+    rows: Iterable[Mapping[str, Any]],
+    shared: Mapping[str, tuple[Segment, ...]] | None = None,
+    repeat: int = 0,
 ) -> list[RequestShape]:
     """Request shapes from a real run's trace rows (trace.parquet as dicts, one per span).
 
     Uses each row's request_id, node_id, kind, round, skipped, prompt_tokens and
-    completion_tokens; LLM spans that were skipped or produced no token are left out.
+    completion_tokens; LLM spans that were skipped or produced no token are left out. A run
+    measured several times has a ``repeat`` column: only that repeat's rows are read.
     ``shared`` gives each node's shared leading segments (the trace does not record them).
     Returns one shape per request id, in request id order (ids 0..n-1 expected).
     """
     by_request: dict[int, dict[str, list[tuple[int, CallShape]]]] = {}
     for row in rows:
+        if int(row.get("repeat") or 0) != repeat:
+            continue
         request_id = int(row["request_id"])
         calls = by_request.setdefault(request_id, {})
         if row.get("kind") != "llm" or row.get("skipped"):
@@ -466,9 +472,13 @@ def size_auto_replicas(spec: SimSpec) -> tuple[SimSpec, dict[str, SizingResult]]
         if not samples:
             raise ValueError(f"calibration of model key '{key}' made no successful call")
         result = size_replicas(
-            prov.target_rps, per_request[key], samples, prov.sla_p99_s, prov.epsilon,
+            prov.target_rps,
+            per_request[key],
+            samples,
+            prov.sla_p99_s,
+            prov.epsilon,
             max_replicas=cap,
-        )  # fmt: skip
+        )
         chosen = min(max(result.replicas, floor), cap)
         if chosen != result.replicas:
             result = replace(

@@ -101,9 +101,10 @@ class StepTimeCoefficients(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_s: float = Field(
-        ge=0, description="Fixed seconds of every step that computes anything (scheduling, "
-        "the forward pass's launch, sampling set-up)."
-    )  # fmt: skip
+        ge=0,
+        description="Fixed seconds of every step that computes anything (scheduling, "
+        "the forward pass's launch, sampling set-up).",
+    )
     prefill_token_s: float = Field(0.0, ge=0, description="Seconds per prefill token.")
     prefill_attention_s: float = Field(
         0.0, ge=0, description="Seconds per query-key pair of prefill attention."
@@ -166,15 +167,20 @@ class SpeculationProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     proposal_rate: float = Field(
-        1.0, ge=0, le=1, description="Share of a sequence's decode steps for which the drafter "
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of a sequence's decode steps for which the drafter "
         "finds an n-gram match and proposes drafts (vllm:spec_decode_num_drafts over the steps "
-        "that could draft)."
-    )  # fmt: skip
+        "that could draft).",
+    )
     acceptance_rate: float = Field(
-        ge=0, le=1, description="Probability that a draft token is accepted given that every "
+        ge=0,
+        le=1,
+        description="Probability that a draft token is accepted given that every "
         "draft before it was: draws stop at the first rejection. "
-        "`conditional_acceptance` turns vLLM's accepted/draft token ratio into this."
-    )  # fmt: skip
+        "`conditional_acceptance` turns vLLM's accepted/draft token ratio into this.",
+    )
 
 
 class StepTimeProfile(BaseModel):
@@ -201,22 +207,29 @@ class StepTimeProfile(BaseModel):
         ge=0, description="Seconds from starting a replica until it answers /v1/models."
     )
     kv_bytes_per_token: int = Field(
-        gt=0, description="KV cache bytes one token occupies over all layers (K and V): "
+        gt=0,
+        description="KV cache bytes one token occupies over all layers (K and V): "
         "layers * kv_heads * (head_size + head_size_v) * dtype bytes. A block of block_size "
-        "tokens takes block_size times this (kv_bytes_per_block)."
-    )  # fmt: skip
+        "tokens takes block_size times this (kv_bytes_per_block).",
+    )
     gpu_kv_cache_bytes: int | None = Field(
-        None, gt=0, description="CUDA only: the KV cache bytes vLLM allocated (it sizes the "
-        "cache from gpu_memory_utilization and free memory, which the simulator cannot know)."
-    )  # fmt: skip
+        None,
+        gt=0,
+        description="CUDA only: the KV cache bytes vLLM allocated (it sizes the "
+        "cache from gpu_memory_utilization and free memory, which the simulator cannot know).",
+    )
     request_overhead_s: float = Field(
-        0.0, ge=0, description="Seconds from a call leaving the client until the engine's "
-        "scheduler sees it (HTTP, chat template, tokenization)."
-    )  # fmt: skip
+        0.0,
+        ge=0,
+        description="Seconds from a call leaving the client until the engine's "
+        "scheduler sees it (HTTP, chat template, tokenization).",
+    )
     response_overhead_s: float = Field(
-        0.0, ge=0, description="Seconds from a step's end until the client holds its tokens "
-        "(detokenization, streaming)."
-    )  # fmt: skip
+        0.0,
+        ge=0,
+        description="Seconds from a step's end until the client holds its tokens "
+        "(detokenization, streaming).",
+    )
     speculation: SpeculationProfile | None = Field(
         None, description="The n-gram drafter's behaviour; needed to simulate speculation."
     )

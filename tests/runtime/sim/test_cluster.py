@@ -226,10 +226,13 @@ def test_shapes_come_from_a_real_runs_trace_rows() -> None:
          "prompt_tokens": 0, "completion_tokens": 0},
         {"request_id": 1, "node_id": "draft", "kind": "llm", "round": 0, "skipped": True,
          "prompt_tokens": 0, "completion_tokens": 0},
+        {"request_id": 0, "node_id": "draft", "kind": "llm", "round": 0, "repeat": 1,
+         "prompt_tokens": 99, "completion_tokens": 99},
     ]  # fmt: skip
     system = (Segment(scope="global", key="system", tokens=45),)
     found = shapes_from_spans(rows, shared={"draft": system})
-    assert [c.prompt_tokens for c in found[0].calls["draft"]] == [45, 50]  # >= its shared part
+    # round order, at least the shared part, and only the first repeat's rows
+    assert [c.prompt_tokens for c in found[0].calls["draft"]] == [45, 50]
     assert found[0].calls["draft"][1].completion_tokens == 9
     assert found[0].calls["draft"][0].shared == system
     assert found[1].calls == {}
