@@ -12,27 +12,35 @@ models:
 router: {policy: sla_aware}
 provisioner: {target_rps: 0.5, sla_p99_s: 20}
 apps:
-  extract: {task: extraction, architecture: single, format: json}
+  extract: {source: extraction, architecture: single, format: json}
+  calc: apps/arithmetic     # an app folder (relative to this file), with its default knobs
 ```
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from runtime.app.dag import App
-from runtime.app.formats import OutputFormat
-from runtime.app.registry import Application, get_application
+from runtime.app.application import MODEL_KEY_PATTERN, AppKnobs, Application, llm_model_keys
+from runtime.app.dag import App, LlmNode
+from runtime.app.registry import application_names, get_application, is_app_path
 from runtime.engine.config import EngineConfig
-from runtime.errors import ConfigError, config_error
+from runtime.errors import ConfigError, config_error, unknown_name_message
 from runtime.routing.policies import RouterConfig
 from runtime.scaling.provisioner import ReplicaCount, ScalingPolicy
-
-MODEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 
 
 class ModelDeployment(BaseModel):
@@ -76,78 +84,95 @@ class ProvisionerConfig(BaseModel):
     )
 
 
-class AppSpec(BaseModel):
-    """One application, found by name in the registry, with its app-layer knobs."""
+def _exists(path: Path) -> bool:
+    """Whether a path exists; False for names no file system accepts (too long, say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(
-        default="extraction",
-        description="The application's registry name (`fmtune` ships 'extraction'): its "
-        "dataset, scorer and DAG variants.",
-    )
-    architecture: str = Field(
-        default="",
-        description="Cognitive architecture, one of the app's DAG variants (for extraction: "
-        "single, one call for all fields; parallel sub-questions then aggregation; sequential "
-        "sub-questions easy to hard; judge, two agents and a judge). Empty: the app's first.",
-    )
-    format: OutputFormat = Field(
-        default=OutputFormat.JSON, description="Output format between the LLM steps."
-    )
-    structured_output: bool = Field(
-        default=False,
-        description="Constrain llm outputs with vLLM's structured outputs (JSON schema); "
-        "forces the json format.",
-    )
-    judge_rounds: int = Field(
-        default=2, ge=1, le=10, description="Most rounds of the judge architecture's loop."
-    )
-    model_key: str = Field(
-        default="llm", description="The deployment's model key the app's llm nodes call."
+class AppSpec(AppKnobs):
+    """One application (a shipped app's name, an app.yaml or an app folder) and its knobs.
+
+    In a file, `app: apps/arithmetic` is short for `app: {source: apps/arithmetic}`. A
+    relative path is relative to the file that names it (the experiment or DEPLOY.yaml), or
+    else to the working folder; it is kept absolute once validated.
+    """
+
+    source: str = Field(
+        min_length=1,
+        description="The application: a shipped app's name (`fmtune apps list`), or the path "
+        "of an app folder or its app.yaml (runtime/app/appfile.py documents the format).",
     )
 
-    @field_validator("task")
+    @model_validator(mode="before")
     @classmethod
-    def _registered(cls, task: str) -> str:
-        get_application(task)
-        return task
+    def _source_only(cls, data: Any) -> Any:
+        """`app: NAME_OR_PATH` is `app: {source: NAME_OR_PATH}`."""
+        return {"source": data} if isinstance(data, str) else data
+
+    @field_validator("source")
+    @classmethod
+    def _found(cls, source: str, info: ValidationInfo) -> str:
+        """A path (or a folder that is no registered name) resolved against the naming
+        file's folder (validation context `base_dir`) when it exists there, else the working
+        folder; the app loaded and checked."""
+        base = (info.context or {}).get("base_dir")
+        beside = Path(base) / source if base is not None else None
+        here = beside if beside is not None and _exists(beside) else Path(source)
+        folder = _exists(here) and here.is_dir() and source not in application_names()
+        if (is_app_path(source) or folder) and not Path(source).is_absolute():
+            source = str(here.resolve())
+        get_application(source)
+        return source
 
     @model_validator(mode="after")
     def _check_knobs(self) -> AppSpec:
-        """The architecture is one of its variants (the first when
-        empty), and structured output goes with json."""
-        application = get_application(self.task)
-        if not self.architecture:
-            object.__setattr__(self, "architecture", application.architectures[0])
-        elif self.architecture not in application.architectures:
-            raise ValueError(
-                f"architecture must be one of {list(application.architectures)} for app "
-                f"'{self.task}', got '{self.architecture}'"
-            )
-        if self.structured_output and self.format != OutputFormat.JSON:
-            raise ValueError(
-                f"structured_output needs format 'json', got format '{self.format.value}'"
-            )
+        """The knobs name what the app has (architecture and prompt defaulting to its first),
+        and together make a valid DAG."""
+        for name, value in self.application().check_knobs(self).items():
+            object.__setattr__(self, name, value)
+        self.build()
         return self
 
+    @property
+    def name(self) -> str:
+        """The application's own name (what a deployment serves it as by default)."""
+        return self.application().name
+
     def application(self) -> Application:
-        """The registered application this spec configures."""
-        return get_application(self.task)
+        """The application this spec configures."""
+        return get_application(self.source)
 
     def build(self) -> App:
-        """The app's DAG with these knobs (its llm nodes call the app's own model key, which
-        runs route to `model_key`)."""
-        return self.application().build(
-            self.architecture,
-            self.format,
-            judge_rounds=self.judge_rounds,
-            structured_output=self.structured_output,
-        )
+        """The app's DAG with these knobs; its llm nodes name the deployment's model keys."""
+        return self.application().build(self)
 
     def model_keys(self) -> dict[str, str]:
-        """The app's own model key -> the deployment's model key its calls go to."""
-        return {self.application().model_key: self.model_key}
+        """The deployment model keys the built DAG calls, each to itself (the executor's map
+        from a node's model key to the name the router serves it under)."""
+        return {key: key for key in llm_model_keys(self.build())}
+
+    def check_models(self, models: Iterable[str], where: str, scorer: bool = False) -> None:
+        """ValueError naming `where`, the node (or the scorer) and the model key when the app
+        calls a key that is not among `models` (with scorer: the judge's key too)."""
+        served = sorted(models)
+        for node in self.build().nodes:
+            if isinstance(node, LlmNode) and node.model not in served:
+                raise ValueError(
+                    f"{where}.nodes.{node.id}.model: "
+                    + unknown_name_message("model key", node.model, served)
+                    + " among the deployment's models"
+                )
+        if scorer:
+            for key in self.application().scorer.model_keys:
+                if key not in served:
+                    raise ValueError(
+                        f"{where}: the scorer's judge calls "
+                        + unknown_name_message("model key", key, served)
+                        + " among the deployment's models"
+                    )
 
 
 class Deployment(BaseModel):
@@ -176,11 +201,7 @@ class Deployment(BaseModel):
     @model_validator(mode="after")
     def _check_references(self) -> Deployment:
         for name, app in self.apps.items():
-            if app.model_key not in self.models:
-                raise ValueError(
-                    f"apps.{name}.model_key must be one of {sorted(self.models)}, "
-                    f"got '{app.model_key}'"
-                )
+            app.check_models(self.models, f"apps.{name}")
         for key, model in self.models.items():
             if self.cluster == "endpoints" and not model.endpoints:
                 raise ValueError(f"models.{key}.endpoints must list URLs with cluster 'endpoints'")
@@ -203,7 +224,10 @@ class Deployment(BaseModel):
             for key, model in self.models.items()
         }
         if self.apps:  # an app's knobs are what a bundle is about: spell them all out
-            data["apps"] = {name: app.model_dump(mode="json") for name, app in self.apps.items()}
+            data["apps"] = {
+                name: {"source": app.source, **app.model_dump(mode="json", exclude={"source"})}
+                for name, app in self.apps.items()
+            }
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -221,8 +245,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 
 def load_deployment(path: Path) -> Deployment:
-    """Read and validate a DEPLOY.yaml; errors name the file, the field and the value."""
+    """Read and validate a DEPLOY.yaml (app paths relative to it); errors name the file, the
+    field and the value."""
     try:
-        return Deployment.model_validate(read_yaml_mapping(path))
+        return Deployment.model_validate(read_yaml_mapping(path), context={"base_dir": path.parent})
     except ValidationError as error:
         raise config_error(error, str(path), Deployment) from None

@@ -52,6 +52,9 @@ class RequestOutcome:
         format_statuses: Parse status of each structured LLM answer
             ("clean", "repaired", "unparseable").
         shed: True when the router refused the request to protect the SLA of others.
+        score_error: Why the scorer could not score the answer (it raised, or returned no
+            number in [0, 1]); None when it scored it or there was no answer. Such an answer
+            has no quality and scores 0, as a failed request does.
     """
 
     request_id: int
@@ -67,6 +70,7 @@ class RequestOutcome:
     tpots_s: list[float] = field(default_factory=list)
     format_statuses: list[str] = field(default_factory=list)
     shed: bool = False
+    score_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.end_s < self.start_s:
@@ -216,6 +220,12 @@ class RunMetrics(BaseModel):
     format_unparseable_rate: float | None = _desc("Share that could not be parsed at all.")
     llm_calls_per_request: float | None = _desc("Mean LLM calls per request.")
     tokens_per_request: float | None = _desc("Mean prompt + completion tokens per request.")
+    score_errors: int = Field(
+        0,
+        ge=0,
+        description="Answers the scorer could not score (it raised, or returned no number in "
+        "[0, 1]); each scores 0 in quality, as a failed request does.",
+    )
     repeats: int = Field(
         1,
         ge=1,
@@ -313,6 +323,7 @@ def summarize(
         tokens_per_request=(
             float(np.mean([o.prompt_tokens + o.completion_tokens for o in outcomes])) if n else None
         ),
+        score_errors=sum(o.score_error is not None for o in outcomes),
     )
 
 
@@ -320,7 +331,7 @@ def summarize(
 # Repeats
 # --------------------------------------------------------------------------------------------
 
-_SUMMED = ("num_requests", "num_failed", "num_shed", "wall_s")
+_SUMMED = ("num_requests", "num_failed", "num_shed", "wall_s", "score_errors")
 """Counts and durations that add up over repeats."""
 _KEPT = ("sla_e2e_s", "quality", "quality_ci95", "repeats")
 """Fields not taken per repeat: the deadline, quality (over examples) and the count."""

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.app.datasets import Example
 from runtime.app.executor import RequestResult, run_requests, to_outcome
+from runtime.app.scoring import Judge, Score, Scorer, score_all
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
 from runtime.engine.client import CallFailure
@@ -48,12 +50,23 @@ logger = logging.getLogger(__name__)
 
 
 class DatasetSpec(BaseModel):
-    """Which examples of the task's seeded dataset the workload draws from."""
+    """Which examples of the app's dataset the workload draws from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    size: int = Field(default=40, ge=1, le=100_000, description="Examples generated.")
-    seed: int = Field(default=0, ge=0, description="Seed of the dataset generator.")
+    size: int = Field(
+        default=40,
+        ge=1,
+        le=100_000,
+        description="Examples used: the first `size` evaluated rows of the app's dataset (all "
+        "of them when it has fewer).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of apps that generate their dataset in Python; an app folder's rows "
+        "are its file's (and its split's seed, in app.yaml).",
+    )
 
 
 class SlaSpec(BaseModel):
@@ -109,6 +122,12 @@ class RunSpec(BaseModel):
     node_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest any one DAG node may take before it fails."
     )
+
+    @model_validator(mode="after")
+    def _models_served(self) -> RunSpec:
+        """Every model key the app's nodes (and its judge) call is a deployment model key."""
+        self.app.check_models(self.deployment.models, "app", scorer=True)
+        return self
 
 
 @dataclass
@@ -183,13 +202,38 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 
 
 def load_run_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> RunSpec:
-    """Read an experiment file (with `--set` overrides); errors name file, field and value."""
+    """Read an experiment file (with `--set` overrides; an app path relative to the file);
+    errors name file, field and value."""
     data = apply_overrides(read_yaml_mapping(path), overrides or {})
     data.pop("tune", None)  # the tuner's section; a run ignores it
     try:
-        return RunSpec.model_validate(data)
+        return RunSpec.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as error:
         raise config_error(error, str(path), RunSpec) from None
+
+
+async def _score_runs(
+    scorer: Scorer,
+    runs: list[list[RequestResult]],
+    chosen: list[Example],
+    endpoints: list[Endpoint],
+    spec: RunSpec,
+) -> list[list[Score]]:
+    """Every measured answer's score, repeat by repeat (runtime.app.scoring: a scorer that
+    fails gives an error, never raises). An LLM judge's calls go through a router of their own
+    over the run's endpoints, after the measured requests, so they cost the run nothing."""
+
+    async def score(judge: Judge | None) -> list[list[Score]]:
+        return [
+            await score_all(scorer, [r.outputs if r.ok else None for r in results], chosen, judge)
+            for results in runs
+        ]
+
+    if not scorer.model_keys:
+        return await score(None)
+    router = Router(endpoints, spec.deployment.router, default_deadline_s=spec.node_timeout_s)
+    async with router:
+        return await score(Judge(router, {key: key for key in scorer.model_keys}))
 
 
 def _kind(failure: CallFailure | None) -> str | None:
@@ -352,6 +396,7 @@ def execute_run(
         return runs, walls, stats, t0, memory.peak_gib
 
     runs, walls, stats, t0, peak_gib = asyncio.run(drive())
+    scores = asyncio.run(_score_runs(application.scorer, runs, chosen, endpoints, spec))
 
     replicas = {
         key: sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
@@ -364,10 +409,9 @@ def execute_run(
     for repeat, (results, wall) in enumerate(zip(runs, walls, strict=True)):
         qualities: list[float | None] = []
         outcomes: list[RequestOutcome] = []
-        for result, example in zip(results, chosen, strict=True):
-            quality = application.score(result.outputs, example.reference) if result.ok else None
-            qualities.append(quality)
-            outcomes.append(to_outcome(result, quality))  # shed by its failure kind
+        for result, score in zip(results, scores[repeat], strict=True):
+            qualities.append(score.value)
+            outcomes.append(to_outcome(result, score.value, score.error))  # shed by its kind
         repeat_outcomes.append(outcomes)
         per_repeat.append(
             summarize(

@@ -76,6 +76,47 @@ def parse_bound(text: str) -> MetricBound:
     return MetricBound(metric=metric, op=op, bound=value, text=text.strip())  # type: ignore[arg-type]
 
 
+class RegressSpec(BaseModel):
+    """How `fmtune regress` judges a re-measured deployment against its baseline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(
+        default=0.10,
+        gt=0,
+        lt=1,
+        description="Smallest relative change of an objective that counts: the ratio of "
+        "today's median to the baseline's must be at least 1 + threshold the worse way (or "
+        "1 - threshold for a metric to maximize), and its 95% interval must exclude 1.",
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-metric thresholds overriding `threshold`, by objective metric.",
+    )
+    repeats: int = Field(
+        default=3,
+        ge=3,
+        le=100,
+        description="Times regress measures each deployment (the workload's `repeats`); at "
+        "least 3, so the interval over repeats means something.",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        known = metric_names()
+        for metric, value in thresholds.items():
+            if metric not in known:
+                raise ValueError(unknown_name_message("threshold metric", metric, sorted(known)))
+            if not 0 < value < 1:
+                raise ValueError(f"thresholds.{metric} must be in (0, 1), got {value}")
+        return thresholds
+
+    def threshold_for(self, metric: str) -> float:
+        """The threshold of one metric."""
+        return self.thresholds.get(metric, self.threshold)
+
+
 class TuneSpec(BaseModel):
     """What the study searches, what it optimizes, under which bounds, for how long."""
 
@@ -102,6 +143,11 @@ class TuneSpec(BaseModel):
     seed: int = Field(default=0, ge=0, description="Seed of the sampler.")
     population_size: int = Field(
         default=8, ge=2, le=1000, description="Population of the evolutionary samplers."
+    )
+    regress: RegressSpec = Field(
+        default_factory=RegressSpec,
+        description="How `fmtune regress` compares the exported deployments with today's "
+        "measurements of them.",
     )
     max_failures_per_config: int = Field(
         default=1,
@@ -155,10 +201,11 @@ class Experiment(RunSpec):
 def load_experiment(
     path: Path, overrides: dict[str, Any] | None = None, *, need_tune: bool = False
 ) -> Experiment:
-    """Read an experiment file; errors name the file, the field and the value."""
+    """Read an experiment file (an app path relative to it); errors name the file, the field
+    and the value."""
     data = apply_overrides(read_yaml_mapping(path), overrides or {})
     try:
-        experiment = Experiment.model_validate(data)
+        experiment = Experiment.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as error:
         raise config_error(error, str(path), Experiment) from None
     if need_tune and experiment.tune is None:

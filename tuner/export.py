@@ -1,13 +1,15 @@
 """Export the Pareto-optimal deployments of a study as bundles people deploy.
 
 Each bundle (DEPLOY.yaml for `fmtune serve`, vLLM command lines, docker-compose.yaml,
-Kubernetes manifests and a README with the trial's metrics) is rebuilt from what the study
+Kubernetes manifests, a README with the trial's metrics, and measured.json: what the trial
+measured and how, for `fmtune regress`) is rebuilt from what the study
 storage holds: the experiment the study was created with and the trial's knobs. Nothing is
 read from the trial's output folder, so `fmtune export --storage URL` works on any machine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import optuna
 from runtime.deployment import Deployment
 from runtime.errors import ConfigError
 from runtime.render.bundle import write_bundle
+from runtime.run import RunSpec
 from tuner.experiment import Experiment
 from tuner.knobs import check_knob_names, trial_spec
 from tuner.pareto import Objective, front_table, pareto_front
@@ -26,6 +29,15 @@ from tuner.space import load_space
 from tuner.study import ATTR_METRICS, deployment_of
 
 logger = logging.getLogger(__name__)
+
+
+MEASURED_FILE = "measured.json"
+"""The file of a bundle holding what its trial measured and how (`measured_record`)."""
+
+
+def bundle_name(trial: int) -> str:
+    """The folder of a trial's bundle in an export (also its name in `fmtune regress`)."""
+    return f"trial-{trial:04d}"
 
 
 @dataclass(frozen=True)
@@ -68,13 +80,38 @@ def study_objectives(study: optuna.Study) -> list[Objective]:
     return [Objective.model_validate(o) for o in study.user_attrs.get("fmtune.objectives", [])]
 
 
-def trial_deployment(experiment: Experiment, trial: optuna.trial.FrozenTrial) -> Deployment:
-    """The DEPLOY.yaml content of a trial: the experiment with the trial's knobs applied, built
-    exactly as the study built the RunSpec it measured."""
+def trial_run_spec(experiment: Experiment, trial: optuna.trial.FrozenTrial) -> RunSpec:
+    """The RunSpec a trial measured: the experiment with the trial's knobs applied, built
+    exactly as the study built it."""
     assert experiment.tune is not None
     space = load_space(experiment.tune.search_space)
-    check_knob_names(space, experiment.deployment.models, experiment.tune.search_space)
-    return deployment_of(trial_spec(experiment, space, trial.params))
+    check_knob_names(
+        space, experiment.deployment.models, experiment.tune.search_space, experiment.app
+    )
+    return trial_spec(experiment, space, trial.params)
+
+
+def trial_deployment(experiment: Experiment, trial: optuna.trial.FrozenTrial) -> Deployment:
+    """The DEPLOY.yaml content of a trial (see trial_run_spec)."""
+    return deployment_of(trial_run_spec(experiment, trial))
+
+
+def measured_record(
+    study: optuna.Study, experiment: Experiment, trial: optuna.trial.FrozenTrial
+) -> dict[str, Any]:
+    """MEASURED_FILE's content: what the trial measured and how, so that `fmtune regress`
+    can measure the bundle again the same way (workload, dataset, SLA, prices) and compare:
+    `run_spec` (the trial's RunSpec), `objectives`, `regress` (the experiment's thresholds),
+    `metrics` (the trial's metrics.json, with per-repeat values and per-example quality)."""
+    assert experiment.tune is not None
+    return {
+        "study": study.study_name,
+        "trial": trial.number,
+        "run_spec": trial_run_spec(experiment, trial).model_dump(mode="json"),
+        "objectives": [o.model_dump(mode="json") for o in experiment.tune.objectives],
+        "regress": experiment.tune.regress.model_dump(mode="json"),
+        "metrics": dict(trial.user_attrs.get(ATTR_METRICS, {})),
+    }
 
 
 def export_front(study: optuna.Study, out_dir: Path) -> list[ExportedBundle]:
@@ -89,10 +126,14 @@ def export_front(study: optuna.Study, out_dir: Path) -> list[ExportedBundle]:
     for trial in front:
         deployment = trial_deployment(experiment, trial)
         metrics = dict(trial.user_attrs.get(ATTR_METRICS, {}))
-        folder = out_dir / f"trial-{trial.number:04d}"
+        folder = out_dir / bundle_name(trial.number)
         title = f"{study.study_name} trial {trial.number}"
-        files = write_bundle(deployment, folder, metrics=metrics, title=title)
-        bundles.append(ExportedBundle(trial.number, folder, tuple(files), metrics))
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, dict)}  # no raw data
+        files = write_bundle(deployment, folder, metrics=shown, title=title)
+        measured = folder / MEASURED_FILE
+        record = measured_record(study, experiment, trial)
+        measured.write_text(json.dumps(record, indent=1) + "\n")
+        bundles.append(ExportedBundle(trial.number, folder, (*files, measured), metrics))
     logger.info("exported %d bundles to %s", len(bundles), out_dir)
     return bundles
 

@@ -8,6 +8,7 @@ measure a trial, export rebuilds it to write the trial's bundle, so both get the
 Knob name (``k`` a model key of the experiment's deployment) -> experiment path:
 
 - ``app.X`` -> ``app.X``
+- ``app.nodes.<id>.model`` -> ``app.nodes.<id>.model`` (the model key llm node ``<id>`` calls)
 - ``engine.X`` -> ``deployment.models.<k>.engine.X`` for every ``k``, unless
   ``models.<k>.engine.X`` is sampled too (the per-model knob wins)
 - ``models.<k>.engine.X`` -> ``deployment.models.<k>.engine.X``
@@ -20,7 +21,8 @@ Knob name (``k`` a model key of the experiment's deployment) -> experiment path:
 The value ``"none"`` (how a space file writes "no speculative method") becomes None.
 
 Valid names come from the schemas, never from a list kept by hand: X ranges over the fields of
-``EngineConfig`` (engine knobs) or ``AppSpec`` (app knobs), and P over the dotted paths to a
+``EngineConfig`` (engine knobs) or ``AppSpec`` (app knobs, but ``source``: a study tunes one
+app), ``<id>`` over the llm nodes of the experiment's app, and P over the dotted paths to a
 field of ``Deployment`` through its nested models (``router.policy``, ``provisioner.target_rps``).
 """
 
@@ -74,10 +76,17 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
             yield from _field_paths(nested, f"{path}.")
 
 
-def valid_knob_names(model_keys: Iterable[str]) -> list[str]:
-    """Every knob name a space may use with a deployment of these model keys."""
+#: AppSpec fields that are no knobs of their own: the app itself, and the per-node table.
+_NOT_APP_KNOBS = ("source", "nodes")
+
+
+def valid_knob_names(model_keys: Iterable[str], app: AppSpec | None = None) -> list[str]:
+    """Every knob name a space may use with a deployment of these model keys (and, given
+    the experiment's app, its llm nodes' `app.nodes.<id>.model`)."""
     engine = list(EngineConfig.model_fields)
-    names = [f"app.{field}" for field in AppSpec.model_fields]
+    names = [f"app.{field}" for field in AppSpec.model_fields if field not in _NOT_APP_KNOBS]
+    if app is not None:
+        names += [f"app.nodes.{node}.model" for node in app.application().llm_nodes]
     names += [f"engine.{field}" for field in engine]
     for key in model_keys:
         names += [f"models.{key}.model", f"models.{key}.replicas"]
@@ -95,14 +104,17 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def check_knob_names(space: SearchSpace, model_keys: Iterable[str], source: Path) -> None:
-    """Refuse a space naming a knob the experiment does not have, before any trial runs.
+def check_knob_names(
+    space: SearchSpace, model_keys: Iterable[str], source: Path, app: AppSpec | None = None
+) -> None:
+    """Refuse a space naming a knob the experiment (its model keys, its app's llm nodes)
+    does not have, before any trial runs.
 
     The SpaceError (a ConfigError: `fmtune tune` exits 2) is one line naming the space file,
     each unknown knob and the closest valid name, e.g. ``search_spaces/x.yaml: unknown knob
     'engine.blocksize' (did you mean 'engine.block_size'?)``.
     """
-    valid = valid_knob_names(model_keys)
+    valid = valid_knob_names(model_keys, app)
     known = set(valid)
     unknown = [name for name in space.knob_names() if name not in known]
     if unknown:
@@ -125,7 +137,9 @@ def experiment_overrides(params: Mapping[str, Any], model_keys: Iterable[str]) -
     for name, value in params.items():
         value = _value(value)
         parts = name.split(".")
-        if parts[0] == "app" and len(parts) == 2:
+        if parts[0] == "app" and (
+            len(parts) == 2 or (len(parts) == 4 and parts[1] == "nodes" and parts[3] == "model")
+        ):
             out[name] = value
         elif parts[0] == "engine" and len(parts) == 2:
             for key in keys:

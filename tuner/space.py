@@ -10,6 +10,7 @@ File shape (every key optional except the knob specs themselves; unknown keys ar
     app:                                   # knob name: app.<key>
       architecture: [single, parallel]     # a list is a categorical knob
       structured_output: [true, false]
+      nodes.judge.model: [llm, big]        # which model key llm node `judge` calls
     engine:                                # knob name: engine.<key>; every model's engine
       block_size: {choices: [32, 64, 128]}
       max_num_seqs: {type: int, low: 1, high: 32, log: true}
@@ -91,7 +92,8 @@ Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$
 DottedKey = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 ]
-"""A dotted path segment list, e.g. ``router.policy``: used by the deployment section."""
+"""A dotted path segment list, e.g. ``router.policy``: used by the deployment and app
+sections (``nodes.judge.model``)."""
 
 KNOB_KINDS = ("categorical", "int", "float")
 
@@ -291,8 +293,9 @@ class SpaceFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str = Field("", description="What this space is for.")
-    app: dict[Identifier, Knob] = Field(
-        default_factory=dict, description="Application knobs (architecture, format, ...)."
+    app: dict[DottedKey, Knob] = Field(
+        default_factory=dict,
+        description="Application knobs (architecture, format, ..., nodes.<id>.model).",
     )
     engine: dict[Identifier, Knob] = Field(
         default_factory=dict, description="Engine knobs applied to every model."

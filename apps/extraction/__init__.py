@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from apps.extraction.architectures import ARCHITECTURES, MODEL_KEY, build_app
-from apps.extraction.task import generate_dataset, score
-from runtime.app.registry import Application, Example
+from apps.extraction.architectures import ARCHITECTURES, build_app
+from apps.extraction.task import FIELDS, generate_dataset, score
+from runtime.app.application import AppKnobs, Application
+from runtime.app.dag import App, LlmNode
+from runtime.app.datasets import Example
+from runtime.app.scoring import FunctionScorer
 
 
 def _examples(size: int, seed: int) -> list[Example]:
@@ -25,12 +28,25 @@ def _score(outputs: Mapping[str, Any], reference: Any) -> float:
     return score(outputs, reference).accuracy
 
 
+def _variant(knobs: AppKnobs) -> App:
+    return build_app(knobs.architecture or ARCHITECTURES[0], knobs.format)
+
+
 APP = Application(
     name="extraction",
     description="Contact person's name, email and address from a news article.",
+    inputs=("article",),
+    answer=FIELDS,
     architectures=ARCHITECTURES,
-    model_key=MODEL_KEY,
-    build=build_app,
+    variant=_variant,
     examples=_examples,
-    score=_score,
+    scorer=FunctionScorer(_score, "apps.extraction.task:score"),
+    llm_nodes=tuple(
+        dict.fromkeys(
+            node.id
+            for architecture in ARCHITECTURES
+            for node in build_app(architecture, "json").nodes
+            if isinstance(node, LlmNode)
+        )
+    ),
 )

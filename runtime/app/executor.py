@@ -103,9 +103,12 @@ class RequestResult:
         return self.end_s - self.start_s
 
 
-def to_outcome(result: RequestResult, quality: float | None) -> RequestOutcome:
-    """The metrics record of a request; quality counts only when the request succeeded, and a
-    request the router shed (its failure kind, never its message) counts as shed."""
+def to_outcome(
+    result: RequestResult, quality: float | None, score_error: str | None = None
+) -> RequestOutcome:
+    """The metrics record of a request; quality counts only when the request succeeded, a
+    request the router shed (its failure kind, never its message) counts as shed, and
+    score_error says why the scorer could not score its answer."""
     calls = [s for s in result.spans if s.kind == "llm" and not s.skipped]
     return RequestOutcome(
         request_id=result.request_id,
@@ -121,6 +124,7 @@ def to_outcome(result: RequestResult, quality: float | None) -> RequestOutcome:
         ttfts_s=[s.ttft_s for s in calls if s.ttft_s is not None],
         tpots_s=[s.tpot_s for s in calls if s.tpot_s is not None],
         format_statuses=[s.format_status for s in calls if s.format_status is not None],
+        score_error=score_error if result.ok else None,
     )
 
 

@@ -386,10 +386,16 @@ class Scorer(ABC):
         return ()
 
     @abstractmethod
+    def compare(self, prediction: Mapping[str, Any], example: Example) -> float:
+        """The answer's quality, computed here without any model call; raises when it cannot
+        be scored (and for scorers that need a model)."""
+
     async def score(
         self, prediction: Mapping[str, Any], example: Example, judge: Judge | None = None
     ) -> float:
-        """The answer's quality in [0, 1]; raises when it cannot be scored."""
+        """The answer's quality in [0, 1]; raises when it cannot be scored. Scorers that call
+        no model compare here; an LLM judge calls its model through `judge`."""
+        return self.compare(prediction, example)
 
 
 def _reference_value(example: Example, column: str) -> Any:
@@ -433,12 +439,6 @@ class FieldScorer(Scorer):
             return regex_match(predicted, _text(expected), spec.full_match)
         raise TypeError(f"not a built-in scorer spec: {type(spec).__name__}")
 
-    async def score(
-        self, prediction: Mapping[str, Any], example: Example, judge: Judge | None = None
-    ) -> float:
-        """See compare."""
-        return self.compare(prediction, example)
-
 
 class MeanScorer(Scorer):
     """The mean of several field scorers."""
@@ -447,9 +447,7 @@ class MeanScorer(Scorer):
         self.parts = tuple(parts)
         self.description = "mean of " + ", ".join(part.description for part in parts)
 
-    async def score(
-        self, prediction: Mapping[str, Any], example: Example, judge: Judge | None = None
-    ) -> float:
+    def compare(self, prediction: Mapping[str, Any], example: Example) -> float:
         """Each part's comparison, averaged."""
         values = [part.compare(prediction, example) for part in self.parts]
         return sum(values) / len(values)
@@ -462,9 +460,7 @@ class FunctionScorer(Scorer):
         self.function = function
         self.description = name
 
-    async def score(
-        self, prediction: Mapping[str, Any], example: Example, judge: Judge | None = None
-    ) -> float:
+    def compare(self, prediction: Mapping[str, Any], example: Example) -> float:
         """The function's value, checked to be a number in [0, 1]."""
         return check_score(self.function(dict(prediction), example.reference))
 
@@ -496,6 +492,10 @@ class JudgeScorer(Scorer):
             messages.append({"role": "system", "content": render(self.spec.system, lookup)})
         messages.append({"role": "user", "content": render(self.spec.prompt, lookup)})
         return messages
+
+    def compare(self, prediction: Mapping[str, Any], example: Example) -> float:
+        """A judge cannot score without its model: use `score`."""
+        raise TypeError("an llm_judge scorer calls its model: use score() with the run's backend")
 
     async def score(
         self, prediction: Mapping[str, Any], example: Example, judge: Judge | None = None

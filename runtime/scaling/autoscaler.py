@@ -284,13 +284,13 @@ def serving_calls_and_samplers(
     calls: dict[str, float] = {}
     samplers: dict[str, ServiceSampler] = {}
     for spec in deployment.apps.values():
-        application = spec.application()
-        inputs = [dict(example.inputs) for example in application.examples(8, 0)]
+        inputs = [dict(example.inputs) for example in spec.application().examples(8, 0)]
         app = spec.build()
-        count = llm_calls_per_request(app, application.model_key)
-        if count > calls.get(spec.model_key, 0):
-            calls[spec.model_key] = count
-        samplers.setdefault(spec.model_key, app_sampler(app, inputs, application.model_key))
+        keys = sorted(spec.model_keys())
+        for key in keys:
+            calls[key] = max(calls.get(key, 0), llm_calls_per_request(app, key))
+        if len(keys) == 1:  # app_sampler calibrates an app that calls one key only
+            samplers.setdefault(keys[0], app_sampler(app, inputs, keys[0]))
     return calls, samplers
 
 

@@ -188,7 +188,10 @@ def test_merge_answers_trims_and_fills_missing() -> None:
 
 
 def test_an_app_spec_builds_the_app_with_its_knobs() -> None:
-    spec = AppSpec(architecture="judge", format="json", judge_rounds=3, structured_output=True)
+    spec = AppSpec(
+        source="extraction", architecture="judge", format="json", max_rounds=3,
+        structured_output=True,
+    )  # fmt: skip
     app = spec.build()
     assert app == build_app("judge", "json", judge_rounds=3, structured_output=True)
     assert [loop.max_rounds for loop in app.loops] == [3]

@@ -150,6 +150,7 @@ def test_empty_run() -> None:
         "wall_s",
         "sla_e2e_s",
         "repeats",
+        "score_errors",
     }
     assert all(getattr(metrics, name) is None for name in undefined)
 

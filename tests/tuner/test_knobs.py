@@ -94,7 +94,11 @@ def test_valid_names_come_from_the_schemas() -> None:
     for field in EngineConfig.model_fields:
         assert {f"engine.{field}", f"models.llm.engine.{field}"} <= names
         assert f"models.judge.engine.{field}" in names
-    assert {f"app.{field}" for field in AppSpec.model_fields} <= names
+    assert {f"app.{field}" for field in AppSpec.model_fields} - names == {"app.source", "app.nodes"}
+    assert not any(name.startswith("app.nodes.") for name in names)  # no app given: no nodes
+    extraction = AppSpec(source="extraction")
+    with_app = set(valid_knob_names(["llm"], extraction))
+    assert {"app.nodes.extract.model", "app.nodes.judge.model"} <= with_app
     assert {"models.llm.model", "models.llm.replicas", "deployment.replicas"} <= names
     assert {"deployment.router.policy", "deployment.cluster"} <= names
     # Dict fields are data, not schema: model keys are reached through models.<k>.*
@@ -135,6 +139,29 @@ def test_every_section_is_checked(knob: str, expected: str) -> None:
     with pytest.raises(SpaceError) as info:
         check_knob_names(space, ["llm"], Path("/spaces/s.yaml"))
     assert str(info.value) == f"/spaces/s.yaml: unknown knob '{knob}' {expected}"
+
+
+def test_per_node_models_are_knobs_of_the_experiments_app(tmp_path: Path) -> None:
+    """`app.nodes.<id>.model` is valid for the app's llm nodes only, and lands on the node."""
+    extraction = AppSpec(source="extraction")
+    space = load_space_text(tmp_path, "app:\n  nodes.judge.model: [llm, big]\n")
+    check_knob_names(space, ["llm", "big"], tmp_path / "s.yaml", extraction)
+    typo = load_space_text(tmp_path, "app:\n  nodes.jduge.model: [llm]\n")
+    with pytest.raises(SpaceError, match=r"unknown knob 'app\.nodes\.jduge\.model' \(did you"):
+        check_knob_names(typo, ["llm"], tmp_path / "s.yaml", extraction)
+    params = {"app.nodes.judge.model": "big", "app.architecture": "judge"}
+    assert experiment_overrides(params, ["llm", "big"]) == params
+    base = load_run_spec(EXTRACT).model_dump(mode="json")
+    base["deployment"]["models"]["big"] = base["deployment"]["models"]["llm"]
+    spec = trial_spec(base, space, {"app.nodes.judge.model": "big", "app.architecture": "judge"})
+    models = {node.id: node.model for node in spec.app.build().nodes}
+    assert models == {"agent_a": "llm", "agent_b": "llm", "judge": "big"}
+
+
+def load_space_text(tmp_path: Path, text: str) -> SearchSpace:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_space(path)
 
 
 def test_the_shipped_spaces_name_only_valid_knobs() -> None:

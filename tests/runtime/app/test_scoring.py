@@ -240,3 +240,25 @@ async def test_the_llm_judge_calls_its_model_key_through_the_backend() -> None:
         judge, [{"answer": "4"}], [example()], Judge(JudgeBackend("11"), {"judge": "j"})
     )
     assert too_high[0].error == "scorer returned 1.1, outside [0, 1]"
+
+
+def test_score_errors_are_counted_by_the_run_metrics_and_score_0() -> None:
+    from runtime.app.executor import RequestResult, to_outcome
+    from runtime.metrics import CostModel, summarize
+
+    results = [
+        RequestResult(request_id=i, outputs={"answer": "1"}, spans=(), start_s=0.0, end_s=1.0,
+                      ok=True)
+        for i in range(3)
+    ]  # fmt: skip
+    outcomes = [
+        to_outcome(results[0], 1.0),
+        to_outcome(results[1], None, "RuntimeError: boom"),
+        to_outcome(results[2], 0.5),
+    ]
+    assert outcomes[1].score_error == "RuntimeError: boom" and outcomes[1].quality is None
+    metrics = summarize(
+        outcomes, wall_s=1.0, sla_e2e_s=5.0, replica_seconds={}, prices=CostModel(),
+        peak_memory_gib=None,
+    )  # fmt: skip
+    assert metrics.score_errors == 1 and metrics.quality == pytest.approx(0.5)

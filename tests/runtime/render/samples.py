@@ -41,7 +41,7 @@ def cpu_deployment() -> Deployment:
                 engine=EngineConfig(model="/data/models/my-model"), replicas="auto"
             ),
         },
-        apps={"extract": AppSpec(architecture="judge", model_key="llm")},
+        apps={"extract": AppSpec(source="extraction", architecture="judge", model_key="llm")},
     )
 
 

@@ -68,7 +68,9 @@ def deployment_for(urls: list[str], **router: Any) -> Deployment:
             "cluster": "endpoints",
             "models": {"llm": {"engine": {"model": SERVED, "max_num_seqs": 8}, "endpoints": urls}},
             "router": {"policy": "round_robin", "metrics_refresh_s": 0.2, **router},
-            "apps": {"extract": {"architecture": "single", "format": "json"}},
+            "apps": {
+                "extract": {"source": "extraction", "architecture": "single", "format": "json"}
+            },
         }
     )
 
@@ -637,8 +639,8 @@ def test_metrics_by_app_and_model_key_with_ttft_and_sla_attainment() -> None:
                 },
                 "router": {"policy": "round_robin"},
                 "apps": {
-                    "extract": {"model_key": "llm"},
-                    "broken": {"model_key": "other"},
+                    "extract": {"source": "extraction", "model_key": "llm"},
+                    "broken": {"source": "extraction", "model_key": "other"},
                 },
             }
         )
@@ -827,7 +829,7 @@ LOCAL = {"models": {"llm": {"engine": {"model": "smollm2-135m"}, "replicas": 2}}
             ("models.llm.engine.model: ", "catalog name", "got 'no-such-model'"),
         ),
         (
-            {"apps": {"extract": {"architecture": "nope"}}},
+            {"apps": {"extract": {"source": "extraction", "architecture": "nope"}}},
             ("apps.extract: architecture must be one of", "got 'nope'"),
         ),
         ({"router": {"polcy": "sla_aware"}}, ("'router.polcy'", "did you mean 'policy'")),
@@ -928,8 +930,8 @@ def test_the_shipped_serve_example_is_two_eager_replicas_behind_sla_aware_with_t
     assert model.engine == EngineConfig(**quickstart["deployment"]["models"]["llm"]["engine"])
     assert model.engine.model == "smollm2-135m" and model.engine.enforce_eager
     assert deployment.router.policy == "sla_aware"
-    assert {name: app.task for name, app in deployment.apps.items()} == {"extract": "extraction"}
-    assert deployment.apps["extract"].model_key == "llm"
+    assert {name: app.source for name, app in deployment.apps.items()} == {"extract": "extraction"}
+    assert deployment.apps["extract"].model_key == ""  # each node calls the key the app names
     built = build_apps(deployment)  # what the front door builds before it serves
     assert list(built) == ["extract"] and built["extract"][1] == {"llm": "llm"}
 
