@@ -276,7 +276,11 @@ def slow_endpoint_experiment(tmp_path: Path, url: str, trials: int) -> Path:
     space.write_text(yaml.safe_dump({"app": {"architecture": ["single", "parallel"]}}))
     data = yaml.safe_load(QUICKSTART.read_text())
     data["name"] = "interrupted-study"
-    data["workload"] = {"arrivals": {"kind": "closed", "users": 1}, "num_requests": 1}
+    data["workload"] = {
+        "arrivals": {"kind": "closed", "users": 1},
+        "num_requests": 1,
+        "warmup_requests": 0,
+    }
     data["sla"] = {"e2e_s": 600}
     data["deployment"]["cluster"] = "endpoints"
     data["deployment"]["models"]["llm"]["endpoints"] = [url]
