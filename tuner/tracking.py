@@ -750,3 +750,36 @@ class StudyTracker:
                 }
             )
         return sorted(rows, key=lambda row: (row["trial"] is None, row["trial"] or 0))
+
+
+def log_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    *,
+    kind: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    tags: Mapping[str, str],
+    artifacts: Mapping[str, Path | str],
+    status: StudyStatus = "FINISHED",
+) -> str:
+    """One finished run outside any study (what `fmtune regress` logs each night), tagged
+    ``fmtune.kind=<kind>`` plus ``tags``; params as text, metrics as in a trial run (numbers
+    only), artifacts as in :meth:`StudyTracker.finish_trial`. Returns the run's id.
+
+    The experiment is created like a study's (artifacts next to a SQLite store, a classic
+    machine-learning experiment), through the same client code.
+    """
+    if status not in _STUDY_STATUSES:
+        raise ConfigError(f"status must be one of {list(_STUDY_STATUSES)}, got {status!r}")
+    store = StudyTracker(tracking_uri, experiment_name, study_name=run_name)
+    run = store.client.create_run(
+        store.experiment_id, run_name=run_name, tags={TAG_KIND: kind, **dict(tags)}
+    )
+    run_id = run.info.run_id
+    texts = {k: _truncate(_param_text(v), MAX_PARAM_VAL_LENGTH) for k, v in params.items()}
+    store._log_batch(run_id, params=texts, metrics=_numeric_metrics(metrics))
+    store._log_artifacts(run_id, artifacts)
+    store.client.set_terminated(run_id, status=status)
+    return run_id

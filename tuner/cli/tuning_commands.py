@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
     app.command()(tune)
     app.command()(worker)
     app.command()(export)
+    app.command()(regress)
     app.command()(ui)
     app.command()(dashboard)
     # Everything after `--` is passed through to the scheduled `fmtune regress`.
@@ -383,6 +384,73 @@ def export(
             str(bundle.trial), str(bundle.folder), ", ".join(f.name for f in bundle.files)
         )
     console.print(table)
+
+
+def regress(
+    baseline: Annotated[
+        str,
+        typer.Argument(
+            help="An export folder (`fmtune export --out`) or one of its bundles, or a study "
+            "name (its Pareto front; with --storage)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for regress.md, regress.html, regress.xml, the trend plots and the "
+            "history store (history.db); run nightly into the same folder to build the trend."
+        ),
+    ],
+    storage: Annotated[
+        str | None,
+        typer.Option(help="optuna storage URL of a study (default: out/<study>/study.db)."),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            min=3,
+            help="Measurements of each deployment (default: the experiment's "
+            "tune.regress.repeats, 3).",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: SQLite in --out).")
+    ] = None,
+) -> None:
+    """Measure exported deployments again on today's stack and compare them with their own
+    baseline measurements: exit 1 when a deployment regressed on an objective, 0 otherwise,
+    2 on bad input."""
+    from runtime.engine.pool import PoolLimits, ReplicaPool
+    from runtime.run import execute_run
+    from tuner.regress import load_baseline, run_regress, stack_tags
+    from tuner.tracking import default_tracking_uri
+
+    with user_errors():
+        source, baselines = load_baseline(baseline, storage)
+    console.print(f"measuring {len(baselines)} deployment(s) of {source} again")
+    with (
+        user_errors(),
+        ReplicaPool(PoolLimits(max_replicas=3, max_memory_gib=16), log_dir=out / "logs") as pool,
+        console.status("starting") as status,
+    ):
+
+        def measure(spec: Any) -> dict[str, Any]:
+            return execute_run(spec, pool, on_phase=status.update).metrics_dict()
+
+        def announce(item: Any, count: int) -> None:
+            console.print(f"{item.name}: {count} repeats")
+
+        report = run_regress(
+            baselines, measure, out, source=source, repeats=repeats,
+            stack=stack_tags([b.spec for b in baselines]),
+            tracking_uri=tracking_uri or default_tracking_uri(out), on_deployment=announce,
+        )  # fmt: skip
+    for comparison in report.comparisons():
+        style = {"regressed": "bold red", "improved": "green"}.get(comparison.verdict, "")
+        console.print(comparison.line(), style=style, highlight=False)
+    console.print(f"wrote {', '.join(str(path) for path in report.files.values())}")
+    if report.regressed:
+        raise typer.Exit(1)
 
 
 def ui(
