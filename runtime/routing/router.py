@@ -113,6 +113,8 @@ class Rejected(Exception):
 @dataclass
 class _Waiter:
     future: asyncio.Future[None]
+    released: bool = False
+    """Let go to take a free slot (counted in `Router._released` until it is picked)."""
 
 
 @dataclass
@@ -158,6 +160,10 @@ class Router:
         self.endpoints: list[Endpoint] = []
         self.stats = RouterStats()
         self._queues: dict[str, SlackQueue[_Waiter]] = {}
+        self._released: dict[str, int] = {}
+        """Waiters let go for a free slot that have not yet been picked onto an endpoint:
+        the slots they will take are not free any more (else one freed slot lets the whole
+        queue go at once)."""
         self._counter = 0
         self._refresher: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
@@ -324,7 +330,10 @@ class Router:
         return [e for e in self.endpoints if e.model_key == model_key and e.healthy]
 
     def _has_room(self, model_key: str) -> bool:
-        return any(e.outstanding < e.max_num_seqs for e in self.healthy(model_key))
+        """A slot is free on some endpoint in rotation, beyond those promised to released
+        waiters."""
+        free = sum(max(0, e.max_num_seqs - e.outstanding) for e in self.healthy(model_key))
+        return free > self._released.get(model_key, 0)
 
     def _unservable(self, model_key: str) -> bool:
         """No endpoint of the model is in rotation, nor being probed to come back: waiting
@@ -345,6 +354,9 @@ class Router:
         while len(queue) and (self._has_room(model_key) or self._unservable(model_key)):
             waiter = queue.pop(self.clock()).item
             if not waiter.future.done():
+                if not self._unservable(model_key):
+                    waiter.released = True
+                    self._released[model_key] = self._released.get(model_key, 0) + 1
                 waiter.future.set_result(None)
         self.stats.queue_depth[model_key] = len(queue)
 
@@ -402,6 +414,13 @@ class Router:
             self.stats.shed += 1
             message = "shed: deadline passed while queued"
             raise Rejected(CallFailure.SHED, message) from None
+        except asyncio.CancelledError:
+            if waiter.released:  # its promised slot goes to the next waiter
+                self._released[model_key] -= 1
+                self._wake(model_key)
+            raise
+        if waiter.released:  # the caller picks an endpoint right after this returns
+            self._released[model_key] -= 1
 
     def pick(self, model_key: str, demand: CallDemand, tried: set[str]) -> Endpoint:
         """Ask the policy for an endpoint (not one of `tried`) and count the call on it."""

@@ -314,3 +314,47 @@ async def test_only_sla_aware_sheds_calls_whose_deadline_passed_in_the_queue() -
         else:
             assert errors[1] is None  # ran late instead
         await router.aclose()
+
+
+async def test_a_freed_slot_lets_one_waiting_call_go_not_the_whole_queue() -> None:
+    """Released waiters hold their slot until they are picked: the endpoint never runs more
+    calls than its max_num_seqs."""
+    running, peak = 0, 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal running, peak
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="")
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return httpx.Response(200, content=sse_answer("a"))
+
+    client = EngineClient("http://a", connect_retries=0, transport=httpx.MockTransport(handler))
+    target = Endpoint(
+        endpoint_id="a", model_key="llm", served_model="m", base_url="http://a",
+        max_num_seqs=2, client=client,
+    )  # fmt: skip
+    router = Router([target], RouterConfig(policy="round_robin"))
+    records = await asyncio.gather(*(router.chat("llm", USER, SamplingParams()) for _ in range(8)))
+    assert all(record.ok for record in records)
+    assert peak == 2 and target.outstanding == 0
+    assert router._released == {"llm": 0}
+    await router.aclose()
+
+
+async def test_a_released_call_that_is_cancelled_gives_its_slot_to_the_next() -> None:
+    router = Router(
+        [endpoint("a", max_num_seqs=1, delay_s=0.1)], RouterConfig(policy="round_robin")
+    )
+    first = asyncio.create_task(router.chat("llm", USER, SamplingParams()))
+    await asyncio.sleep(0.02)  # first holds the only slot
+    doomed = asyncio.create_task(router.chat("llm", USER, SamplingParams()))
+    patient = asyncio.create_task(router.chat("llm", USER, SamplingParams()))
+    await asyncio.sleep(0.01)
+    assert (await first).ok  # the slot frees: "doomed" is released first (FIFO on ties)...
+    doomed.cancel()  # ...and cancelled before it is picked
+    assert (await patient).ok  # its slot went on to the next waiter
+    assert router._released == {"llm": 0}
+    await router.aclose()
