@@ -872,8 +872,8 @@ class _Simulation:
     def _wake(self, key: str) -> None:
         """Router._wake: shed expired waiters (sla_aware), release waiters while there is room.
 
-        As in the live router, room is judged before the released calls are counted, so one
-        freed slot releases every waiter; their picks follow in least-slack order.
+        As in the live router, a released waiter holds its slot until it is picked (here at
+        once), so each freed slot lets one waiter go, least slack first.
         """
         queue = self.queues[key]
         if not len(queue):
@@ -883,11 +883,9 @@ class _Simulation:
                 if not run.done and run.request.end_s is None:
                     self.router_stats.shed += 1
                     self._fail(run, "shed: deadline passed while queued", shed=True)
-        released: list[_Node] = []
         endpoints = self.endpoints[key]
         while len(queue) and any(e.outstanding < e.max_num_seqs for e in endpoints):
-            released.append(queue.pop(self.now).item)
-        for run in released:
+            run = queue.pop(self.now).item
             if not run.done and run.request.end_s is None:
                 self._pick(run)
 
