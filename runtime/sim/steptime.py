@@ -1,23 +1,16 @@
-"""How long one engine step of a vLLM replica takes, and how many KV blocks it has.
+"""What the simulator knows about a replica: the step-time profile, its fit, its KV blocks.
 
-vLLM runs a replica as a loop of steps: each step the scheduler picks tokens to compute (the
-prefill chunks of new requests, one token per decoding sequence, draft tokens to verify) and
-the model runs them in one forward pass. The simulator needs the duration of each such step.
-It is modelled as an affine function of what the step computes:
-
-    step_s = base_s
-             + prefill_token_s * prefill_tokens       (tokens of prompt chunks)
-             + prefill_attention_s * prefill_pairs     (query-key pairs of those chunks)
-             + decode_seq_s * decode_seqs              (sequences decoding one token)
-             + context_token_s * context_tokens        (KV tokens the decoders attend to)
-             + spec_token_s * spec_tokens              (draft tokens verified)
-
-The coefficients are fitted by least squares (:func:`fit`) from measured steps, so a profiler
-fills a :class:`StepTimeProfile` once per model, dtype, quantization, hardware and vLLM
-version and every simulation reuses it. The profile also carries what the simulator needs
-beside step times: the bytes of KV cache per token (to turn the KV cache size into blocks the
-way vLLM's CPU worker does, :func:`kv_cache_blocks`), start-up time, per-call API overheads,
-the n-gram drafter's proposal and acceptance rates, and the replica's memory.
+vLLM runs a replica as a loop of steps, and each step's duration follows the affine step-time
+model of runtime.engine.steptime (`StepTimeCoefficients` over the `StepFeatures` a step
+computes: prefill tokens and their query-key pairs, decoding sequences and the KV tokens they
+attend to, draft tokens). The model itself lives in the engine layer because the router
+predicts with it too; this module fits its coefficients by least squares (:func:`fit`) from
+measured steps, so a profiler fills a :class:`StepTimeProfile` once per model, dtype,
+quantization, hardware and vLLM version and every simulation reuses it. The profile also
+carries what the simulator needs beside step times: the bytes of KV cache per token (to turn
+the KV cache size into blocks the way vLLM's CPU worker does, :func:`kv_cache_blocks`),
+start-up time, per-call API overheads, the n-gram drafter's proposal and acceptance rates,
+and the replica's memory.
 
 Pure: numpy and pydantic only; the one I/O is reading and writing a profile file.
 """
@@ -35,110 +28,45 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.engine.config import EngineConfig
+from runtime.engine.steptime import (
+    FEATURES,
+    StepFeatures,
+    StepTimeCoefficients,
+    prefill_pairs,
+)
 from runtime.errors import ConfigError, config_error
 
 logger = logging.getLogger(__name__)
+
+#: The coefficient model is runtime.engine.steptime's; it is part of this module's interface
+#: because a profile holds it and the fit produces it.
+__all__ = [
+    "FEATURES",
+    "GIB",
+    "PROFILE_SCHEMA_VERSION",
+    "FitReport",
+    "SpeculationProfile",
+    "StepFeatures",
+    "StepSample",
+    "StepTimeCoefficients",
+    "StepTimeProfile",
+    "conditional_acceptance",
+    "fit",
+    "kv_cache_blocks",
+    "load_profile",
+    "prefill_pairs",
+    "resolved_block_size",
+    "save_profile",
+]
 
 #: One GiB as vLLM counts it (``GiB_bytes``): VLLM_CPU_KVCACHE_SPACE is in these units.
 GIB = 1 << 30
 #: Version of the profile file format; bumped when a field changes meaning.
 PROFILE_SCHEMA_VERSION = 1
-#: The step-time features, in the order of :meth:`StepFeatures.vector` and of the fit.
-FEATURES: tuple[str, ...] = (
-    "prefill_tokens",
-    "prefill_pairs",
-    "decode_seqs",
-    "context_tokens",
-    "spec_tokens",
-)
-
 
 # --------------------------------------------------------------------------------------------
-# Step features and coefficients
+# The fit's report
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepFeatures:
-    """What one engine step computes: the inputs of the step-time model.
-
-    Attributes:
-        prefill_tokens: Tokens of prefill chunks (new prompts, chunk continuations and
-            recomputation after preemption) computed in the step.
-        prefill_pairs: Query-key pairs of those chunks: a chunk of ``n`` tokens starting at
-            position ``s`` attends ``n * s + n * (n + 1) / 2`` pairs (the quadratic part of
-            prefill attention).
-        decode_seqs: Sequences that decode in the step (one sampled token each, plus drafts).
-        context_tokens: KV tokens the decoding sequences attend to (their lengths, summed).
-        spec_tokens: Draft tokens verified in the step (0 without speculative decoding).
-    """
-
-    prefill_tokens: int = 0
-    prefill_pairs: int = 0
-    decode_seqs: int = 0
-    context_tokens: int = 0
-    spec_tokens: int = 0
-
-    def vector(self) -> list[float]:
-        """The features in FEATURES order."""
-        return [
-            float(self.prefill_tokens),
-            float(self.prefill_pairs),
-            float(self.decode_seqs),
-            float(self.context_tokens),
-            float(self.spec_tokens),
-        ]
-
-
-def prefill_pairs(start: int, tokens: int) -> int:
-    """Query-key pairs of a prefill chunk of ``tokens`` tokens after ``start`` computed ones."""
-    return tokens * start + tokens * (tokens + 1) // 2
-
-
-class StepTimeCoefficients(BaseModel):
-    """Seconds per unit of each step feature, plus a fixed cost per step (all >= 0)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    base_s: float = Field(
-        ge=0,
-        description="Fixed seconds of every step that computes anything (scheduling, "
-        "the forward pass's launch, sampling set-up).",
-    )
-    prefill_token_s: float = Field(0.0, ge=0, description="Seconds per prefill token.")
-    prefill_attention_s: float = Field(
-        0.0, ge=0, description="Seconds per query-key pair of prefill attention."
-    )
-    decode_seq_s: float = Field(
-        0.0, ge=0, description="Seconds per decoding sequence (its token's forward and sampling)."
-    )
-    context_token_s: float = Field(
-        0.0, ge=0, description="Seconds per KV token a decoding sequence attends to."
-    )
-    spec_token_s: float = Field(0.0, ge=0, description="Seconds per draft token verified.")
-
-    def step_s(self, features: StepFeatures) -> float:
-        """Predicted duration of a step with these features (0 when it computes nothing)."""
-        if not (features.prefill_tokens or features.decode_seqs):
-            return 0.0
-        return (
-            self.base_s
-            + self.prefill_token_s * features.prefill_tokens
-            + self.prefill_attention_s * features.prefill_pairs
-            + self.decode_seq_s * features.decode_seqs
-            + self.context_token_s * features.context_tokens
-            + self.spec_token_s * features.spec_tokens
-        )
-
-    def as_vector(self) -> list[float]:
-        """The per-feature coefficients in FEATURES order (base_s excluded)."""
-        return [
-            self.prefill_token_s,
-            self.prefill_attention_s,
-            self.decode_seq_s,
-            self.context_token_s,
-            self.spec_token_s,
-        ]
 
 
 class FitReport(BaseModel):
