@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from apps.extraction.architectures import ARCHITECTURES
+from runtime.app.registry import get_application
 from runtime.engine.pool import PoolLimits, ReplicaPool
 from runtime.run import execute_run, load_run_spec
 
@@ -36,7 +36,8 @@ COLUMNS = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=["json", "tag"])
-    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
+    architectures = get_application("extraction").architectures
+    parser.add_argument("--architectures", nargs="+", default=list(architectures))
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apps.extraction.architectures import build_app
+from runtime.app.application import AppKnobs
 from runtime.app.dag import App, LlmNode
+from runtime.app.registry import get_application
 from runtime.engine.config import EngineConfig
 from runtime.metrics import CostModel
 from runtime.routing.policies import RouterConfig
@@ -124,7 +125,7 @@ def build(case: Case, shapes: tuple[RequestShape, ...], app: App) -> SimSpec:
 
 
 def measure(case: Case, repeats: int) -> dict[str, float]:
-    app = build_app(case.architecture, "json")
+    app = get_application("extraction").build(AppKnobs(architecture=case.architecture))
     nodes = {node.id: tokens(node) for node in app.nodes if isinstance(node, LlmNode)}
     shapes = tuple(synthetic_shapes(app, nodes, case.requests, seed=1))
     cpu, wall = [], []

@@ -1,4 +1,5 @@
-"""The extraction task: seeded dataset, its distractors, normalization and scoring."""
+"""The extraction app's generator and scorer: seeded dataset, its distractors, normalization
+and scoring."""
 
 from __future__ import annotations
 
@@ -6,13 +7,8 @@ import re
 
 import pytest
 
-from apps.extraction.task import (
-    FIELDS,
-    ExtractionExample,
-    generate_dataset,
-    normalize,
-    score,
-)
+from apps.extraction.generate import ExtractionExample, generate_dataset
+from apps.extraction.score import FIELDS, normalize, score
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 

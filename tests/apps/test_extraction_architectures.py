@@ -1,4 +1,5 @@
-"""Tests of the four extraction architectures, run against a backend that knows the truth."""
+"""The four extraction architectures (app.yaml's variants), run against a backend that knows
+the truth."""
 
 from __future__ import annotations
 
@@ -8,17 +9,36 @@ from collections.abc import Sequence
 
 import pytest
 
-from apps.extraction.architectures import ARCHITECTURES, MODEL_KEY, build_app, merge_answers
-from apps.extraction.task import FIELDS, ExtractionExample, generate_dataset, score
+from apps.extraction.generate import ExtractionExample, generate_dataset
+from apps.extraction.merge import merge_answers
+from apps.extraction.score import FIELDS, score
+from runtime.app.application import AppKnobs
 from runtime.app.dag import App, LlmNode
 from runtime.app.executor import run_request, run_requests, to_outcome
 from runtime.app.formats import OutputFormat, format_instructions
+from runtime.app.registry import get_application
 from runtime.deployment import AppSpec
 from runtime.engine.client import SamplingParams
 from tests.runtime.app.test_executor import FakeBackend
 
+MODEL_KEY = "llm"
 MODELS = {MODEL_KEY: "smollm2-135m"}
 EXAMPLES = generate_dataset(6, seed=11)
+APPLICATION = get_application("extraction")
+ARCHITECTURES = APPLICATION.architectures
+
+
+def build_app(
+    architecture: str, fmt: str, max_rounds: int = 2, structured_output: bool = False
+) -> App:
+    """The extraction app's DAG of one architecture, as app.yaml and these knobs make it."""
+    knobs = AppKnobs(
+        architecture=architecture, format=fmt, max_rounds=max_rounds,
+        structured_output=structured_output,
+    )  # fmt: skip
+    return APPLICATION.build(knobs)
+
+
 _CANDIDATE_FIELDS: tuple[tuple[str, ...], ...] = (
     (*FIELDS, "verdict"),
     FIELDS,
@@ -134,7 +154,7 @@ async def test_judge_retries_until_accept_or_rounds(
     rounds: int, verdicts: list[str], calls: int
 ) -> None:
     example = EXAMPLES[2]
-    app = build_app("judge", "xml", judge_rounds=rounds)
+    app = build_app("judge", "xml", max_rounds=rounds)
     backend = FakeBackend(TruthOracle(EXAMPLES, OutputFormat.XML, verdicts), delay_s=0.0)
     result = await run_request(app, {"article": example.article}, backend, MODELS)
     assert result.ok
@@ -144,10 +164,10 @@ async def test_judge_retries_until_accept_or_rounds(
     assert f"Answer A: name: {example.truth['name']}" in judge_prompt
 
 
-async def test_structured_output_asks_for_json_whatever_the_format() -> None:
+async def test_structured_output_constrains_every_call_to_a_json_schema() -> None:
     example = EXAMPLES[3]
-    app = build_app("parallel", "tag", structured_output=True)
-    backend = FakeBackend(TruthOracle(EXAMPLES, OutputFormat.TAG, ["accept"]), delay_s=0.0)
+    app = build_app("parallel", "json", structured_output=True)
+    backend = FakeBackend(TruthOracle(EXAMPLES, OutputFormat.JSON, ["accept"]), delay_s=0.0)
     result = await run_request(app, {"article": example.article}, backend, MODELS)
     assert score(result.outputs, example.truth).accuracy == 1.0
     for _, prompt, sampling in backend.calls:
@@ -166,20 +186,51 @@ def test_critical_paths() -> None:
 
 
 def test_judge_app_declares_its_loop() -> None:
-    app: App = build_app("judge", "json", judge_rounds=4)
+    app: App = build_app("judge", "json", max_rounds=4)
     (loop,) = app.loops
     assert loop.max_rounds == 4 and loop.until == "judge.verdict == 'accept'"
     temperatures = {n.id: n.sampling.temperature for n in app.nodes if isinstance(n, LlmNode)}
     assert temperatures["agent_a"] != temperatures["agent_b"]
 
 
-def test_build_app_rejects_unknown_choices() -> None:
-    with pytest.raises(ValueError, match="architecture must be one of"):
-        build_app("swarm", "json")
-    with pytest.raises(ValueError, match="judge_rounds must be >= 1, got 0"):
-        build_app("judge", "json", judge_rounds=0)
-    with pytest.raises(ValueError, match="'csv' is not a valid OutputFormat"):
-        build_app("single", "csv")
+def test_unknown_choices_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"architecture must be one of .* got 'swarm'"):
+        AppSpec(source="extraction", architecture="swarm")
+    with pytest.raises(ValueError, match="max_rounds"):
+        AppSpec(source="extraction", architecture="judge", max_rounds=0)
+    with pytest.raises(ValueError, match="format"):
+        AppSpec(source="extraction", format="csv")
+
+
+def test_the_variants_keep_the_prompts_of_the_four_architectures() -> None:
+    """Quality numbers stay comparable with runs before app.yaml: the same system message,
+    questions, token limits and temperatures."""
+    system = (
+        "You are a careful assistant. You copy contact details exactly as they are written in "
+        "a news article, and you never invent anything."
+    )
+    limits = {
+        node.id: (node.sampling.max_tokens, node.sampling.temperature)
+        for architecture in ARCHITECTURES
+        for node in build_app(architecture, "json").nodes
+        if isinstance(node, LlmNode) and node.system == system
+    }
+    assert limits == {
+        "extract": (192, 0.0), "ask_name": (96, 0.0), "ask_email": (96, 0.0),
+        "ask_address": (96, 0.0), "agent_a": (192, 0.2), "agent_b": (192, 0.8),
+        "judge": (224, 0.0),
+    }  # fmt: skip
+    sequential = build_app("sequential", "json").node_map["ask_name"]
+    assert isinstance(sequential, LlmNode)
+    assert "The contact person's email address is {ask_email.email}." in sequential.prompt
+
+
+def test_the_dataset_is_the_seeded_generators() -> None:
+    examples = APPLICATION.examples(40, 0)
+    assert [e.inputs["article"] for e in examples] == [
+        e.article for e in generate_dataset(40, seed=0)
+    ]
+    assert [e.reference for e in examples[:5]] == [e.truth for e in generate_dataset(5, seed=0)]
 
 
 def test_merge_answers_trims_and_fills_missing() -> None:
@@ -193,6 +244,6 @@ def test_an_app_spec_builds_the_app_with_its_knobs() -> None:
         structured_output=True,
     )  # fmt: skip
     app = spec.build()
-    assert app == build_app("judge", "json", judge_rounds=3, structured_output=True)
+    assert app == build_app("judge", "json", max_rounds=3, structured_output=True)
     assert [loop.max_rounds for loop in app.loops] == [3]
     assert all(n.structured_output for n in app.nodes if isinstance(n, LlmNode))

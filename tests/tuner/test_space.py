@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from tuner.space import (
     CategoricalKnob,
@@ -49,13 +50,23 @@ def test_shipped_files_load_and_sample(path: Path) -> None:
         assert set(params) <= set(space.knob_names())
 
 
+def experiment_of(space: Path) -> Path:
+    """The shipped experiment that tunes over this space (its app's knobs), else
+    experiments/extract-cpu.yaml."""
+    for experiment in sorted((ROOT / "experiments").glob("*.yaml")):
+        tune = yaml.safe_load(experiment.read_text()).get("tune") or {}
+        if "search_space" in tune and (experiment.parent / tune["search_space"]).resolve() == space:
+            return experiment
+    return ROOT / "experiments" / "extract-cpu.yaml"
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_sample_of_a_shipped_space_is_a_valid_experiment(path: Path) -> None:
     """Knob names are real EngineConfig / DEPLOY.yaml paths and their values are accepted."""
     from runtime.run import load_run_spec
     from tuner.knobs import check_knob_names, trial_spec
 
-    base = load_run_spec(ROOT / "experiments" / "extract-cpu.yaml").model_dump(mode="json")
+    base = load_run_spec(experiment_of(path)).model_dump(mode="json")
     if "gpu" in path.name:
         engine = base["deployment"]["models"]["llm"]["engine"]
         engine.update(device="cuda", dtype="bfloat16", kv_cache_space_gib=None, block_size=16)

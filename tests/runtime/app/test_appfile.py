@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from runtime.app import registry
 from runtime.app.appfile import AppFile, app_file_schema, fill_template, load_app_folder
-from runtime.app.application import AppKnobs, NodeKnobs
-from runtime.app.dag import CodeNode, LlmNode
+from runtime.app.application import AppKnobs, Application, NodeKnobs
+from runtime.app.dag import App, CodeNode, LlmNode
+from runtime.app.datasets import Example
 from runtime.app.executor import run_request
 from runtime.app.registry import application_names, get_application, is_app_path
+from runtime.app.scoring import FunctionScorer
 from runtime.engine.client import CallRecord, SamplingParams
 from runtime.errors import ConfigError
 from tests.runtime.conftest import APP_YAML, EXPRESSION, WriteApp
@@ -224,3 +228,40 @@ def test_the_checked_in_schema_is_the_models_schema() -> None:
     assert checked_in == app_file_schema()
     assert set(checked_in["properties"]) == set(AppFile.model_fields)
     assert checked_in["properties"]["variants"]["description"].startswith("The DAG variants")
+
+
+PYTHON_APP = Application(
+    name="echo",
+    description="An application defined in Python, registered as an entry point.",
+    inputs=("text",),
+    answer=("text",),
+    architectures=("one",),
+    variant=lambda knobs: App(
+        name="echo", inputs=("text",),
+        nodes=(LlmNode(id="say", model="llm", prompt="{text}"),),
+        outputs={"text": "say.text"}, format=knobs.format,
+    ),
+    examples=lambda size, seed: [Example({"text": "hi"}, {"text": "hi"})][:size],
+    scorer=FunctionScorer(lambda prediction, reference: 1.0, "always"),
+    llm_nodes=("say",),
+)  # fmt: skip
+
+
+def test_an_entry_point_may_name_an_application_built_in_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    point = EntryPoint("echo", f"{__name__}:PYTHON_APP", "fmtune.apps")
+    monkeypatch.setattr(registry, "_registered", lambda: {"echo": point})
+    registry._load_entry.cache_clear()
+    try:
+        assert get_application("echo") is PYTHON_APP
+        assert registry.registered_folder("echo") is None
+        app = get_application("echo").build(AppKnobs(nodes={"say": NodeKnobs(model="big")}))
+        assert llm_node(app, "say").model == "big"
+        wrong = EntryPoint("echo", "json", "fmtune.apps")  # a module without app.yaml
+        monkeypatch.setattr(registry, "_registered", lambda: {"echo": wrong})
+        registry._load_entry.cache_clear()
+        with pytest.raises(ConfigError, match=r"entry point json must be a package whose folder"):
+            get_application("echo")
+    finally:
+        registry._load_entry.cache_clear()

@@ -457,15 +457,21 @@ def test_critical_path_counts_loop_rounds() -> None:
 
 
 def test_deadline_shares_follow_the_critical_path() -> None:
-    from apps.extraction.architectures import build_app
+    from runtime.app.application import AppKnobs
+    from runtime.app.registry import get_application
 
-    sequential = build_app("sequential", OutputFormat.JSON).deadline_shares()
+    extraction = get_application("extraction")
+
+    def build_app(architecture: str) -> App:
+        return extraction.build(AppKnobs(architecture=architecture))
+
+    sequential = build_app("sequential").deadline_shares()
     assert sorted(sequential.values()) == pytest.approx([1 / 3, 2 / 3, 1.0])
-    parallel = build_app("parallel", OutputFormat.JSON).deadline_shares()
+    parallel = build_app("parallel").deadline_shares()
     assert parallel["merge"] == 1.0
     asks = {value for key, value in parallel.items() if key != "merge"}
     assert len(asks) == 1 and asks.pop() == pytest.approx(1 / 1.1)
-    judge = build_app("judge", OutputFormat.JSON, judge_rounds=2).deadline_shares()
+    judge = build_app("judge").deadline_shares()
     assert set(judge.values()) == {1.0}
 
 

@@ -15,7 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.extraction.architectures import build_app
+from runtime.app.application import AppKnobs
+from runtime.app.dag import App
+from runtime.app.registry import get_application
 from runtime.deployment import Deployment
 from runtime.engine.client import EngineClient, SamplingParams
 from runtime.engine.config import EngineConfig
@@ -303,6 +305,11 @@ def test_size_deployment_fills_auto_counts_and_leaves_numbers_alone() -> None:
     assert sized.models["llm"].replicas == 1 and sized.models["fixed"].replicas == 2
     numeric = deployment.model_copy(update={"models": {"fixed": deployment.models["fixed"]}})
     assert size_deployment(numeric, pool) == (numeric, {})  # type: ignore[arg-type]
+
+
+def build_app(architecture: str, fmt: str) -> App:
+    """The shipped extraction app's DAG of one architecture."""
+    return get_application("extraction").build(AppKnobs(architecture=architecture, format=fmt))
 
 
 def test_calls_per_request_counts_llm_nodes_and_loop_rounds() -> None:

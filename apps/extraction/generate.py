@@ -1,25 +1,33 @@
-"""The extraction task: find the contact person's name, email and postal address in an article.
+"""Write the extraction app's dataset: seeded news articles with one contact person each.
 
-The dataset is generated, seeded, so every trial sees the same examples and anyone can
-regenerate them. Articles are short news items in several shapes; each names several people
-but gives contact details for exactly one (the subject), and most also carry a press or
-newsroom email and mention places that are not the subject's address, so a model has to read
-rather than grab the first email it sees. Addresses follow the postal conventions of seven
-countries. The scorer compares fields after a normalization that forgives case, spacing and
-edge punctuation but not a wrong person or a truncated address.
+    python apps/extraction/generate.py            # data.jsonl beside this file, 200 rows, seed 0
+    python apps/extraction/generate.py --rows 40 --seed 3 --out /tmp/more.jsonl
+
+Articles are short news items in several shapes; each names several people but gives contact
+details for exactly one (the subject), and most also carry a press or newsroom email and
+mention places that are not the subject's address, so a model has to read rather than grab
+the first email it sees. Addresses follow the postal conventions of seven countries. Each row
+is {"id", "article", "name", "email", "address"}; the same (rows, seed) always writes the
+same rows, and the first n rows of a longer file are the n rows of a shorter one.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FIELDS: tuple[str, ...] = ("name", "email", "address")
+from apps.extraction.score import FIELDS
+
+DEFAULT_ROWS = 200
+DEFAULT_OUT = Path(__file__).resolve().parent / "data.jsonl"
 
 
 class ExtractionExample(BaseModel):
@@ -40,16 +48,9 @@ class ExtractionExample(BaseModel):
             raise ValueError(f"truth must have keys {list(FIELDS)}, got {sorted(truth)}")
         return truth
 
-
-class ExtractionScore(BaseModel):
-    """How one prediction compares with the truth."""
-
-    model_config = ConfigDict(frozen=True)
-
-    matches: dict[str, bool] = Field(
-        description="Per field: does the normalized prediction equal the normalized truth."
-    )
-    accuracy: float = Field(ge=0.0, le=1.0, description="Share of FIELDS that match.")
+    def row(self) -> dict[str, str]:
+        """The example as a row of data.jsonl."""
+        return {"id": self.id, "article": self.article, **self.truth}
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,42 +465,22 @@ def generate_dataset(n: int, seed: int) -> list[ExtractionExample]:
     return [_example(rng, seed, index) for index in range(n)]
 
 
-# --------------------------------------------------------------------------------------------
-# Scoring
-# --------------------------------------------------------------------------------------------
-
-_EDGE_PUNCTUATION = " \t\n.,;:!?\"'`()[]{}<>“”‘’«»"
-
-
-def normalize(field: str, value: str) -> str:
-    """The form compared when scoring: Unicode-normalized, casefolded, single spaces, no
-    punctuation at the ends; emails also lose 'mailto:' and inner spaces; addresses write
-    every separator as ', ' (so line breaks and stray spaces around commas do not count)."""
-    if field not in FIELDS:
-        raise ValueError(f"field must be one of {list(FIELDS)}, got {field!r}")
-    text = unicodedata.normalize("NFKC", value).casefold()
-    if field == "address":
-        text = re.sub(r"\s*[\r\n]+\s*", ", ", text.strip())  # a line break separates parts
-    text = re.sub(r"\s+", " ", text).strip(_EDGE_PUNCTUATION)
-    if field == "email":
-        text = re.sub(r"^mailto:", "", text.replace(" ", "")).strip(_EDGE_PUNCTUATION)
-    elif field == "address":
-        text = re.sub(r"\s*[,;]\s*", ", ", text)
-        text = re.sub(r"(?:, ){2,}", ", ", text).strip(_EDGE_PUNCTUATION)
-    return text
+def write(path: Path, rows: int, seed: int) -> Path:
+    """Write `rows` articles of `seed` as JSONL to path."""
+    examples = generate_dataset(rows, seed)
+    path.write_text("".join(json.dumps(e.row(), ensure_ascii=False) + "\n" for e in examples))
+    return path
 
 
-def score(pred: Mapping[str, str | None], truth: Mapping[str, str]) -> ExtractionScore:
-    """Per-field exact match after normalization; accuracy is the share of FIELDS matched.
+def main() -> None:
+    """The command line: see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="articles to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the articles")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSONL file")
+    args = parser.parse_args()
+    write(args.out, args.rows, args.seed)
 
-    A missing or None prediction is a miss.
-    """
-    matches: dict[str, bool] = {}
-    for field in FIELDS:
-        if field not in truth:
-            raise ValueError(f"truth is missing field {field!r}, got keys {sorted(truth)}")
-        predicted = pred.get(field)
-        matches[field] = predicted is not None and normalize(field, predicted) == normalize(
-            field, truth[field]
-        )
-    return ExtractionScore(matches=matches, accuracy=sum(matches.values()) / len(FIELDS))
+
+if __name__ == "__main__":
+    main()
