@@ -21,7 +21,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.app.dag import App, LlmNode
+from runtime.app.dag import App, LlmNode, RenderedCall, render_calls
 from runtime.app.datasets import Example
 from runtime.app.formats import OutputFormat
 from runtime.app.scoring import Scorer
@@ -222,3 +222,9 @@ class Application:
     def build(self, knobs: AppKnobs) -> App:
         """The DAG these knobs make (validated: ValueError naming what is wrong)."""
         return apply_node_knobs(self.variant(knobs), knobs)
+
+    def dry_run(self, knobs: AppKnobs, example: Example | None = None) -> list[RenderedCall]:
+        """The chat calls one request (the first evaluated example unless given) would make
+        with these knobs, rendered without any engine (runtime.app.dag.render_calls)."""
+        chosen = example or self.examples(1, 0)[0]
+        return render_calls(self.build(knobs), chosen.inputs)

@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from runtime.app.formats import OutputFormat
+from runtime.app.formats import OutputFormat, format_instructions
 from runtime.engine.client import SamplingParams
 from runtime.errors import ConfigError, closest_name, describe_validation_error
 
@@ -792,6 +792,52 @@ def _topological(ids: Iterable[str], deps: Mapping[str, Iterable[str]]) -> list[
         else:
             raise ValueError(f"cycle among {remaining}")
     return order
+
+
+@dataclass(frozen=True)
+class RenderedCall:
+    """The chat call one llm node of a request would make (see render_calls)."""
+
+    node_id: str
+    model: str
+    """The model key it calls."""
+    messages: tuple[dict[str, str], ...]
+    max_tokens: int
+
+
+def render_calls(app: App, inputs: Mapping[str, Any]) -> list[RenderedCall]:
+    """The chat messages every llm node of one request would send, without running anything
+    (a dry run: what `fmtune apps check` shows). Request inputs are filled in,
+    {format_instructions} is the instruction of the node's format, and a field of another
+    node stands as '<node.field>' (its value is only known once that node has run). Nodes
+    come in an order their dependencies allow; each loop body's first round only."""
+    order = _topological(
+        [node.id for node in app.nodes],
+        {
+            node.id: [d for d in node.depends_on if not app.is_feedback(node.id, d)]
+            for node in app.nodes
+        },
+    )
+    calls: list[RenderedCall] = []
+    for node_id in order:
+        node = app.node_map[node_id]
+        if not isinstance(node, LlmNode):
+            continue
+        fmt = OutputFormat.JSON if node.structured_output else app.format
+
+        def lookup(ref: Ref, node: LlmNode = node, fmt: OutputFormat = fmt) -> Any:
+            if ref.node is None and ref.field == FORMAT_INSTRUCTIONS:
+                return format_instructions(fmt, node.output_fields)
+            if ref.node is None:
+                return inputs[ref.field]
+            return f"<{ref}>"
+
+        messages = (
+            [{"role": "system", "content": render(node.system, lookup)}] if node.system else []
+        )
+        messages.append({"role": "user", "content": render(node.prompt, lookup)})
+        calls.append(RenderedCall(node.id, node.model, tuple(messages), node.sampling.max_tokens))
+    return calls
 
 
 def app_from_dict(data: Any, source: str | None = None) -> App:

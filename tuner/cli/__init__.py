@@ -4,8 +4,9 @@ Bad input (a misspelled field, a value out of range, an unknown model, a replica
 start) ends with one line naming the field and the value, and exit code 2.
 
 This module holds the typer app, logging, `--verbose`, the entry point and the registration
-of the commands, which live in `runtime_commands` (models, probe, run, serve: the runtime
-alone) and `tuning_commands` (tune, worker, export, ui: the studies); what they share is in
+of the commands, which live in `app_commands` (apps list/check/schema, init: applications),
+`runtime_commands` (models, probe, run, serve: the runtime alone) and `tuning_commands`
+(tune, worker, export, ui: the studies); what they share is in
 `common` (bad input as one line and exit 2) and `display` (the terminal). Commands import
 what they need inside their functions, so `fmtune --help` stays fast and `import tuner`
 never loads vLLM or torch.
@@ -22,7 +23,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from tuner.cli import runtime_commands, tuning_commands
+from tuner.cli import app_commands, runtime_commands, tuning_commands
 from tuner.cli.display import error_console
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ def _root(
 
 runtime_commands.register(app)
 tuning_commands.register(app)
+app_commands.register(app)
 
 
 # --- entry point ------------------------------------------------------------------------
