@@ -102,7 +102,9 @@ def measured_record(
     """MEASURED_FILE's content: what the trial measured and how, so that `fmtune regress`
     can measure the bundle again the same way (workload, dataset, SLA, prices) and compare:
     `run_spec` (the trial's RunSpec), `objectives`, `regress` (the experiment's thresholds),
-    `metrics` (the trial's metrics.json, with per-repeat values and per-example quality)."""
+    `metrics` (the trial's metrics.json, with per-repeat values and per-example quality),
+    and, for `fmtune regress --retune`, `params` (the trial's knobs) and `experiment` (the
+    study's experiment, its search space included)."""
     assert experiment.tune is not None
     return {
         "study": study.study_name,
@@ -111,6 +113,8 @@ def measured_record(
         "objectives": [o.model_dump(mode="json") for o in experiment.tune.objectives],
         "regress": experiment.tune.regress.model_dump(mode="json"),
         "metrics": dict(trial.user_attrs.get(ATTR_METRICS, {})),
+        "params": dict(trial.params),
+        "experiment": experiment.model_dump(mode="json"),
     }
 
 

@@ -57,7 +57,7 @@ from runtime.stats import (
     paired_ratio_of_means,
     ratio_of_medians,
 )
-from tuner.experiment import RegressSpec
+from tuner.experiment import Experiment, RegressSpec
 from tuner.pareto import Direction, Objective
 
 logger = logging.getLogger(__name__)
@@ -325,6 +325,9 @@ class BaselineDeployment:
         regress: The experiment's thresholds and repeats.
         metrics: The baseline's metrics.json mapping.
         origin: Where it came from (a bundle folder, or a study and trial).
+        params: The trial's knobs (empty for a bundle exported without them).
+        experiment: The study's experiment (None for a bundle exported without it): what
+            `--retune` searches again.
     """
 
     name: str
@@ -333,6 +336,8 @@ class BaselineDeployment:
     regress: RegressSpec
     metrics: dict[str, Any]
     origin: str
+    params: dict[str, Any] = field(default_factory=dict)
+    experiment: Experiment | None = None
 
     def measurement(self) -> Measurement:
         """The baseline's measurement."""
@@ -381,11 +386,14 @@ def load_bundle(folder: Path) -> BaselineDeployment:
         spec = RunSpec.model_validate(data, context={"base_dir": folder})
         objectives = tuple(Objective.model_validate(o) for o in record["objectives"])
         regress = RegressSpec.model_validate(record.get("regress") or {})
+        stored = record.get("experiment")
+        experiment = Experiment.model_validate(stored) if stored is not None else None
     except ValueError as error:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"{measured_path}: {str(error).splitlines()[0]}") from None
     return BaselineDeployment(
         name=folder.name, spec=spec, objectives=objectives, regress=regress,
         metrics=dict(record["metrics"]), origin=str(folder),
+        params=dict(record.get("params") or {}), experiment=experiment,
     )  # fmt: skip
 
 
@@ -426,6 +434,8 @@ def load_study_front(study_name: str, storage_url: str) -> list[BaselineDeployme
                 regress=experiment.tune.regress,
                 metrics=dict(trial.user_attrs.get(ATTR_METRICS, {})),
                 origin=f"study {study_name} trial {trial.number}",
+                params=dict(trial.params),
+                experiment=experiment,
             )
         )
     return baselines
@@ -441,9 +451,11 @@ def load_baseline(baseline: str, storage: str | None) -> tuple[str, list[Baselin
         path = path.parent
     if path.is_dir():
         return str(path.resolve()), load_export(path)
+    if "/" in baseline:
+        raise ConfigError(f"baseline '{baseline}': no such folder")
     if storage is None:
         default = Path("out") / baseline / "study.db"
-        if "/" in baseline or not default.is_file():
+        if not default.is_file():
             raise ConfigError(
                 f"baseline '{baseline}': no such folder, and no study database at {default} "
                 "(give an export folder, or a study name with --storage)"

@@ -332,8 +332,10 @@ def test_baselines_without_a_bundle_are_named(tmp_path: Path, export: Path) -> N
     (export / "trial-0004" / MEASURED_FILE).unlink()
     with pytest.raises(ConfigError, match=r"trial-0004/measured\.json: no such file"):
         load_export(export)
-    with pytest.raises(ConfigError, match=r"baseline 'nostudy': no such folder"):
+    with pytest.raises(ConfigError, match=r"baseline 'nostudy': no such folder, and no study"):
         load_baseline("nostudy", None)
+    with pytest.raises(ConfigError, match=r"baseline '/no/such/export': no such folder$"):
+        load_baseline("/no/such/export", None)
     source, bundles = load_baseline(str(export / "trial-0006" / "DEPLOY.yaml"), None)
     assert source == str((export / "trial-0006").resolve()) and len(bundles) == 1
 

@@ -416,6 +416,14 @@ def regress(
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default: SQLite in --out).")
     ] = None,
+    retune: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Then run a study of N new trials seeded with the previous front and say "
+            "which new deployment dominates which old one (study in --out/retune.db).",
+        ),
+    ] = None,
 ) -> None:
     """Measure exported deployments again on today's stack and compare them with their own
     baseline measurements: exit 1 when a deployment regressed on an objective, 0 otherwise,
@@ -427,6 +435,10 @@ def regress(
 
     with user_errors():
         source, baselines = load_baseline(baseline, storage)
+        if retune is not None:
+            from tuner.retune import check_retune
+
+            check_retune(baselines)
     console.print(f"measuring {len(baselines)} deployment(s) of {source} again")
     with (
         user_errors(),
@@ -434,8 +446,11 @@ def regress(
         console.status("starting") as status,
     ):
 
+        def evaluate(spec: Any) -> Any:
+            return execute_run(spec, pool, on_phase=status.update)
+
         def measure(spec: Any) -> dict[str, Any]:
-            return execute_run(spec, pool, on_phase=status.update).metrics_dict()
+            return evaluate(spec).metrics_dict()
 
         def announce(item: Any, count: int) -> None:
             console.print(f"{item.name}: {count} repeats")
@@ -445,10 +460,18 @@ def regress(
             stack=stack_tags([b.spec for b in baselines]),
             tracking_uri=tracking_uri or default_tracking_uri(out), on_deployment=announce,
         )  # fmt: skip
+        retuned = None
+        if retune is not None:
+            from tuner.retune import retune as run_retune
+
+            night = report.night.replace(":", "").replace("-", "").split("+")[0]
+            retuned = run_retune(baselines, retune, out, evaluate, study_name=f"retune-{night}")
     for comparison in report.comparisons():
         style = {"regressed": "bold red", "improved": "green"}.get(comparison.verdict, "")
         console.print(comparison.line(), style=style, highlight=False)
     console.print(f"wrote {', '.join(str(path) for path in report.files.values())}")
+    for line in retuned.lines() if retuned is not None else []:
+        console.print(line, highlight=False)
     if report.regressed:
         raise typer.Exit(1)
 
