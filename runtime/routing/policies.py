@@ -1,12 +1,15 @@
 """Routing decisions: which replica serves an LLM call, whether to admit it, in what order.
 
-This module holds the *pure* part of the router: snapshots of replica state, an online
-speed model per replica, a latency predictor, the routing policies, admission control and a
-least-slack-first queue (a call's deadline is its share of the SLA, `App.deadline_shares`).
-None of it does I/O or reads a clock (``now`` is always passed in), so every decision is
-reproducible from the snapshot it was given and is tested without starting a replica. The
-asynchronous dispatch loop that feeds these functions with live state lives elsewhere and
-only calls into here.
+This module holds the *pure* part of the router: snapshots of replica state (the calls the
+router sent to each replica included), an online speed model per replica (the step-time
+coefficients used while no stored profile is given), the assessment of a call on a replica
+from the step-time model's predictions (runtime.routing.prediction: its completion, and
+whether it pushes calls already there past their deadlines), the routing policies, admission
+control and a least-slack-first queue (a call's deadline is its share of the SLA,
+`App.deadline_shares`). None of it does I/O or reads a clock (``now`` is always passed in),
+so every decision is reproducible from the snapshot it was given and is tested without
+starting a replica. The asynchronous dispatch loop that feeds these functions with live
+state lives elsewhere and only calls into here.
 """
 
 from __future__ import annotations
@@ -15,17 +18,29 @@ import heapq
 import itertools
 import logging
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.engine.steptime import StepTimeCoefficients
+from runtime.routing.prediction import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    CallProgress,
+    InFlightCall,
+    StepModel,
+    finish_offsets,
+    forecast,
+    progress,
+)
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PolicyName = Literal["round_robin", "least_outstanding", "sla_aware"]
+PolicyName = Literal["round_robin", "least_outstanding", "power_of_two", "sla_aware"]
 
 #: KV-cache usage at or above which a replica is treated as unable to admit a new sequence
 #: (vLLM would have to preempt): the call waits for a slot exactly as when the batch is full.
@@ -63,6 +78,10 @@ class ReplicaSnapshot:
     kv_cache_usage: float
     #: The engine's ``max_num_seqs``: the most sequences decoded in one batch.
     max_num_seqs: int
+    #: The engine's ``max_num_batched_tokens``: the token budget of one step.
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    #: The calls the router sent here that have not ended, in the order it sent them.
+    calls: tuple[InFlightCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,8 @@ class CallDemand:
     """One LLM call waiting to be routed.
 
     ``deadline_s`` and ``now_s`` are absolute times on the same clock (the dispatch loop's
-    monotonic clock); ``max_tokens`` is the *expected* number of output tokens.
+    monotonic clock); ``max_tokens`` caps the output, ``expected_tokens`` is what the call is
+    expected to generate (learned per model key and max_tokens; None: ``max_tokens``).
     """
 
     model: str
@@ -78,6 +98,12 @@ class CallDemand:
     max_tokens: int
     deadline_s: float
     now_s: float
+    expected_tokens: float | None = None
+
+    @property
+    def output_tokens(self) -> float:
+        """Output tokens the predictions assume: the expected count, else the cap."""
+        return self.max_tokens if self.expected_tokens is None else self.expected_tokens
 
 
 @dataclass(frozen=True)
@@ -89,19 +115,35 @@ class SpeedEstimate:
     token per sequence. ``batch_slowdown = 0`` means batching is free (memory-bound GPU
     decode), ``1`` means the step time grows in proportion to the batch (compute-bound CPU);
     :class:`SpeedEstimator` learns it once calls have been observed at varied concurrency.
-    ``uncertainty`` is the relative standard error of recent predictions (0.2 = 20 %), used
-    by the SLA-aware policy to pad predictions on replicas it knows less well.
+    The router predicts with these speeds (as step-time coefficients, :meth:`step_model`)
+    for replicas without a stored step-time profile.
     """
 
     prefill_s_per_token: float
     decode_s_per_token: float
     overhead_s: float
     batch_slowdown: float = 0.1
-    uncertainty: float = 0.5
 
     def step_s(self, running: int) -> float:
         """Seconds of one decode step with ``running`` sequences in the batch."""
         return self.decode_s_per_token * (1.0 + self.batch_slowdown * (max(running, 1) - 1))
+
+    def step_model(self) -> StepModel:
+        """The same speeds as step-time coefficients, for replicas without a stored profile.
+
+        A decode step of ``n`` sequences, ``d * (1 + b * (n - 1))``, is ``base_s = d * (1 -
+        b)`` (at least 0) plus ``decode_seq_s = d * b`` per sequence; a prompt costs
+        ``prefill_s_per_token`` per token; the fixed part of a call's TTFT beyond one step's
+        base is its overhead.
+        """
+        d, b = self.decode_s_per_token, self.batch_slowdown
+        base = max(d * (1.0 - b), 0.0)
+        return StepModel(
+            coefficients=StepTimeCoefficients(
+                base_s=base, prefill_token_s=self.prefill_s_per_token, decode_seq_s=d * b
+            ),
+            overhead_s=max(self.overhead_s - base, 0.0),
+        )
 
 
 #: Speed assumed for a replica never observed: a small model on a CPU replica. Deliberately
@@ -112,7 +154,6 @@ DEFAULT_PRIOR = SpeedEstimate(
     decode_s_per_token=0.02,
     overhead_s=0.01,
     batch_slowdown=0.1,
-    uncertainty=0.5,
 )
 
 
@@ -164,7 +205,6 @@ class _SpeedState:
 
     ttft: _EwmaLine = field(default_factory=_EwmaLine)  # x: prompt tokens, y: TTFT
     gap: _EwmaLine = field(default_factory=_EwmaLine)  # x: running - 1, y: mean ITL gap
-    rel_err_sq: float | None = None
 
 
 class SpeedEstimator:
@@ -182,8 +222,6 @@ class SpeedEstimator:
     While the observed concurrency has not varied, the prior's ``batch_slowdown`` is kept and
     each gap is normalised to one sequence by dividing by ``1 + batch_slowdown * (n - 1)``.
 
-    ``uncertainty`` is the root of an EWMA of squared relative errors between each new
-    observation and the estimate held just before it, so it shrinks as predictions come true.
     Before any observation of a replica, ``estimate`` returns the prior unchanged.
     """
 
@@ -215,27 +253,12 @@ class SpeedEstimator:
             raise ValueError(f"prompt_tokens must be >= 0, got {prompt_tokens}")
         if itl_gaps_s and min(itl_gaps_s) < 0:
             raise ValueError(f"itl_gaps_s must be >= 0, got {min(itl_gaps_s)}")
-        before = self.estimate(replica_id)
         st = self._states.setdefault(replica_id, _SpeedState())
-        errors: list[float] = []
-
-        predicted_ttft = before.overhead_s + before.prefill_s_per_token * prompt_tokens
-        if predicted_ttft > 0:
-            errors.append((ttft_s - predicted_ttft) / predicted_ttft)
         st.ttft.add(float(prompt_tokens), float(ttft_s), self.alpha)
-
         if itl_gaps_s:
             gap = math.fsum(itl_gaps_s) / len(itl_gaps_s)
             running = max(concurrent_running, 1)
-            predicted_gap = before.step_s(running)
-            if predicted_gap > 0:
-                errors.append((gap - predicted_gap) / predicted_gap)
             st.gap.add(float(running - 1), gap, self.alpha)
-
-        if errors:
-            sq = math.fsum(e * e for e in errors) / len(errors)
-            prev = self.prior.uncertainty**2 if st.rel_err_sq is None else st.rel_err_sq
-            st.rel_err_sq = prev + self.alpha * (sq - prev)
         logger.debug("speed of %s now %s", replica_id, self.estimate(replica_id))
 
     def estimate(self, replica_id: str) -> SpeedEstimate:
@@ -260,16 +283,11 @@ class SpeedEstimator:
             decode, slowdown = line[0], line[1] / line[0]
         elif st.gap.n:
             decode = st.gap.mean_y / (1.0 + slowdown * st.gap.mean_x)
-
-        uncertainty = prior.uncertainty
-        if st.rel_err_sq is not None:
-            uncertainty = math.sqrt(max(st.rel_err_sq, 0.0))
         return SpeedEstimate(
             prefill_s_per_token=prefill,
             decode_s_per_token=decode,
             overhead_s=overhead,
             batch_slowdown=slowdown,
-            uncertainty=uncertainty,
         )
 
     def snapshot(self) -> dict[str, SpeedEstimate]:
@@ -278,48 +296,7 @@ class SpeedEstimator:
 
 
 # --------------------------------------------------------------------------------------------
-# Latency prediction
-# --------------------------------------------------------------------------------------------
-
-
-def predict_completion_s(replica: ReplicaSnapshot, speed: SpeedEstimate, call: CallDemand) -> float:
-    """Predicted seconds from now until ``call`` finishes if sent to ``replica`` now.
-
-    The model, in four additive parts:
-
-    1. ``overhead_s``: fixed per-call cost (HTTP, tokenisation, scheduling).
-    2. Slot wait. Sequences in the engine are ``max(outstanding_requests, num_running +
-       num_waiting)`` (router counters are current, Prometheus may lag); at most
-       ``max_num_seqs`` of them run, the rest wait. If no slot is free (or the KV cache is
-       full, ``kv_cache_usage >= KV_FULL``) the call waits for ``waiting + 1`` sequences to
-       finish. The batch drains as a fluid: each running sequence has on average
-       ``outstanding_decode_tokens / outstanding_requests`` tokens left, a full batch frees
-       ``max_num_seqs`` slots per such run, so the wait is
-       ``(waiting + 1) / max_num_seqs * mean_remaining_tokens * step_s(max_num_seqs)``.
-    3. Prefill: the prompt tokens already queued for prefill plus this call's own, at
-       ``prefill_s_per_token`` (vLLM schedules prefills ahead of new decode work).
-    4. Decode: ``max_tokens - 1`` steps (the first token comes out of prefill) at the step
-       time of a batch holding the running sequences plus this one, capped at
-       ``max_num_seqs``.
-    """
-    max_seqs = max(replica.max_num_seqs, 1)
-    in_engine = max(replica.outstanding_requests, replica.num_running + replica.num_waiting)
-    running = min(in_engine, max_seqs)
-    waiting = in_engine - running
-
-    slot_wait = 0.0
-    if running >= max_seqs or replica.kv_cache_usage >= KV_FULL:
-        mean_remaining = replica.outstanding_decode_tokens / max(replica.outstanding_requests, 1)
-        slot_wait = (waiting + 1) / max_seqs * mean_remaining * speed.step_s(max_seqs)
-
-    prefill = (replica.outstanding_prefill_tokens + call.prompt_tokens) * speed.prefill_s_per_token
-    batch = min(running + 1, max_seqs)
-    decode = max(call.max_tokens - 1, 0) * speed.step_s(batch)
-    return speed.overhead_s + slot_wait + prefill + decode
-
-
-# --------------------------------------------------------------------------------------------
-# Policies
+# Assessing a call on a replica
 # --------------------------------------------------------------------------------------------
 
 
@@ -328,28 +305,116 @@ class RouteContext:
     """Everything a policy may read besides the replica snapshots and the call.
 
     ``counter`` is the number of calls the dispatch loop has routed so far (round robin
-    indexes with it; the loop increments it, the policy never does). ``speeds`` maps replica
-    ids to their current estimates; replicas missing from it use ``default_speed``.
+    indexes with it, power of two draws its pair from it; the loop increments it, the policy
+    never does). ``models`` maps replica ids to their step-time models (a stored profile's
+    coefficients or the online speed estimate's, with the learned correction); replicas
+    missing from it use ``default_speed``. ``confidence`` (>= 1) multiplies every predicted
+    duration that is checked against a deadline (the quantile of measured / predicted,
+    :meth:`PredictionTracker.confidence`). ``queued_ahead`` is the number of calls waiting
+    in the router's queue that are expected to land on a replica before this one (the
+    queue's length over the model's healthy replicas, rounded up: the queue is least slack
+    first, so this errs on the late side).
     """
 
     counter: int = 0
-    speeds: Mapping[str, SpeedEstimate] = field(default_factory=dict)
+    models: Mapping[str, StepModel] = field(default_factory=dict)
     default_speed: SpeedEstimate = DEFAULT_PRIOR
-    safety_factor: float = 1.0
+    confidence: float = 1.0
+    queued_ahead: int = 0
 
-    def speed(self, replica_id: str) -> SpeedEstimate:
-        """Speed estimate of ``replica_id``, or the default."""
-        return self.speeds.get(replica_id, self.default_speed)
+    def model(self, replica_id: str) -> StepModel:
+        """Step-time model of ``replica_id``, or the default speed's."""
+        found = self.models.get(replica_id)
+        return found if found is not None else self.default_speed.step_model()
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What sending a call to one replica is predicted to do.
+
+    Attributes:
+        replica_id: The replica.
+        predicted_s: Seconds from now until the call completes there (corrected).
+        late_s: How far the padded completion (``predicted_s * confidence``) overruns the
+            deadline, seconds; <= 0 when the call is expected to meet it with confidence.
+        endangered: Calls already there that meet their deadlines with confidence without
+            this call and miss them with it.
+        delay_s: The most seconds it delays a call already there; computed only when some
+            call there would miss its deadline with it (0 otherwise).
+    """
+
+    replica_id: str
+    predicted_s: float
+    late_s: float
+    endangered: int
+    delay_s: float
+
+    @property
+    def keeps_promises(self) -> bool:
+        """Meets its own deadline and pushes no admitted call past its own."""
+        return self.late_s <= 0.0 and self.endangered == 0
+
+
+def assess(
+    replica: ReplicaSnapshot, call: CallDemand, ctx: RouteContext, protect: bool = True
+) -> Assessment:
+    """Predict ``call`` on ``replica`` (runtime.routing.prediction.forecast) and check it
+    against its deadline and those of the calls already there, with ``ctx.confidence``.
+
+    A call already there is *endangered* when its padded finish meets its deadline without
+    the new call and misses it with the new call; calls already expected to miss do not
+    count (the new call does not make them late). With ``protect`` False the calls already
+    there are not checked (cheaper, for policies that only log the prediction).
+    """
+    model = ctx.model(replica.replica_id)
+    now = call.now_s
+    calls = progress(replica.calls, model, now)
+    new = CallProgress(
+        prefill_tokens=call.prompt_tokens,
+        decode_tokens=max(call.output_tokens, 1.0),
+        context_tokens=0,
+    )
+    seqs, budget = replica.max_num_seqs, replica.max_num_batched_tokens
+    result = forecast(calls, new, model, seqs, budget, ctx.queued_ahead, protect=False)
+    pad = max(ctx.confidence, 1.0)
+    missing = [
+        index
+        for index, (held, with_s) in enumerate(
+            zip(replica.calls, result.finish_with_s, strict=True)
+        )
+        if now + with_s * pad > held.deadline_s
+    ]
+    endangered, delay = 0, 0.0
+    if protect and missing:  # only then does the run without the new call matter
+        without = finish_offsets(calls, model, seqs, budget)
+        endangered = sum(
+            1 for i in missing if now + without[i] * pad <= replica.calls[i].deadline_s
+        )
+        delay = max(w - wo for w, wo in zip(result.finish_with_s, without, strict=True))
+    return Assessment(
+        replica_id=replica.replica_id,
+        predicted_s=result.completion_s,
+        late_s=now + result.completion_s * pad - call.deadline_s,
+        endangered=endangered,
+        delay_s=delay,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Policies
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Outcome of a policy: the chosen replica (``None`` when none can serve), why, and the
-    predicted completion time on it in seconds (``None`` when nothing was chosen)."""
+    """Outcome of a policy: the chosen replica (``None`` when none can serve), why, the
+    predicted completion time on it in seconds (``None`` when nothing was chosen), and the
+    full assessment there when the policy made one."""
 
     replica_id: str | None
     reason: str
     predicted_s: float | None
+    assessment: Assessment | None = None
 
 
 Policy = Callable[[Sequence[ReplicaSnapshot], CallDemand, RouteContext], RouteDecision]
@@ -366,6 +431,15 @@ def _none(call: CallDemand) -> RouteDecision:
     return RouteDecision(None, f"no healthy replica serves model '{call.model}'", None)
 
 
+def _chosen(
+    chosen: ReplicaSnapshot, call: CallDemand, ctx: RouteContext, reason: str
+) -> RouteDecision:
+    """A decision for a policy that does not read predictions: the prediction is still made
+    (the router logs it against the measured completion)."""
+    assessment = assess(chosen, call, ctx, protect=False)
+    return RouteDecision(chosen.replica_id, reason, assessment.predicted_s, assessment)
+
+
 def round_robin(
     replicas: Sequence[ReplicaSnapshot], call: CallDemand, ctx: RouteContext
 ) -> RouteDecision:
@@ -374,10 +448,17 @@ def round_robin(
     if not cands:
         return _none(call)
     chosen = cands[ctx.counter % len(cands)]
-    return RouteDecision(
-        chosen.replica_id,
-        f"round robin slot {ctx.counter % len(cands)} of {len(cands)}",
-        predict_completion_s(chosen, ctx.speed(chosen.replica_id), call),
+    return _chosen(
+        chosen, call, ctx, f"round robin slot {ctx.counter % len(cands)} of {len(cands)}"
+    )
+
+
+def _load(r: ReplicaSnapshot) -> tuple[int, int, str]:
+    """Outstanding calls, then outstanding tokens, then id: the least-loaded order."""
+    return (
+        r.outstanding_requests,
+        r.outstanding_prefill_tokens + r.outstanding_decode_tokens,
+        r.replica_id,
     )
 
 
@@ -388,54 +469,79 @@ def least_outstanding(
     cands = _candidates(replicas, call.model)
     if not cands:
         return _none(call)
-    chosen = min(
-        cands,
-        key=lambda r: (
-            r.outstanding_requests,
-            r.outstanding_prefill_tokens + r.outstanding_decode_tokens,
-            r.replica_id,
-        ),
-    )
-    return RouteDecision(
-        chosen.replica_id,
+    chosen = min(cands, key=_load)
+    return _chosen(
+        chosen,
+        call,
+        ctx,
         f"least outstanding: {chosen.outstanding_requests} calls, "
         f"{chosen.outstanding_prefill_tokens + chosen.outstanding_decode_tokens} tokens",
-        predict_completion_s(chosen, ctx.speed(chosen.replica_id), call),
+    )
+
+
+def power_of_two(
+    replicas: Sequence[ReplicaSnapshot], call: CallDemand, ctx: RouteContext
+) -> RouteDecision:
+    """Power of two choices: two distinct replicas drawn at random (seeded by
+    ``ctx.counter``, so reproducible), the less loaded of them (least-outstanding order).
+
+    It needs no global view: with many replicas it balances nearly as well as
+    least_outstanding while reading two of them. With two replicas it is least_outstanding.
+    """
+    cands = _candidates(replicas, call.model)
+    if not cands:
+        return _none(call)
+    pair = random.Random(ctx.counter).sample(cands, min(2, len(cands)))
+    chosen = min(pair, key=_load)
+    return _chosen(
+        chosen,
+        call,
+        ctx,
+        f"power of two: {chosen.replica_id} of {sorted(r.replica_id for r in pair)} "
+        f"({chosen.outstanding_requests} calls)",
     )
 
 
 def sla_aware(
     replicas: Sequence[ReplicaSnapshot], call: CallDemand, ctx: RouteContext
 ) -> RouteDecision:
-    """Route to the replica least likely to miss ``call.deadline_s``.
+    """Route to a replica where the call keeps its promises, and finishes soonest there.
 
-    For each healthy replica of the model the completion time is predicted and padded by
-    its uncertainty: ``padded = predicted * (1 + safety_factor * speed.uncertainty)``. The
-    slack ``deadline - now - padded`` measures the risk of a miss; the replica with the
-    largest slack wins, ties broken by the smaller raw prediction, then by id. When every
-    slack is negative the same rule picks the replica expected to be least late.
+    Each healthy replica of the model is assessed (:func:`assess`): the call's completion
+    predicted by the step-time model, padded by ``ctx.confidence``, against its deadline, and
+    the calls already there that it would push past theirs. Among the replicas where it meets
+    its deadline and endangers no one, the one with the earliest predicted completion (the
+    most slack) wins, ties broken by id. When there is none, the least bad one is chosen
+    (fewest endangered calls, then least late): admission control (:func:`admit`) then sheds
+    the call.
     """
     cands = _candidates(replicas, call.model)
     if not cands:
         return _none(call)
-    scored: list[tuple[float, float, str]] = []
-    for r in cands:
-        speed = ctx.speed(r.replica_id)
-        predicted = predict_completion_s(r, speed, call)
-        padded = predicted * (1.0 + ctx.safety_factor * speed.uncertainty)
-        slack = call.deadline_s - call.now_s - padded
-        scored.append((-slack, predicted, r.replica_id))
-    neg_slack, predicted, rid = min(scored)
+    assessed = [assess(r, call, ctx) for r in cands]
+    best = min(
+        assessed,
+        key=lambda a: (
+            not a.keeps_promises,
+            a.endangered,
+            max(a.late_s, 0.0),
+            a.predicted_s,
+            a.replica_id,
+        ),
+    )
     return RouteDecision(
-        rid,
-        f"max slack {-neg_slack:.3f}s (predicted {predicted:.3f}s) among {len(cands)} replicas",
-        predicted,
+        best.replica_id,
+        f"predicted {best.predicted_s:.3f}s, slack {-best.late_s:.3f}s at confidence "
+        f"x{ctx.confidence:.2f}, endangers {best.endangered} among {len(cands)} replicas",
+        best.predicted_s,
+        best,
     )
 
 
 POLICIES: dict[str, Policy] = {
     "round_robin": round_robin,
     "least_outstanding": least_outstanding,
+    "power_of_two": power_of_two,
     "sla_aware": sla_aware,
 }
 
@@ -461,26 +567,29 @@ class AdmissionDecision:
     reason: str
 
 
-def admit(
-    call: CallDemand, best_prediction_s: float, tolerance_s: float = 0.0
-) -> AdmissionDecision:
-    """Shed a call early when even the best replica cannot meet its deadline.
+def admit(call: CallDemand, best: Assessment, tolerance_s: float = 0.0) -> AdmissionDecision:
+    """Admit a call only where it keeps what admission promises: shed it early otherwise.
 
-    The call is rejected when ``now + best_prediction_s`` exceeds ``deadline_s`` by more
-    than ``tolerance_s``; the raw (unpadded) prediction is used so only calls that are out of
-    reach on the expected path are shed.
+    ``best`` is the call's assessment on the replica the policy chose (sla_aware's choice is
+    the best there is). The call is shed when its padded completion overruns its deadline by
+    more than ``tolerance_s``, or when it would push a call already admitted there past that
+    call's deadline (both with the assessment's confidence), before it takes any capacity.
     """
     if tolerance_s < 0:
         raise ValueError(f"shed_tolerance_s must be >= 0, got {tolerance_s}")
-    finish = call.now_s + best_prediction_s
-    late = finish - call.deadline_s
-    if late > tolerance_s:
+    if best.late_s > tolerance_s:
         return AdmissionDecision(
             False,
-            f"shed: predicted finish {best_prediction_s:.3f}s from now misses the deadline by "
-            f"{late:.3f}s (tolerance {tolerance_s:.3f}s)",
+            f"shed: predicted finish {best.predicted_s:.3f}s from now misses the deadline "
+            f"with confidence by {best.late_s:.3f}s (tolerance {tolerance_s:.3f}s)",
         )
-    return AdmissionDecision(True, f"admitted: slack {-late:.3f}s")
+    if best.endangered:
+        return AdmissionDecision(
+            False,
+            f"shed: it would push {best.endangered} admitted call(s) on {best.replica_id} "
+            f"past their deadlines (delaying them up to {best.delay_s:.3f}s)",
+        )
+    return AdmissionDecision(True, f"admitted: slack {-best.late_s:.3f}s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,8 +669,10 @@ class RouterConfig(BaseModel):
     policy: PolicyName = Field(
         default="sla_aware",
         description="Routing policy: 'round_robin' cycles over healthy replicas, "
-        "'least_outstanding' picks the one with the fewest calls in flight, 'sla_aware' "
-        "picks the one with the most predicted slack before the call's deadline.",
+        "'least_outstanding' picks the one with the fewest calls in flight, 'power_of_two' "
+        "the less loaded of two drawn at random, 'sla_aware' the one where the call's "
+        "predicted completion is earliest among those where it meets its deadline without "
+        "pushing admitted calls past theirs, and sheds the call when there is none.",
     )
     queue_capacity: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=1024,
@@ -573,14 +684,22 @@ class RouterConfig(BaseModel):
         description="Weight of the newest observation in the per-replica speed EWMA; "
         "higher adapts faster to load changes, lower smooths noise.",
     )
-    safety_factor: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
-        default=1.0,
-        description="Standard errors of padding the SLA-aware policy adds to each "
-        "prediction (predicted * (1 + safety_factor * uncertainty)); 0 trusts predictions.",
+    admission_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.9,
+        description="Confidence of the SLA-aware policy's promises: predictions checked "
+        "against deadlines are multiplied by this quantile of measured / predicted "
+        "completion over the last prediction_window calls (at least 1), so a call is "
+        "admitted when it meets its deadline that often, and only where it pushes no "
+        "admitted call past its own.",
+    )
+    prediction_window: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=256,
+        description="Last measured calls whose prediction errors give the confidence "
+        "quantile and the median and p90 error the router reports.",
     )
     shed_tolerance_s: Annotated[float, Field(ge=0.0, le=3600.0)] = Field(
         default=0.0,
-        description="Seconds by which a call's best predicted finish may overrun its "
+        description="Seconds by which a call's padded predicted finish may overrun its "
         "deadline before admission control sheds it; 0 sheds every predicted miss.",
     )
     metrics_refresh_s: Annotated[float, Field(gt=0.0, le=60.0)] = Field(

@@ -6,9 +6,16 @@ call it builds snapshots of the replicas (its own outstanding counters plus the 
 (runtime.routing.policies) for a replica, and sends the call there. Around that decision:
 - calls wait in a bounded least-slack-first queue while every replica of their model is full
   (outstanding calls >= max_num_seqs), so the tightest deadlines go first;
-- with the sla_aware policy, admission control sheds a call whose deadline is already out of
-  reach (or passes while it waits), before it takes capacity from calls that can still make
-  it; the other policies never shed: late calls run late;
+- every call's completion is predicted from the step-time model over the calls the router
+  sent to each replica (runtime.routing.prediction; a stored profile's coefficients when the
+  router is given one, else the speeds learned online), and logged against the measured
+  completion when it ends: a correction factor per replica and the confidence quantile are
+  learned from that, and the median and p90 relative error are kept in `RouterStats`;
+- with the sla_aware policy, admission control sheds a call, before it takes any capacity,
+  unless it meets its deadline with the configured confidence on some replica without pushing
+  the calls admitted there past theirs; a call that waited in the queue is checked again when
+  a slot frees (and shed if it can no longer make it); the other policies never shed: late
+  calls run late;
 - a replica that fails a call (or a /metrics scrape) at the connection level is taken out
   of rotation and the call is retried once on another replica; then the replica is found
   out: dead at once if its process exited, otherwise probed over fresh connections and back
@@ -25,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import httpx
 
@@ -51,7 +59,14 @@ from runtime.routing.policies import (
     SpeedEstimator,
     admit,
     get_policy,
-    predict_completion_s,
+)
+from runtime.routing.prediction import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    InFlightCall,
+    OutputLengths,
+    PredictionError,
+    PredictionTracker,
+    StepModel,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +86,7 @@ class Endpoint:
     served_model: str
     base_url: str
     max_num_seqs: int
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     replica: Replica | None = None
     client: EngineClient | None = None
     healthy: bool = True
@@ -85,6 +101,8 @@ class Endpoint:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     calls: int = 0
+    in_flight: dict[int, Sent] = field(default_factory=dict)
+    """The calls sent here that have not ended, by `id` of their CallDemand, in send order."""
 
     def snapshot(self) -> ReplicaSnapshot:
         """The state a pure policy decides on."""
@@ -99,6 +117,30 @@ class Endpoint:
             num_waiting=self.num_waiting,
             kv_cache_usage=self.kv_cache_usage,
             max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            calls=tuple(sent.call() for sent in self.in_flight.values()),
+        )
+
+
+@dataclass
+class Sent:
+    """One call on an endpoint, from `Router.pick` to `Router.release`: what the router
+    predicted for it and what it has seen of it."""
+
+    demand: CallDemand
+    sent_s: float
+    predicted_s: float | None
+    correction: float
+    first_token_s: float | None = None
+
+    def call(self) -> InFlightCall:
+        """What the predictions read of it."""
+        return InFlightCall(
+            prompt_tokens=self.demand.prompt_tokens,
+            expected_tokens=self.demand.output_tokens,
+            sent_s=self.sent_s,
+            first_token_s=self.first_token_s,
+            deadline_s=self.demand.deadline_s,
         )
 
 
@@ -126,6 +168,17 @@ class RouterStats:
     queue_rejected: int = 0
     retried: int = 0
     queue_depth: dict[str, int] = field(default_factory=dict)
+    predictions: int = 0
+    """Calls whose predicted completion was compared with the measured one."""
+    prediction_error_p50: float | None = None
+    """Median of |predicted - measured| / measured over the last `prediction_window` calls."""
+    prediction_error_p90: float | None = None
+    """Its 90th percentile over the same calls."""
+    prediction_error_buckets: list[int] = field(default_factory=list)
+    """Calls per bucket of that relative error (upper bounds `prediction.ERROR_BUCKETS`, then
+    +Inf), over every measured call: the /metrics histogram."""
+    prediction_error_sum: float = 0.0
+    """Sum of the relative errors of every measured call."""
     outcomes: deque[tuple[float, bool]] = field(
         default_factory=lambda: deque(maxlen=OUTCOME_HISTORY)
     )
@@ -150,13 +203,22 @@ class Router:
         default_deadline_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         on_unhealthy: Callable[[Endpoint], None] | None = None,
+        profiles: Mapping[str, StepModel] | None = None,
     ) -> None:
+        """Route over `endpoints` per `config`. `profiles` gives, by model key, the step-time
+        model of its replicas from a stored profile; keys without one predict with the
+        speeds learned online from their calls."""
         self.config = config or RouterConfig()
         self.policy = get_policy(self.config.policy)
         self.default_deadline_s = default_deadline_s
         self.clock = clock
         self.on_unhealthy = on_unhealthy
         self.speeds = SpeedEstimator(alpha=self.config.ewma_alpha)
+        self.profiles = dict(profiles or {})
+        self.predictions = PredictionTracker(
+            self.config.admission_quantile, self.config.prediction_window
+        )
+        self.lengths = OutputLengths()
         self.endpoints: list[Endpoint] = []
         self.stats = RouterStats()
         self._queues: dict[str, SlackQueue[_Waiter]] = {}
@@ -370,40 +432,62 @@ class Router:
             max_tokens=max_tokens,
             deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
             now_s=now,
+            expected_tokens=self.lengths.expected(model_key, max_tokens),
         )
 
-    def _context(self) -> RouteContext:
+    def step_model(self, endpoint: Endpoint) -> StepModel:
+        """The endpoint's step-time model: its model key's stored profile, else the speeds
+        learned from its calls, with the correction learned from its predictions."""
+        base = self.profiles.get(endpoint.model_key)
+        if base is None:
+            base = self.speeds.estimate(endpoint.endpoint_id).step_model()
+        return replace(base, correction=self.predictions.correction(endpoint.endpoint_id))
+
+    def _context(self, model_key: str) -> RouteContext:
+        healthy = self.healthy(model_key)
+        queue = self._queues.get(model_key)
+        waiting = len(queue) if queue is not None else 0
         return RouteContext(
             counter=self._counter,
-            speeds=self.speeds.snapshot(),
-            safety_factor=self.config.safety_factor,
+            models={e.endpoint_id: self.step_model(e) for e in healthy},
+            default_speed=self.speeds.prior,
+            confidence=self.predictions.confidence(),
+            queued_ahead=math.ceil(waiting / max(len(healthy), 1)),
         )
+
+    def _admission(self, model_key: str, demand: CallDemand) -> float | None:
+        """With sla_aware: shed the call (Rejected, SHED) unless it keeps its promises on the
+        replica the policy picks; returns its predicted completion there. None otherwise."""
+        candidates = [e.snapshot() for e in self.healthy(model_key)]
+        if self.config.policy != "sla_aware" or not candidates:
+            return None
+        fresh = replace(demand, now_s=self.clock())
+        decision = self.policy(candidates, fresh, self._context(model_key))
+        if decision.assessment is None:
+            return None
+        verdict = admit(fresh, decision.assessment, self.config.shed_tolerance_s)
+        if not verdict.admit:
+            self.stats.shed += 1
+            logger.debug("call of %s %s", model_key, verdict.reason)
+            raise Rejected(CallFailure.SHED, verdict.reason)
+        return decision.assessment.predicted_s
 
     async def admit(self, model_key: str, demand: CallDemand) -> None:
         """Shed a call that cannot make its deadline, or wait (least slack first) while every
         replica of its model is full or being probed; raises Rejected with the reason."""
         if model_key not in self._queues:
             raise Rejected(CallFailure.NO_ENDPOINT, f"no endpoint serves model key '{model_key}'")
-        candidates = [e.snapshot() for e in self.healthy(model_key)]
         if self._unservable(model_key):
             raise Rejected(
                 CallFailure.NO_ENDPOINT, f"no healthy endpoint serves model key '{model_key}'"
             )
-        if self.config.policy == "sla_aware" and candidates:
-            context = self._context()
-            best = min(
-                predict_completion_s(s, context.speed(s.replica_id), demand) for s in candidates
-            )
-            decision = admit(demand, best, self.config.shed_tolerance_s)
-            if not decision.admit:
-                self.stats.shed += 1
-                raise Rejected(CallFailure.SHED, decision.reason)
+        predicted = self._admission(model_key, demand)
         if self._has_room(model_key):
             return
         waiter = _Waiter(asyncio.get_running_loop().create_future())
         queue = self._queues[model_key]
         try:
-            queue.push(waiter, demand.deadline_s, 0.0)
+            queue.push(waiter, demand.deadline_s, predicted or 0.0)
         except QueueFull as full:
             self.stats.queue_rejected += 1
             raise Rejected(CallFailure.QUEUE_FULL, f"queue full: {full}") from None
@@ -421,16 +505,28 @@ class Router:
             raise
         if waiter.released:  # the caller picks an endpoint right after this returns
             self._released[model_key] -= 1
+        try:  # it waited: check again that it can still keep its promises
+            self._admission(model_key, demand)
+        except Rejected:
+            self._wake(model_key)  # the slot it would have taken goes to the next waiter
+            raise
 
     def pick(self, model_key: str, demand: CallDemand, tried: set[str]) -> Endpoint:
         """Ask the policy for an endpoint (not one of `tried`) and count the call on it."""
         snapshots = [e.snapshot() for e in self.healthy(model_key) if e.endpoint_id not in tried]
-        decision = self.policy(snapshots, demand, self._context())
+        now = self.clock()
+        decision = self.policy(snapshots, replace(demand, now_s=now), self._context(model_key))
         self._counter += 1
         endpoint = next((e for e in self.endpoints if e.endpoint_id == decision.replica_id), None)
         if endpoint is None:
             raise Rejected(CallFailure.NO_ENDPOINT, decision.reason)
         self.stats.routed += 1
+        endpoint.in_flight[id(demand)] = Sent(
+            demand,
+            now,
+            decision.predicted_s,
+            self.predictions.correction(endpoint.endpoint_id),
+        )
         endpoint.calls += 1
         endpoint.outstanding += 1
         endpoint.outstanding_prefill_tokens += demand.prompt_tokens
@@ -443,6 +539,9 @@ class Router:
         token; counting decoding calls too made sla_aware predict a busy replica several
         times too slow, and shed calls it would have served in time)."""
         endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
+        sent = endpoint.in_flight.get(id(demand))
+        if sent is not None:
+            sent.first_token_s = self.clock()
 
     def retry_elsewhere(
         self, model_key: str, endpoint: Endpoint, tried: set[str], error: str
@@ -467,18 +566,39 @@ class Router:
         if not prefilled:
             endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
         endpoint.outstanding_decode_tokens -= demand.max_tokens
+        endpoint.in_flight.pop(id(demand), None)
         self._wake(endpoint.model_key)
 
     def observe(
         self,
         endpoint: Endpoint,
+        demand: CallDemand,
         ttft_s: float,
         prompt_tokens: int,
         gaps_s: list[float],
         running_at_start: int,
+        completion_tokens: int,
     ) -> None:
-        """Teach the speed estimator what a finished call on this endpoint measured."""
+        """A call on this endpoint finished well (call it before `release`): teach the speed
+        estimator and the output lengths what it measured, and compare its predicted
+        completion with the measured one (logged, folded into the correction, the confidence
+        and the error statistics)."""
         self.speeds.observe(endpoint.endpoint_id, ttft_s, prompt_tokens, gaps_s, running_at_start)
+        self.lengths.observe(demand.model, demand.max_tokens, completion_tokens)
+        sent = endpoint.in_flight.get(id(demand))
+        if sent is None or sent.predicted_s is None:
+            return
+        error = PredictionError(endpoint.endpoint_id, sent.predicted_s, self.clock() - sent.sent_s)
+        self.predictions.record(error, sent.correction)
+        logger.debug(
+            "call on %s: predicted %.3fs, measured %.3fs (error %.0f%%)",
+            endpoint.endpoint_id, error.predicted_s, error.measured_s, 100 * error.relative,
+        )  # fmt: skip
+        stats, tracker = self.stats, self.predictions
+        stats.predictions = tracker.measured
+        stats.prediction_error_p50, stats.prediction_error_p90 = tracker.error_quantiles()
+        stats.prediction_error_buckets = list(tracker.bucket_counts)
+        stats.prediction_error_sum = tracker.error_sum
 
     # --- the ChatBackend call ------------------------------------------------------------
 
@@ -512,17 +632,17 @@ class Router:
                 record = await endpoint.client.chat(
                     endpoint.served_model, messages, sampling, on_first_token=first
                 )
+                if record.ok and record.ttft_s is not None:
+                    self.observe(
+                        endpoint, demand, record.ttft_s, record.prompt_tokens,
+                        list(record.itl_s), running_at_start, record.completion_tokens,
+                    )  # fmt: skip
             finally:
                 self.release(endpoint, demand, prefilled=first.seen)
             if record.failure is CallFailure.CONNECTION:
                 if self.retry_elsewhere(model, endpoint, tried, record.error):
                     continue
                 return _with_retry(record) if len(tried) > 1 else record
-            if record.ok and record.ttft_s is not None:
-                self.observe(
-                    endpoint, record.ttft_s, record.prompt_tokens, list(record.itl_s),
-                    running_at_start,
-                )  # fmt: skip
             return _with_retry(record) if tried else record
 
 
@@ -559,6 +679,9 @@ def endpoints_for_replicas(
             served_model=replica.config.model,
             base_url=replica.base_url,
             max_num_seqs=replica.config.max_num_seqs or max_num_seqs_default,
+            max_num_batched_tokens=(
+                replica.config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+            ),
             replica=replica,
         )
         for replica in replicas

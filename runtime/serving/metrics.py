@@ -19,11 +19,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from runtime.deployment import Deployment
-from runtime.routing.router import Router
+from runtime.routing.prediction import ERROR_BUCKETS
+from runtime.routing.router import Router, RouterStats
 from runtime.scaling.autoscaler import Autoscaler
 
 #: Request latency buckets, seconds: from a cached short answer to a long agentic request.
@@ -104,7 +105,9 @@ class _StateCollector(Collector):
         self.state = state
         self.autoscalers = autoscalers
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         """Yield the current values."""
         router, state = self.router, self.state
         in_flight = GaugeMetricFamily(
@@ -149,6 +152,7 @@ class _StateCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        yield from _prediction_error(stats)
         if self.autoscalers:
             replicas = GaugeMetricFamily(
                 "fmtune_autoscaler_replicas",
@@ -165,6 +169,33 @@ class _StateCollector(Collector):
                 for action in ("up", "down", "hold"):
                     decisions.add_metric([key, action], scaler.counts[action])
             yield from (replicas, decisions)
+
+
+def _prediction_error(stats: RouterStats) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+    """The router's relative error of predicted vs measured completion: every measured call
+    as a histogram, the median and p90 over its recent calls as gauges (absent before any)."""
+    cumulative: list[tuple[str, float]] = []
+    total = 0
+    counts = stats.prediction_error_buckets or [0] * (len(ERROR_BUCKETS) + 1)
+    for bound, count in zip([*map(str, ERROR_BUCKETS), "+Inf"], counts, strict=True):
+        total += count
+        cumulative.append((bound, total))
+    yield HistogramMetricFamily(
+        "fmtune_router_prediction_error",
+        "Relative error |predicted - measured| / measured of the router's predicted "
+        "completion of each call that finished.",
+        buckets=cumulative,
+        sum_value=stats.prediction_error_sum,
+    )
+    quantiles = GaugeMetricFamily(
+        "fmtune_router_prediction_error_quantile",
+        "Median and p90 of the router's relative prediction error over its recent calls.",
+        labels=["quantile"],
+    )
+    for label, value in (("0.5", stats.prediction_error_p50), ("0.9", stats.prediction_error_p90)):
+        if value is not None:
+            quantiles.add_metric([label], value)
+    yield quantiles
 
 
 @dataclass

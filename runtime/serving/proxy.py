@@ -155,16 +155,18 @@ class RouterProxy:
         if upstream.closed:
             return
         upstream.closed = True
-        self.router.release(upstream.endpoint, upstream.demand, prefilled=upstream.first_token.seen)
         meter = upstream.meter
         if meter is not None and meter.complete and meter.first_token_s is not None:
-            self.router.observe(
+            self.router.observe(  # before release: it compares the call's prediction
                 upstream.endpoint,
+                upstream.demand,
                 meter.first_token_s - upstream.start_s,
                 meter.prompt_tokens or upstream.demand.prompt_tokens,
                 meter.gaps_s,
                 upstream.running_at_start,
+                len(meter.gaps_s) + 1,  # one token per content chunk, as vLLM streams
             )
+        self.router.release(upstream.endpoint, upstream.demand, prefilled=upstream.first_token.seen)
         with anyio.CancelScope(shield=True):
             await upstream.response.aclose()
 

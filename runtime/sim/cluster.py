@@ -15,11 +15,18 @@ discrete-event simulation:
   token counts come from a `RequestShape` per request, taken from measured traces
   (`shapes_from_spans`) or drawn from distributions (`synthetic_shapes`).
 - **Calls are routed** as `runtime.routing.router.Router` routes them, with the same pure
-  pieces (`runtime.routing.policies`): admission control and the least-slack queue for
-  `sla_aware`, the policy's choice over replica snapshots (the router's own outstanding
-  counters, and the engine's running/waiting/KV usage as of the last `/metrics` refresh),
-  the per-replica speed estimator fed by every finished call (with `sla_aware`, the one
-  policy whose decisions read it).
+  pieces (`runtime.routing.policies`, `runtime.routing.prediction`): admission control (and
+  the check again when a queued call is let go) for `sla_aware`, the least-slack queue, the
+  policy's choice over replica snapshots (the router's own outstanding counters and the calls
+  it sent, and the engine's running/waiting/KV usage as of the last `/metrics` refresh).
+  The router predicts with the replica's profile (as a live router given the stored
+  profile does), corrected online by the measured completions, and learns output lengths
+  from finished calls; each call's prediction is kept beside its measured completion.
+- **The oracle** (``SimSpec.oracle``), an upper bound no live router can reach: each call
+  goes at once to the replica where a what-if copy of the simulated replica (true output
+  lengths, true step times, the prefix cache) finishes it soonest, among those where it
+  meets its deadline without pushing a call already there past its own; it is shed when
+  there is none. Only arrivals after the decision are unknown to it.
 - **Each replica** is a `runtime.sim.scheduler.ReplicaScheduler` (vLLM's scheduler) whose
   steps last what the replica's `StepTimeProfile` predicts, plus the profile's API overheads
   before the engine sees a call and after each step's tokens.
@@ -38,6 +45,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -55,11 +63,15 @@ from runtime.routing.policies import (
     RouteContext,
     RouterConfig,
     SlackQueue,
-    SpeedEstimate,
-    SpeedEstimator,
     admit,
     get_policy,
-    predict_completion_s,
+)
+from runtime.routing.prediction import (
+    InFlightCall,
+    OutputLengths,
+    PredictionError,
+    PredictionTracker,
+    StepModel,
 )
 from runtime.scaling.provisioner import (
     ReplicaCount,
@@ -140,6 +152,12 @@ class RequestShape(BaseModel):
 
     calls: dict[str, tuple[CallShape, ...]] = Field(
         default_factory=dict, description="LLM node id -> its calls, round by round."
+    )
+    sla_e2e_s: float | None = Field(
+        None,
+        gt=0,
+        description="This request's own end-to-end deadline, seconds (a request class with "
+        "its own SLA); None: the spec's sla_e2e_s. Its calls' deadlines are their shares of it.",
     )
 
 
@@ -317,6 +335,11 @@ class SimSpec(BaseModel):
         description="Seconds each code or api node takes, by node id (default 0).",
     )
     seed: int = Field(0, ge=0, description="Seed of the simulator's own draws (speculation).")
+    oracle: bool = Field(
+        False,
+        description="Route and admit with perfect knowledge of service times instead of "
+        "router.policy (see the module docstring): the upper bound of a router benchmark.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SimSpec:
@@ -366,6 +389,12 @@ class SimCall:
     cached_tokens: int
     preemptions: int
     error: str | None
+    sent_s: float | None = None
+    """When the router sent it to its replica (None: it never left the router)."""
+    predicted_s: float | None = None
+    """The router's predicted completion, seconds from sent_s (None: not sent)."""
+    deadline_s: float | None = None
+    """Its deadline (its request's start plus its share of the request's SLA)."""
 
 
 @dataclass
@@ -376,6 +405,9 @@ class RouterCounters:
     shed: int = 0
     queue_rejected: int = 0
     retried: int = 0
+    predictions: int = 0
+    prediction_error_p50: float | None = None
+    prediction_error_p90: float | None = None
 
 
 @dataclass
@@ -503,6 +535,8 @@ class _Endpoint:
     scheduler: ReplicaScheduler
     profile: StepTimeProfile
     max_num_seqs: int
+    model: StepModel
+    """What the router predicts this replica's steps with (the profile's coefficients)."""
     outstanding: int = 0
     outstanding_prefill_tokens: int = 0
     outstanding_decode_tokens: int = 0
@@ -511,6 +545,8 @@ class _Endpoint:
     kv_cache_usage: float = 0.0
     step_end_s: float | None = None
     version: int = 0
+    calls: dict[_Node, None] = field(default_factory=dict)
+    """The calls sent here that have not ended, in send order (the router's in_flight)."""
 
     def snapshot(self) -> ReplicaSnapshot:
         """What a pure policy decides on (runtime.routing.router.Endpoint.snapshot)."""
@@ -525,6 +561,8 @@ class _Endpoint:
             num_waiting=self.num_waiting,
             kv_cache_usage=self.kv_cache_usage,
             max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens,
+            calls=tuple(run.in_flight() for run in self.calls),
         )
 
 
@@ -538,6 +576,7 @@ class _Request:
     end_s: float | None = None
     error: str | None = None
     shed: bool = False
+    sla_s: float = 0.0
     deps_left: dict[str, int] = field(default_factory=dict)
     stages_left: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
@@ -569,9 +608,22 @@ class _Node:
     sent_s: float | None = None
     first_token_s: float | None = None
     prefilled: bool = False
-    running_at_start: int = 0
     queued: bool = False
     released: bool = False
+    predicted_s: float | None = None
+    correction: float = 1.0
+
+    def in_flight(self) -> InFlightCall:
+        """What the router's predictions read of this call while it is on a replica."""
+        demand = self.demand
+        assert demand is not None and self.sent_s is not None
+        return InFlightCall(
+            prompt_tokens=demand.prompt_tokens,
+            expected_tokens=demand.output_tokens,
+            sent_s=self.sent_s,
+            first_token_s=self.first_token_s,
+            deadline_s=demand.deadline_s,
+        )
 
 
 class _Simulation:
@@ -602,9 +654,9 @@ class _Simulation:
 
         config = spec.router
         self.policy = get_policy(config.policy)
-        self.sla_aware = config.policy == "sla_aware"
-        self.speeds = SpeedEstimator(alpha=config.ewma_alpha)
-        self._speeds: dict[str, SpeedEstimate] | None = None  # snapshot until an observation
+        self.sla_aware = config.policy == "sla_aware" and not spec.oracle
+        self.predictions = PredictionTracker(config.admission_quantile, config.prediction_window)
+        self.lengths = OutputLengths()
         self.counter = 0
         self.router_stats = RouterCounters()
         self.endpoints: dict[str, list[_Endpoint]] = {}
@@ -622,6 +674,11 @@ class _Simulation:
                     ),
                     profile=model.profile,
                     max_num_seqs=model.engine.max_num_seqs or ROUTER_DEFAULT_MAX_NUM_SEQS,
+                    model=StepModel(
+                        coefficients=model.profile.coefficients,
+                        overhead_s=model.profile.request_overhead_s
+                        + model.profile.response_overhead_s,
+                    ),
                 )
                 for index in range(_count(model))
             ]
@@ -669,6 +726,7 @@ class _Simulation:
 
     def _arrive(self, request: _Request) -> None:
         request.start_s = self.now
+        request.sla_s = request.shape.sla_e2e_s or self.spec.sla_e2e_s
         request.stages_left = len(self.app.stages)
         request.deps_left = {stage.id: len(stage.deps) for stage in self.app.stages}
         for stage in self.roots:
@@ -787,74 +845,110 @@ class _Simulation:
         request = run.request
         key = node.model
         now = self.now
+        max_tokens = node.sampling.max_tokens
         run.demand = CallDemand(
             model=key,
             prompt_tokens=run.shape.prompt_tokens,
-            max_tokens=node.sampling.max_tokens,
-            deadline_s=request.start_s + self.spec.sla_e2e_s * self.shares.get(run.node_id, 1.0),
+            max_tokens=max_tokens,
+            deadline_s=request.start_s + request.sla_s * self.shares.get(run.node_id, 1.0),
             now_s=now,
+            expected_tokens=self.lengths.expected(key, max_tokens),
         )
+        if self.spec.oracle:
+            self._oracle_route(run)
+            return
+        predicted = self._admission(run)
+        if predicted is False:
+            return
         endpoints = self.endpoints[key]
-        if self.sla_aware:
-            context = self._context()
-            best = min(
-                predict_completion_s(e.snapshot(), context.speed(e.endpoint_id), run.demand)
-                for e in endpoints
-            )
-            decision = admit(run.demand, best, self.spec.router.shed_tolerance_s)
-            if not decision.admit:
-                self.router_stats.shed += 1
-                self._fail(run, decision.reason, shed=True)
-                return
         if any(e.outstanding < e.max_num_seqs for e in endpoints):
             self._pick(run)
             return
         try:
-            self.queues[key].push(run, run.demand.deadline_s, 0.0)
+            self.queues[key].push(run, run.demand.deadline_s, predicted or 0.0)
         except QueueFull as full:
             self.router_stats.queue_rejected += 1
             self._fail(run, f"queue full: {full}")
             return
         run.queued = True
 
-    def _context(self) -> RouteContext:
-        if self._speeds is None:
-            self._speeds = self.speeds.snapshot()
+    def _admission(self, run: _Node) -> float | bool | None:
+        """Router._admission: with sla_aware, shed the call (False) unless it keeps its
+        promises on the replica the policy picks (its predicted completion there)."""
+        if not self.sla_aware:
+            return None
+        assert run.demand is not None
+        demand = replace(run.demand, now_s=self.now)
+        endpoints = self.endpoints[demand.model]
+        decision = self.policy(
+            [e.snapshot() for e in endpoints], demand, self._context(demand.model)
+        )
+        if decision.assessment is None:
+            return None
+        verdict = admit(demand, decision.assessment, self.spec.router.shed_tolerance_s)
+        if not verdict.admit:
+            self.router_stats.shed += 1
+            self._fail(run, verdict.reason, shed=True)
+            return False
+        return decision.assessment.predicted_s
+
+    def _context(self, key: str) -> RouteContext:
+        endpoints = self.endpoints[key]
+        tracker = self.predictions
         return RouteContext(
             counter=self.counter,
-            speeds=self._speeds,
-            safety_factor=self.spec.router.safety_factor,
+            models={
+                e.endpoint_id: replace(e.model, correction=tracker.correction(e.endpoint_id))
+                for e in endpoints
+            },
+            confidence=tracker.confidence(),
+            queued_ahead=math.ceil(len(self.queues[key]) / max(len(endpoints), 1)),
         )
 
     def _pick(self, run: _Node) -> None:
-        """Router.pick and the send: the policy chooses, the counters count, the call goes."""
+        """Router.pick: the policy chooses, then the call goes there."""
         demand = run.demand
-        assert demand is not None and run.shape is not None
+        assert demand is not None
         run.queued = False
         endpoints = self.endpoints[demand.model]
-        decision = self.policy([e.snapshot() for e in endpoints], demand, self._context())
+        decision = self.policy(
+            [e.snapshot() for e in endpoints],
+            replace(demand, now_s=self.now),
+            self._context(demand.model),
+        )
         self.counter += 1
         endpoint = next(e for e in endpoints if e.endpoint_id == decision.replica_id)
+        self._send(run, endpoint, decision.predicted_s)
+
+    def _send(self, run: _Node, endpoint: _Endpoint, predicted_s: float | None) -> None:
+        """The router's counters count the call, and it leaves for its replica."""
+        demand = run.demand
+        assert demand is not None and run.shape is not None
         self.router_stats.routed += 1
         endpoint.outstanding += 1
         endpoint.outstanding_prefill_tokens += demand.prompt_tokens
         endpoint.outstanding_decode_tokens += demand.max_tokens
         run.endpoint = endpoint
         run.sent_s = self.now
-        run.running_at_start = max(endpoint.num_running, endpoint.outstanding)
-        request = run.request
-        prefix = tuple(
-            (("g", s.key) if s.scope == "global" else ("r", request.index, s.key), s.tokens)
-            for s in run.shape.shared
-        )
-        run.engine_request = SimRequest(
-            run, run.shape.prompt_tokens, run.shape.completion_tokens, prefix
-        )
+        run.predicted_s = predicted_s
+        run.correction = self.predictions.correction(endpoint.endpoint_id)
+        endpoint.calls[run] = None
+        run.engine_request = self._engine_request(run)
         overhead = endpoint.profile.request_overhead_s
         if overhead > 0:
             self.at(self.now + overhead, self._reach_engine, run)
         else:
             self._reach_engine(run)
+
+    def _engine_request(self, run: _Node) -> SimRequest:
+        """The call as its replica's scheduler sees it (true sizes, shared prefix)."""
+        assert run.shape is not None
+        request = run.request
+        prefix = tuple(
+            (("g", s.key) if s.scope == "global" else ("r", request.index, s.key), s.tokens)
+            for s in run.shape.shared
+        )
+        return SimRequest(run, run.shape.prompt_tokens, run.shape.completion_tokens, prefix)
 
     def _release(self, run: _Node) -> None:
         """Router.release: the call ended (or was cancelled); a waiting call may go."""
@@ -867,13 +961,15 @@ class _Simulation:
         if not run.prefilled:
             endpoint.outstanding_prefill_tokens -= demand.prompt_tokens
         endpoint.outstanding_decode_tokens -= demand.max_tokens
+        endpoint.calls.pop(run, None)
         self._wake(endpoint.model_key)
 
     def _wake(self, key: str) -> None:
         """Router._wake: shed expired waiters (sla_aware), release waiters while there is room.
 
         As in the live router, a released waiter holds its slot until it is picked (here at
-        once), so each freed slot lets one waiter go, least slack first.
+        once), so each freed slot lets one waiter go, least slack first; with sla_aware it is
+        checked again first (Router.admit after the wait) and shed if it can no longer make it.
         """
         queue = self.queues[key]
         if not len(queue):
@@ -886,7 +982,10 @@ class _Simulation:
         endpoints = self.endpoints[key]
         while len(queue) and any(e.outstanding < e.max_num_seqs for e in endpoints):
             run = queue.pop(self.now).item
-            if not run.done and run.request.end_s is None:
+            if run.done or run.request.end_s is not None:
+                continue
+            run.queued = False
+            if self._admission(run) is not False:
                 self._pick(run)
 
     def _refresh(self, _: None) -> None:
@@ -900,6 +999,102 @@ class _Simulation:
             self._wake(key)
         if self.unfinished:
             self.at(self.now + self.spec.router.metrics_refresh_s, self._refresh, None)
+
+    # --- the oracle --------------------------------------------------------------------------
+
+    def _oracle_route(self, run: _Node) -> None:
+        """Send the call at once where a what-if run of the true replica finishes it soonest
+        while it and every call already there meet their deadlines; shed it otherwise."""
+        demand = run.demand
+        assert demand is not None
+        best: tuple[tuple[bool, int, float, float, str], _Endpoint, float] | None = None
+        for endpoint in self.endpoints[demand.model]:
+            finishes = self._what_if(endpoint, run)
+            finish = finishes.pop(run)
+            missing = [other for other, end in finishes.items() if end > _deadline(other)]
+            endangered = 0
+            if missing:
+                without = self._what_if(endpoint, None)
+                endangered = sum(1 for other in missing if without[other] <= _deadline(other))
+            late = finish - demand.deadline_s
+            key = (
+                late > 0 or endangered > 0,
+                endangered,
+                max(late, 0.0),
+                finish,
+                endpoint.endpoint_id,
+            )
+            if best is None or key < best[0]:
+                best = (key, endpoint, finish)
+        assert best is not None
+        (refused, endangered, late, _, _), endpoint, finish = best
+        if refused:
+            self.router_stats.shed += 1
+            reason = (
+                f"shed by the oracle: it would push {endangered} admitted call(s) past their "
+                "deadlines"
+                if endangered
+                else f"shed by the oracle: it would miss its deadline by {late:.3f}s"
+            )
+            self._fail(run, reason, shed=True)
+            return
+        self.counter += 1
+        self._send(run, endpoint, finish - self.now)
+
+    def _what_if(self, endpoint: _Endpoint, run: _Node | None) -> dict[_Node, float]:
+        """When each call on the replica would reach the client if ``run`` (None: nothing)
+        were sent there now and nothing else arrived: a copy of the replica played forward."""
+        scheduler = endpoint.scheduler.clone()
+        profile = endpoint.profile
+        arrivals: list[tuple[float, SimRequest]] = []
+        for other in endpoint.calls:
+            engine_request = other.engine_request
+            if engine_request is not None and engine_request.state is RequestState.NEW:
+                assert other.sent_s is not None  # in transit: it reaches the engine later
+                copy = self._engine_request(other)
+                arrivals.append((other.sent_s + profile.request_overhead_s, copy))
+        if run is not None:
+            arrivals.append((self.now + profile.request_overhead_s, self._engine_request(run)))
+        arrivals.sort(key=lambda item: item[0])
+        finishes: dict[_Node, float] = {}
+        now = self.now
+        end = endpoint.step_end_s if scheduler.busy else None
+        while True:
+            if end is not None:
+                while arrivals and arrivals[0][0] <= end:
+                    at, engine_request = arrivals.pop(0)
+                    scheduler.add(engine_request, max(at, now))
+                    cut = scheduler.interrupt(max(at, now))
+                    if cut is not None:
+                        end = cut
+                now = end
+                _, done = scheduler.finish_step(now)
+                for finished in done:
+                    finishes[finished.key] = now + profile.response_overhead_s
+                end = None
+            elif arrivals and (not scheduler.has_work or arrivals[0][0] <= now):
+                at, engine_request = arrivals.pop(0)
+                now = max(now, at)
+                scheduler.add(engine_request, now)
+                continue
+            if not scheduler.has_work:
+                if not arrivals:
+                    break
+                continue
+            end = scheduler.start_step(now)
+            if end is None:
+                break
+        for refused in scheduler.rejected:
+            finishes[refused.key] = math.inf
+        for other in endpoint.calls:
+            engine_request = other.engine_request
+            if engine_request is not None and engine_request.finished_s is not None:
+                # done in the engine, its last tokens still on their way to the client
+                finishes[other] = engine_request.finished_s + profile.response_overhead_s
+            finishes.setdefault(other, math.inf)
+        if run is not None:
+            finishes.setdefault(run, math.inf)
+        return finishes
 
     # --- the replicas ---------------------------------------------------------------------
 
@@ -923,11 +1118,13 @@ class _Simulation:
             end = scheduler.interrupt(self.now)
             if end is not None:
                 endpoint.version += 1
+                endpoint.step_end_s = end
                 self.at(end, self._step_end, (endpoint, endpoint.version))
         elif scheduler.has_work:
             end = scheduler.start_step(self.now)
             if end is not None:
                 endpoint.version += 1
+                endpoint.step_end_s = end
                 self.at(end, self._step_end, (endpoint, endpoint.version))
 
     def _step_end(self, item: tuple[_Endpoint, int]) -> None:
@@ -953,6 +1150,7 @@ class _Simulation:
             end = scheduler.start_step(self.now)
             if end is not None:
                 endpoint.version += 1
+                endpoint.step_end_s = end
                 self.at(end, self._step_end, (endpoint, endpoint.version))
 
     def _first_token(self, run: _Node) -> None:
@@ -972,23 +1170,16 @@ class _Simulation:
         assert engine_request is not None and endpoint is not None and run.sent_s is not None
         if not run.prefilled:
             self._first_token(run)
+        demand = run.demand
+        assert demand is not None
+        self.lengths.observe(demand.model, demand.max_tokens, engine_request.num_output)
+        if run.predicted_s is not None:  # Router.observe: the prediction against the measure
+            self.predictions.record(
+                PredictionError(endpoint.endpoint_id, run.predicted_s, self.now - run.sent_s),
+                run.correction,
+            )
         self._release(run)
         ttft = (run.first_token_s or self.now) - run.sent_s
-        if self.sla_aware:  # only sla_aware decides on speeds; the others ignore them
-            gaps: list[float] = []
-            if engine_request.emissions > 1:
-                assert engine_request.first_token_s is not None
-                assert engine_request.last_token_s is not None
-                span = engine_request.last_token_s - engine_request.first_token_s
-                gaps = [span / (engine_request.emissions - 1)]
-            self.speeds.observe(
-                endpoint.endpoint_id,
-                ttft,
-                engine_request.prompt_tokens,
-                gaps,
-                run.running_at_start,
-            )
-            self._speeds = None
         request = run.request
         request.llm_calls += 1
         request.prompt_tokens += engine_request.prompt_tokens
@@ -1042,6 +1233,9 @@ class _Simulation:
                 cached_tokens=(engine_request.cached_tokens or 0) if engine_request else 0,
                 preemptions=engine_request.preemptions if engine_request else 0,
                 error=error,
+                sent_s=run.sent_s,
+                predicted_s=run.predicted_s,
+                deadline_s=run.demand.deadline_s if run.demand else None,
             )
         )
 
@@ -1075,6 +1269,9 @@ class _Simulation:
             prices=spec.prices,
             peak_memory_gib=_peak_memory_gib(spec),
         )
+        stats = self.router_stats
+        stats.predictions = self.predictions.measured
+        stats.prediction_error_p50, stats.prediction_error_p90 = self.predictions.error_quantiles()
         return SimResult(
             metrics=metrics,
             outcomes=outcomes,
@@ -1084,6 +1281,12 @@ class _Simulation:
             replica_start_s={e.endpoint_id: e.profile.startup_s for e in self.all_endpoints},
             events=self.events,
         )
+
+
+def _deadline(run: _Node) -> float:
+    """A routed call's deadline."""
+    assert run.demand is not None
+    return run.demand.deadline_s
 
 
 def _peak_memory_gib(spec: SimSpec) -> float | None:

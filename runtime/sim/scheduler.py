@@ -43,6 +43,7 @@ so the result is the same as stepping one by one; the simulator is just faster.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import OrderedDict, deque
@@ -424,6 +425,19 @@ class ReplicaScheduler:
         self._growth_s = 0.0  # how much each later step of the macro is longer
         self._macro = 1  # steps in the step in flight
         self._steady = False  # the step just scheduled repeats until something changes
+
+    def clone(self) -> ReplicaScheduler:
+        """An independent copy of the replica (requests, blocks, prefix cache, the step in
+        flight, the random draws) to play a what-if forward; its requests keep their keys, and
+        the requests refused before are not copied (its ``rejected`` starts empty)."""
+        memo: dict[int, object] = {
+            id(self.config): self.config,
+            id(self.coefficients): self.coefficients,
+            id(self.rejected): [],
+        }
+        for request in (*self.running, *self.waiting, *self._scheduled):
+            memo[id(request.key)] = request.key
+        return copy.deepcopy(self, memo)
 
     # --- requests in and out ----------------------------------------------------------------
 

@@ -7,8 +7,10 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
+from runtime.engine.steptime import StepTimeCoefficients
 from runtime.routing.policies import (
     POLICIES,
+    Assessment,
     CallDemand,
     PolicyName,
     QueueFull,
@@ -19,19 +21,19 @@ from runtime.routing.policies import (
     SpeedEstimate,
     SpeedEstimator,
     admit,
+    assess,
     get_policy,
     least_outstanding,
-    predict_completion_s,
+    power_of_two,
     round_robin,
     sla_aware,
 )
+from runtime.routing.prediction import InFlightCall, StepModel
 
-FAST = SpeedEstimate(
-    prefill_s_per_token=0.0002, decode_s_per_token=0.01, overhead_s=0.01, uncertainty=0.1
-)
-SLOW = SpeedEstimate(
-    prefill_s_per_token=0.001, decode_s_per_token=0.05, overhead_s=0.01, uncertainty=0.1
-)
+#: 1 ms per prefill token, 10 ms per decoding sequence: hand-checkable times.
+FAST = StepModel(StepTimeCoefficients(base_s=0.0, prefill_token_s=0.001, decode_seq_s=0.01))
+#: Five times slower.
+SLOW = StepModel(StepTimeCoefficients(base_s=0.0, prefill_token_s=0.005, decode_seq_s=0.05))
 
 
 def snap(rid: str, **kw: Any) -> ReplicaSnapshot:
@@ -58,6 +60,17 @@ def call(prompt: int = 200, out: int = 50, deadline: float = 10.0, now: float = 
     )
 
 
+def running(tokens_left: int, deadline: float, prompt: int = 100) -> InFlightCall:
+    """A call that got its first token just now and expects ``tokens_left`` more."""
+    return InFlightCall(
+        prompt_tokens=prompt,
+        expected_tokens=tokens_left + 1,
+        sent_s=-0.1,
+        first_token_s=0.0,
+        deadline_s=deadline,
+    )
+
+
 # ---------------------------------------------------------------- policies
 
 
@@ -74,6 +87,14 @@ def test_policies_return_none_when_no_replica_serves_the_model() -> None:
         assert decision.replica_id is None, name
         assert decision.predicted_s is None
         assert "'m'" in decision.reason
+
+
+def test_every_policy_predicts_the_completion_on_its_choice() -> None:
+    ctx = RouteContext(models={"a": FAST})
+    for name, policy in POLICIES.items():
+        decision = policy([snap("a")], call(prompt=100, out=11), ctx)
+        # 100 prefill tokens give the first token, 10 decode steps the rest
+        assert decision.predicted_s == pytest.approx(0.1 + 10 * 0.01), name
 
 
 def test_least_outstanding_picks_the_idle_replica() -> None:
@@ -93,85 +114,68 @@ def test_least_outstanding_breaks_ties_by_outstanding_tokens() -> None:
     assert least_outstanding(replicas, call(), RouteContext()).replica_id == "b"
 
 
+def test_power_of_two_takes_the_less_loaded_of_a_reproducible_pair() -> None:
+    replicas = [snap(r, outstanding_requests=n) for r, n in zip("abcd", (4, 1, 3, 2), strict=True)]
+    picks = [power_of_two(replicas, call(), RouteContext(counter=i)).replica_id for i in range(40)]
+    assert picks == [
+        power_of_two(replicas, call(), RouteContext(counter=i)).replica_id for i in range(40)
+    ]
+    assert "a" not in picks  # the most loaded one loses every pair it is drawn in
+    assert len(set(picks)) == 3  # "b" does not win pairs it is not drawn in
+    two = replicas[:2]
+    assert {power_of_two(two, call(), RouteContext(counter=i)).replica_id for i in range(9)} == {
+        "b"
+    }
+
+
 def test_sla_aware_avoids_a_loaded_slow_replica() -> None:
     replicas = [
-        snap(
-            "slow",
-            outstanding_requests=8,
-            num_running=8,
-            num_waiting=4,
-            outstanding_decode_tokens=800,
-        ),
-        snap("fast", outstanding_requests=2, num_running=2, outstanding_decode_tokens=100),
+        snap("slow", outstanding_requests=2, calls=(running(80, 99.0), running(80, 99.0))),
+        snap("fast", outstanding_requests=2, calls=(running(40, 99.0), running(40, 99.0))),
     ]
-    ctx = RouteContext(speeds={"slow": SLOW, "fast": FAST})
+    ctx = RouteContext(models={"slow": SLOW, "fast": FAST})
     decision = sla_aware(replicas, call(), ctx)
     assert decision.replica_id == "fast"
-    assert decision.predicted_s == pytest.approx(predict_completion_s(replicas[1], FAST, call()))
+    assert decision.predicted_s == pytest.approx(assess(replicas[1], call(), ctx).predicted_s)
 
 
 def test_sla_aware_prefers_fast_replica_where_least_outstanding_picks_the_slow_one() -> None:
     # The slow replica is idle; the fast one has one more call in flight, yet finishes first.
     replicas = [
         snap("slow"),
-        snap("fast", outstanding_requests=1, num_running=1, outstanding_decode_tokens=40),
+        snap("fast", outstanding_requests=1, num_running=1, calls=(running(40, 99.0),)),
     ]
-    ctx = RouteContext(speeds={"slow": SLOW, "fast": FAST})
+    ctx = RouteContext(models={"slow": SLOW, "fast": FAST})
     c = call()
     assert least_outstanding(replicas, c, ctx).replica_id == "slow"
     assert sla_aware(replicas, c, ctx).replica_id == "fast"
-    assert predict_completion_s(replicas[1], FAST, c) < predict_completion_s(replicas[0], SLOW, c)
+    assert assess(replicas[1], c, ctx).predicted_s < assess(replicas[0], c, ctx).predicted_s
 
 
-def test_sla_aware_safety_factor_penalises_uncertain_replicas() -> None:
-    # Same raw prediction; the one we know little about is riskier once padding applies.
-    known = SpeedEstimate(0.0005, 0.02, 0.01, uncertainty=0.05)
-    unknown = SpeedEstimate(0.0004, 0.019, 0.01, uncertainty=0.9)
-    replicas = [snap("known"), snap("unknown")]
-    c = call()
-    assert predict_completion_s(replicas[1], unknown, c) < predict_completion_s(
-        replicas[0], known, c
-    )
-    padded = RouteContext(speeds={"known": known, "unknown": unknown}, safety_factor=2.0)
-    trusting = RouteContext(speeds={"known": known, "unknown": unknown}, safety_factor=0.0)
-    assert sla_aware(replicas, c, padded).replica_id == "known"
-    assert sla_aware(replicas, c, trusting).replica_id == "unknown"
+def test_a_replica_without_a_model_predicts_with_the_default_speed() -> None:
+    prior = SpeedEstimate(prefill_s_per_token=0.001, decode_s_per_token=0.02, overhead_s=0.05)
+    ctx = RouteContext(default_speed=prior)
+    predicted = assess(snap("a"), call(prompt=100, out=11), ctx).predicted_s
+    # base 0.02 * 0.9 per step: the prefill step, then 10 decode steps of 0.02 each
+    assert predicted == pytest.approx(0.018 + 0.1 + 10 * 0.02 + (0.05 - 0.018))
 
 
-def test_prediction_grows_with_load_and_queues_when_batch_is_full() -> None:
-    speed = SpeedEstimate(0.001, 0.02, 0.0, batch_slowdown=0.5)
-    c = call(prompt=100, out=11)
-    idle = predict_completion_s(snap("a"), speed, c)
-    assert idle == pytest.approx(100 * 0.001 + 10 * 0.02)
-    busy = snap(
-        "a",
-        num_running=3,
-        outstanding_requests=3,
-        outstanding_prefill_tokens=50,
-        outstanding_decode_tokens=300,
-    )
-    # 150 prefill tokens; batch of 4 → step 0.02 * (1 + 0.5 * 3) = 0.05.
-    assert predict_completion_s(busy, speed, c) == pytest.approx(0.15 + 10 * 0.05)
-    full = snap(
-        "a",
-        max_num_seqs=4,
-        num_running=4,
-        num_waiting=4,
-        outstanding_requests=8,
-        outstanding_decode_tokens=800,
-    )
-    # waits for (4 + 1) / 4 of a batch run of 100 tokens at step 0.05.
-    expected = (5 / 4) * 100 * 0.05 + 0.1 + 10 * 0.05
-    assert predict_completion_s(full, speed, c) == pytest.approx(expected)
+def test_speeds_become_step_time_coefficients_with_the_same_decode_steps() -> None:
+    speed = SpeedEstimate(0.001, 0.02, 0.01, batch_slowdown=0.5)
+    model = speed.step_model()
+    for n in (1, 2, 5, 16):
+        assert model.decode_step_s(n, 0) == pytest.approx(speed.step_s(n))
+    assert model.coefficients.prefill_token_s == 0.001
 
 
 def test_get_policy_resolves_names_and_names_the_choices_on_error() -> None:
     assert get_policy("sla_aware") is sla_aware
+    assert get_policy("power_of_two") is power_of_two
     with pytest.raises(ValueError) as err:
         get_policy("random")
     assert str(err.value) == (
-        "router policy must be one of ['least_outstanding', 'round_robin', 'sla_aware'], "
-        "got 'random'"
+        "router policy must be one of ['least_outstanding', 'power_of_two', 'round_robin', "
+        "'sla_aware'], got 'random'"
     )
 
 
@@ -182,6 +186,8 @@ def test_config_policy_choices_match_the_registry() -> None:
         RouterConfig(policy="random")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="ewma_alpha"):
         RouterConfig(ewma_alpha=0.0)
+    with pytest.raises(ValidationError, match="admission_quantile"):
+        RouterConfig(admission_quantile=1.0)
     for name, info in RouterConfig.model_fields.items():
         assert info.description, name
 
@@ -213,7 +219,6 @@ def test_estimator_converges_to_true_speed() -> None:
     assert got.overhead_s == pytest.approx(true.overhead_s, rel=1e-6)
     assert got.decode_s_per_token == pytest.approx(true.decode_s_per_token, rel=1e-6)
     assert got.batch_slowdown == pytest.approx(true.batch_slowdown, rel=1e-6)
-    assert got.uncertainty < 0.01
     assert est.snapshot() == {"r": got}
 
 
@@ -255,13 +260,63 @@ def test_estimator_rejects_bad_alpha_and_negative_ttft() -> None:
 # ---------------------------------------------------------------- admission
 
 
-def test_admission_sheds_an_impossible_call_and_admits_a_feasible_one() -> None:
-    c = call(deadline=11.0, now=10.0)
-    shed = admit(c, best_prediction_s=2.5)
+def test_admission_admits_a_call_that_meets_its_deadline_with_confidence() -> None:
+    ctx = RouteContext(models={"a": FAST}, confidence=1.25)
+    c = call(prompt=100, out=11, deadline=10.3, now=10.0)  # predicted 0.2 s, padded 0.25 s
+    assessment = assess(snap("a"), c, ctx)
+    assert assessment.late_s == pytest.approx(-0.05)
+    decision = admit(c, assessment)
+    assert decision.admit and "slack 0.050s" in decision.reason
+
+
+def test_admission_sheds_a_call_that_meets_its_deadline_only_without_the_padding() -> None:
+    c = call(prompt=100, out=11, deadline=10.22, now=10.0)
+    trusting = assess(snap("a"), c, RouteContext(models={"a": FAST}, confidence=1.0))
+    assert admit(c, trusting).admit
+    padded = assess(snap("a"), c, RouteContext(models={"a": FAST}, confidence=1.25))
+    shed = admit(c, padded)
     assert not shed.admit
-    assert "misses the deadline by 1.500s" in shed.reason
-    assert admit(c, best_prediction_s=0.6).admit
-    assert admit(c, best_prediction_s=1.2, tolerance_s=0.5).admit
+    assert "misses the deadline with confidence by 0.030s" in shed.reason
+    assert admit(c, padded, tolerance_s=0.05).admit
+
+
+def test_admission_protects_a_running_call_it_would_push_past_its_deadline() -> None:
+    # The running call decodes its last 10 tokens alone in 0.1 s. Beside the new call: one
+    # step prefills its 100 tokens and decodes one (0.11 s), 5 shared decode steps (0.02 s
+    # each) finish the new call at 0.21 s, 4 more alone end the running call at 0.25 s.
+    ctx = RouteContext(models={"a": FAST})
+    c = call(prompt=100, out=6, deadline=5.0)
+    tight = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.2),))
+    assessment = assess(tight, c, ctx)
+    assert assessment.predicted_s == pytest.approx(0.21)
+    assert assessment.late_s < 0 and assessment.endangered == 1
+    assert assessment.delay_s == pytest.approx(0.25 - 0.1)
+    decision = admit(c, assessment)
+    assert not decision.admit and "push 1 admitted call(s) on a past" in decision.reason
+    loose = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.5),))
+    assert admit(c, assess(loose, c, ctx)).admit
+    # a call that misses its deadline anyway is not the new call's fault
+    lost = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.05),))
+    assert assess(lost, c, ctx).endangered == 0
+
+
+def test_sla_aware_goes_where_it_endangers_no_one_and_sheds_when_nowhere() -> None:
+    c = call(prompt=100, out=6, deadline=5.0)
+    ctx = RouteContext(models={"a": FAST, "b": SLOW})
+    a = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.2),))
+    b = snap("b")  # slower but empty: the call makes its deadline there, endangering no one
+    decision = sla_aware([a, b], c, ctx)
+    assert decision.replica_id == "b"
+    assert isinstance(decision.assessment, Assessment) and decision.assessment.keeps_promises
+    nowhere = sla_aware([a], c, ctx)
+    assert nowhere.replica_id == "a"
+    assert nowhere.assessment is not None and not admit(c, nowhere.assessment).admit
+
+
+def test_admission_rejects_a_negative_tolerance() -> None:
+    c = call()
+    with pytest.raises(ValueError, match="shed_tolerance_s must be >= 0"):
+        admit(c, assess(snap("a"), c, RouteContext()), tolerance_s=-1.0)
 
 
 # ---------------------------------------------------------------- slack queue

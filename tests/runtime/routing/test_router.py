@@ -15,7 +15,9 @@ from runtime.engine.client import (
     SamplingParams,
     call_deadline,
 )
+from runtime.engine.steptime import StepTimeCoefficients
 from runtime.routing.policies import RouterConfig
+from runtime.routing.prediction import StepModel
 from runtime.routing.router import Endpoint, Router
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -357,4 +359,55 @@ async def test_a_released_call_that_is_cancelled_gives_its_slot_to_the_next() ->
     doomed.cancel()  # ...and cancelled before it is picked
     assert (await patient).ok  # its slot went on to the next waiter
     assert router._released == {"llm": 0}
+    await router.aclose()
+
+
+#: A stored profile whose every step takes 40 ms: a 6-token call is predicted at 0.24 s.
+STEADY = StepModel(StepTimeCoefficients(base_s=0.04))
+
+
+async def test_each_prediction_is_compared_with_the_measured_completion() -> None:
+    target = endpoint("a", delay_s=0.05)
+    router = Router([target], RouterConfig(policy="least_outstanding"), profiles={"llm": STEADY})
+    assert router.step_model(target).coefficients == STEADY.coefficients
+    for _ in range(5):
+        assert (await router.chat("llm", USER, SamplingParams(max_tokens=6))).ok
+    stats = router.stats
+    assert stats.predictions == 5 and sum(stats.prediction_error_buckets) == 5
+    assert stats.prediction_error_p50 is not None and stats.prediction_error_p90 is not None
+    # the first call was predicted at 0.24 s and took about 0.05 s; the later ones less wrong
+    assert stats.prediction_error_p90 > 2.0
+    assert stats.prediction_error_p50 < stats.prediction_error_p90
+    # the bias is learned: the replica's predictions are corrected towards what it measures
+    assert router.step_model(target).correction < 0.5
+    # and what calls really generate: the scripted answer is one token, not max_tokens
+    assert router.lengths.expected("llm", 6) < 6
+    assert not target.in_flight
+    await router.aclose()
+
+
+async def test_a_queued_call_that_can_no_longer_make_it_is_shed_when_its_slot_frees() -> None:
+    router = Router(
+        [endpoint("a", max_num_seqs=1, delay_s=0.6)],
+        RouterConfig(policy="sla_aware"),
+        profiles={"llm": STEADY},
+    )
+    now = router.clock()
+    sampling = SamplingParams(max_tokens=6)
+
+    async def call(deadline: float) -> CallRecord:
+        with call_deadline(deadline):
+            return await router.chat("llm", USER, sampling)
+
+    first = asyncio.create_task(call(now + 100))
+    await asyncio.sleep(0.05)
+    # admitted on arrival: behind the first call (0.24 s predicted) it finishes 0.48 s later,
+    # 0.6 s with the prior confidence, within its 0.75 s; when the first call really ends
+    # (0.6 s) its 0.2 s left no longer hold even the 0.3 s it needs alone
+    second = asyncio.create_task(call(now + 0.8))
+    records = await asyncio.gather(first, second)
+    assert records[0].ok
+    assert records[1].failure is CallFailure.SHED
+    assert records[1].error is not None and records[1].error.startswith("shed: predicted finish")
+    assert router.stats.shed == 1 and router._released == {"llm": 0}
     await router.aclose()

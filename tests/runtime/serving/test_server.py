@@ -681,6 +681,13 @@ def test_metrics_by_app_and_model_key_with_ttft_and_sla_attainment() -> None:
     assert sample_value(attainment, sla, app="extract", model_key="") == 1.0
     assert sample_value(attainment, sla, app="broken", model_key="") == 0.0
 
+    # the router's predicted completions of the calls it measured: the streamed call and the
+    # app's call (a JSON answer is not timed token by token, a failed call not at all)
+    error = samples["fmtune_router_prediction_error"]
+    assert sample_value(error, "fmtune_router_prediction_error_count") == 2
+    assert sample_value(error, "fmtune_router_prediction_error_bucket", le="+Inf") == 2
+    assert "fmtune_router_prediction_error_quantile" in samples
+
 
 # --------------------------------------------------------------------------------------------
 # serve(): local replicas, replacement of a dead one, SIGTERM

@@ -99,15 +99,16 @@ def test_sequential_nodes_add_up_and_parallel_ones_overlap() -> None:
 
 
 def test_each_call_gets_its_share_of_the_sla_as_deadline() -> None:
-    # An unobserved replica is predicted at the router's prior: 0.01 + 40 * 0.0005 +
-    # 63 * 0.02 = 1.29 s for a 64-token call. With a 2 s SLA, the first of two sequential
-    # calls must finish within 1 s (its share, 0.5): sla_aware sheds it; a single call
-    # has the whole 2 s and is admitted.
-    two = simulate(make_spec(sequential_app(), requests=3, policy="sla_aware", sla_e2e_s=2.0))
+    # The router predicts with the profile and, before any call finished, expects max_tokens:
+    # 40 prefill tokens (0.04 s) and 63 decode steps (0.63 s) for a 64-token call, padded by
+    # the prior confidence x1.25 to 0.8375 s. With a 1.2 s SLA, the first of two sequential
+    # calls must finish within 0.6 s (its share, 0.5): sla_aware sheds it; a single call has
+    # the whole 1.2 s and is admitted.
+    two = simulate(make_spec(sequential_app(), requests=3, policy="sla_aware", sla_e2e_s=1.2))
     assert two.metrics.num_shed == 3 and two.metrics.sla_attainment == 0.0
     assert two.router_stats.shed == 3
     assert all("shed" in (o.error or "") for o in two.outcomes)
-    one = simulate(make_spec(single_app(), requests=3, policy="sla_aware", sla_e2e_s=2.0))
+    one = simulate(make_spec(single_app(), requests=3, policy="sla_aware", sla_e2e_s=1.2))
     assert one.metrics.num_shed == 0 and one.metrics.sla_attainment == 1.0
 
 

@@ -1,0 +1,427 @@
+"""Completion-time predictions from the step-time model, and how far to trust them.
+
+The router decides on predictions: which replica finishes a call soonest, whether the call
+can still meet its deadline, whether admitting it pushes calls already running past theirs.
+They come from the engine's step-time model (runtime.engine.steptime: a step's duration is
+affine in the prefill tokens it computes, the sequences it decodes and the KV tokens they
+attend to), run forward over what the router knows of a replica: the calls it sent there, in
+order, each with its prompt, its expected output and whether its first token has arrived.
+
+- :func:`finish_offsets` plays the replica's batch forward: the first ``max_num_seqs`` calls
+  run, the rest wait for a slot (vLLM admits first come, first served); a step prefills
+  prompt chunks within the ``max_num_batched_tokens`` budget beside one token per decoding
+  call; runs of decode-only steps are taken in closed form up to the next call that
+  finishes, whose slot the next waiting call takes. Decode steps get longer as the batch
+  grows and as contexts grow, so a new call delays every call running beside it.
+- :func:`forecast` predicts a new call's completion on a replica and the finish of every call
+  already there with and without it (the slowdown it causes).
+- :class:`PredictionTracker` compares each prediction the router acted on with the measured
+  completion: a per-replica correction factor (an EWMA of measured / predicted in log space,
+  so the model's bias is learned online), the median and p90 of the relative error, and the
+  confidence ratio admission pads predictions with (a quantile of measured / predicted).
+- :class:`OutputLengths` learns how many tokens calls really generate (the mean per model key
+  and ``max_tokens``): ``max_tokens`` is only a cap.
+
+What the model leaves out, stated once: prefix-cache hits (a prompt counts in full until its
+first token arrives), KV-cache exhaustion and preemption, speculative decoding, and calls
+that arrive after the prediction. The correction factor and the confidence ratio absorb what
+these cost on average. Pure: no clock (``now`` is passed in), no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from runtime.engine.steptime import StepFeatures, StepTimeCoefficients, prefill_pairs
+
+#: vLLM's default token budget of one step (``max_num_batched_tokens``) for the OpenAI server
+#: on CPU and smaller GPUs.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+#: Upper bounds of the buckets of the relative prediction error |predicted - measured| /
+#: measured (the Prometheus histogram of the front door's /metrics).
+ERROR_BUCKETS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+#: Weight of the newest call in a replica's correction factor (EWMA of log measured /
+#: predicted). Lower than the speed EWMA's: single calls scatter widely around the model
+#: (their output lengths are unknown in advance), the bias they share moves slowly.
+CORRECTION_ALPHA = 0.05
+#: The correction factor stays within [1 / CORRECTION_LIMIT, CORRECTION_LIMIT].
+CORRECTION_LIMIT = 4.0
+#: Confidence ratio used until MIN_SAMPLES predictions have been measured.
+PRIOR_CONFIDENCE = 1.25
+#: Measured predictions needed before the observed quantile replaces PRIOR_CONFIDENCE.
+MIN_SAMPLES = 20
+#: Weight of the newest call in the mean output length of a (model key, max_tokens).
+LENGTH_ALPHA = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# What the router knows of one replica's calls
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InFlightCall:
+    """A call the router sent to a replica that has not ended, as the router knows it.
+
+    Attributes:
+        prompt_tokens: The call's prompt tokens (estimated before the server counts them).
+        expected_tokens: Output tokens it is expected to generate in all (learned, see
+            :class:`OutputLengths`; at most its ``max_tokens``).
+        sent_s: When the router sent it (the router's clock).
+        first_token_s: When its first token arrived; None while it is still before it.
+        deadline_s: Its absolute deadline on the same clock.
+    """
+
+    prompt_tokens: int
+    expected_tokens: float
+    sent_s: float
+    first_token_s: float | None
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class CallProgress:
+    """Work a call has left on its replica: the input of :func:`finish_offsets`.
+
+    Attributes:
+        prefill_tokens: Prompt tokens still to prefill.
+        decode_tokens: Output tokens still to generate, its first one included while its
+            prefill remains (the first token comes out of the step that ends the prefill).
+            May be fractional: it is an expectation.
+        context_tokens: Tokens in its KV cache now (prompt computed plus tokens generated).
+    """
+
+    prefill_tokens: int
+    decode_tokens: float
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """One replica's step-time model as the router uses it.
+
+    Attributes:
+        coefficients: Seconds per unit of each step feature (a stored profile's, or fitted
+            online from measured calls, :meth:`SpeedEstimate.step_model`).
+        overhead_s: Seconds a call spends outside engine steps (HTTP, tokenisation,
+            streaming back): added once to a new call's prediction.
+        correction: Measured / predicted ratio learned online for this replica
+            (:meth:`PredictionTracker.correction`); multiplies every predicted duration.
+    """
+
+    coefficients: StepTimeCoefficients
+    overhead_s: float = 0.0
+    correction: float = 1.0
+
+    def decode_step_s(self, sequences: int, context_tokens: int) -> float:
+        """Seconds of one decode-only step of ``sequences`` sequences attending to
+        ``context_tokens`` KV tokens in all (uncorrected)."""
+        return self.coefficients.step_s(
+            StepFeatures(decode_seqs=sequences, context_tokens=context_tokens)
+        )
+
+
+def progress(
+    calls: Sequence[InFlightCall], model: StepModel, now_s: float
+) -> tuple[CallProgress, ...]:
+    """What each in-flight call has left, estimated from what the router saw.
+
+    A call before its first token has its whole prompt to prefill and all its expected
+    tokens to generate. A call past it has generated one token, then one more per decode step
+    since: the steps are timed by the model at the replica's current batch (the calls past
+    their first token, attending to their prompts plus what they generated), corrected. At
+    least one token is left to a call that has not ended, however long it has run.
+    """
+    decoding = [c for c in calls if c.first_token_s is not None]
+    context = sum(c.prompt_tokens for c in decoding)
+    step = model.decode_step_s(len(decoding), context) * model.correction if decoding else 0.0
+    if decoding and step > 0:
+        generated = sum((now_s - (c.first_token_s or now_s)) / step for c in decoding)
+        step = model.decode_step_s(len(decoding), context + int(generated)) * model.correction
+    result: list[CallProgress] = []
+    for call in calls:
+        if call.first_token_s is None or step <= 0:
+            done = 0 if call.first_token_s is None else 1
+            result.append(
+                CallProgress(
+                    prefill_tokens=call.prompt_tokens if call.first_token_s is None else 0,
+                    decode_tokens=max(call.expected_tokens - done, 1.0),
+                    context_tokens=0 if call.first_token_s is None else call.prompt_tokens,
+                )
+            )
+            continue
+        generated = 1 + max(now_s - call.first_token_s, 0.0) / step
+        result.append(
+            CallProgress(
+                prefill_tokens=0,
+                decode_tokens=max(call.expected_tokens - generated, 1.0),
+                context_tokens=call.prompt_tokens + round(generated),
+            )
+        )
+    return tuple(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Playing the batch forward
+# --------------------------------------------------------------------------------------------
+
+
+def finish_offsets(
+    calls: Sequence[CallProgress],
+    model: StepModel,
+    max_num_seqs: int,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+) -> list[float]:
+    """Seconds from now until each call finishes on the replica (engine steps only, times
+    ``model.correction``), calls in the order the engine admits them.
+
+    The first ``max_num_seqs`` calls run; each later one takes the slot of the first to
+    finish. A step with prefill left schedules one token per decoding call, then prompt
+    chunks in order within the budget; a call whose prefill ends in a step gets its first
+    token from it. Without prefill, ``k`` identical decode steps up to the next finish last
+    ``k * step_0 + context_token_s * n * k * (k - 1) / 2`` (each of the ``n`` contexts grows
+    by one token a step).
+    """
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    coef = model.coefficients
+    count = len(calls)
+    prefill = [c.prefill_tokens for c in calls]
+    decode = [max(c.decode_tokens, 1e-9) for c in calls]
+    context = [c.context_tokens for c in calls]
+    finish = [0.0] * count
+    active: list[int] = list(range(min(count, max_num_seqs)))
+    following = len(active)
+    elapsed = 0.0
+    while active:
+        prefilling = [i for i in active if prefill[i] > 0]
+        decoding = [i for i in active if prefill[i] == 0]
+        ended: list[int] = []
+        if prefilling:
+            budget = max(max_num_batched_tokens - len(decoding), 1)
+            chunks: list[tuple[int, int]] = []
+            for i in prefilling:
+                if budget <= 0:
+                    break
+                take = min(prefill[i], budget)
+                chunks.append((i, take))
+                budget -= take
+            features = StepFeatures(
+                prefill_tokens=sum(take for _, take in chunks),
+                prefill_pairs=sum(prefill_pairs(context[i], take) for i, take in chunks),
+                decode_seqs=len(decoding),
+                context_tokens=sum(context[i] for i in decoding),
+            )
+            elapsed += coef.step_s(features)
+            for i in decoding:
+                decode[i] -= 1
+                context[i] += 1
+                if decode[i] <= 1e-9:
+                    ended.append(i)
+            for i, take in chunks:
+                prefill[i] -= take
+                context[i] += take
+                if prefill[i] == 0:
+                    decode[i] -= 1
+                    if decode[i] <= 1e-9:
+                        ended.append(i)
+        else:
+            steps = max(math.ceil(min(decode[i] for i in active) - 1e-9), 1)
+            n = len(active)
+            first = model.decode_step_s(n, sum(context[i] for i in active))
+            elapsed += steps * first + coef.context_token_s * n * steps * (steps - 1) / 2
+            for i in active:
+                decode[i] -= steps
+                context[i] += steps
+                if decode[i] <= 1e-9:
+                    ended.append(i)
+        for i in ended:
+            finish[i] = elapsed * model.correction
+            active.remove(i)
+            if following < count:
+                active.append(following)
+                following += 1
+    return finish
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A new call's predicted completion on one replica and its effect on the calls there.
+
+    Attributes:
+        completion_s: Seconds from now until the new call's last token reaches the client
+            (corrected, its overhead included).
+        finish_with_s: Seconds from now until each call already on the replica finishes if the
+            new call joins (in the order of the calls given).
+        finish_without_s: The same if it does not.
+    """
+
+    completion_s: float
+    finish_with_s: tuple[float, ...]
+    finish_without_s: tuple[float, ...]
+
+    @property
+    def delay_s(self) -> float:
+        """The most seconds the new call delays any call already there (0 with none)."""
+        return max(
+            (w - wo for w, wo in zip(self.finish_with_s, self.finish_without_s, strict=True)),
+            default=0.0,
+        )
+
+
+def forecast(
+    calls: Sequence[CallProgress],
+    new: CallProgress,
+    model: StepModel,
+    max_num_seqs: int,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    queued_ahead: int = 0,
+    protect: bool = True,
+) -> Forecast:
+    """Predict ``new`` joining a replica that holds ``calls`` (:func:`finish_offsets`).
+
+    ``queued_ahead`` calls of the new call's size join before it (calls waiting ahead of it
+    in the router's queue that will land on this replica). With ``protect`` False the calls
+    already there are not played without the new call (``finish_without_s`` equals
+    ``finish_with_s``): enough when only the new call's completion matters.
+    """
+    ahead = [new] * max(queued_ahead, 0)
+    with_new = finish_offsets([*calls, *ahead, new], model, max_num_seqs, max_num_batched_tokens)
+    existing = tuple(with_new[: len(calls)])
+    without = (
+        tuple(finish_offsets(calls, model, max_num_seqs, max_num_batched_tokens))
+        if protect and calls
+        else existing
+    )
+    return Forecast(
+        completion_s=with_new[-1] + model.overhead_s * model.correction,
+        finish_with_s=existing,
+        finish_without_s=without,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Learning from measured calls
+# --------------------------------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` by linear interpolation; ValueError if empty."""
+    if not values:
+        raise ValueError("quantile of no values")
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class PredictionError:
+    """One measured prediction: what was predicted, what was measured, the relative error."""
+
+    replica_id: str
+    predicted_s: float
+    measured_s: float
+
+    @property
+    def relative(self) -> float:
+        """|predicted - measured| / measured."""
+        return abs(self.predicted_s - self.measured_s) / max(self.measured_s, 1e-9)
+
+
+class PredictionTracker:
+    """Compares each prediction the router acted on with the measured completion.
+
+    - ``correction(replica)``: exp of an EWMA (weight CORRECTION_ALPHA) of log(measured /
+      uncorrected prediction) on that replica, clipped to [1/CORRECTION_LIMIT,
+      CORRECTION_LIMIT]; 1 before any call.
+    - ``confidence()``: the ``quantile`` of measured / predicted over the last ``window``
+      calls (at least 1; PRIOR_CONFIDENCE before MIN_SAMPLES calls). Admission multiplies a
+      prediction by it: with quantile 0.9, nine predictions in ten padded so turned out
+      long enough.
+    - ``error_quantiles()``: median and p90 of the relative error over the window;
+      ``bucket_counts`` and ``error_sum`` make the cumulative histogram of every error.
+    """
+
+    def __init__(self, quantile: float = 0.9, window: int = 256) -> None:
+        """A tracker whose confidence is the ``quantile`` over the last ``window`` calls."""
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"admission_quantile must be in (0, 1), got {quantile}")
+        if window < 1:
+            raise ValueError(f"prediction_window must be >= 1, got {window}")
+        self.quantile = quantile
+        self._log_ratio: dict[str, float] = {}
+        self._ratios: deque[float] = deque(maxlen=window)
+        self._errors: deque[float] = deque(maxlen=window)
+        self.bucket_counts = [0] * (len(ERROR_BUCKETS) + 1)
+        self.error_sum = 0.0
+        self.measured = 0
+
+    def correction(self, replica_id: str) -> float:
+        """The factor this replica's predictions are multiplied by (1 before any call)."""
+        return math.exp(self._log_ratio.get(replica_id, 0.0))
+
+    def record(self, error: PredictionError, correction: float = 1.0) -> None:
+        """Fold in one measured call whose prediction was made with ``correction``."""
+        if error.predicted_s <= 0 or error.measured_s <= 0:
+            return
+        ratio = error.measured_s / error.predicted_s
+        raw = math.log(ratio * correction)
+        limit = math.log(CORRECTION_LIMIT)
+        previous = self._log_ratio.get(error.replica_id)
+        updated = raw if previous is None else previous + CORRECTION_ALPHA * (raw - previous)
+        self._log_ratio[error.replica_id] = min(max(updated, -limit), limit)
+        self._ratios.append(ratio)
+        relative = error.relative
+        self._errors.append(relative)
+        self.bucket_counts[bisect.bisect_left(ERROR_BUCKETS, relative)] += 1
+        self.error_sum += relative
+        self.measured += 1
+
+    def confidence(self) -> float:
+        """Ratio admission pads predictions with (see the class docstring)."""
+        if len(self._ratios) < MIN_SAMPLES:
+            return PRIOR_CONFIDENCE
+        return max(quantile(list(self._ratios), self.quantile), 1.0)
+
+    def error_quantiles(self) -> tuple[float | None, float | None]:
+        """Median and p90 of the relative error over the window (None before any call)."""
+        if not self._errors:
+            return None, None
+        errors = list(self._errors)
+        return quantile(errors, 0.5), quantile(errors, 0.9)
+
+
+class OutputLengths:
+    """Mean tokens generated per (model key, max_tokens), learned from finished calls.
+
+    ``max_tokens`` is a cap; most answers stop earlier. Until a call of that kind has
+    finished, ``expected`` is ``max_tokens`` (the pessimistic side).
+    """
+
+    def __init__(self, alpha: float = LENGTH_ALPHA) -> None:
+        """Lengths learned with EWMA weight ``alpha`` on the newest call."""
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._means: dict[tuple[str, int], float] = {}
+
+    def expected(self, model: str, max_tokens: int) -> float:
+        """Tokens a call of this model key and max_tokens is expected to generate."""
+        return min(self._means.get((model, max_tokens), float(max_tokens)), float(max_tokens))
+
+    def observe(self, model: str, max_tokens: int, completion_tokens: int) -> None:
+        """A call of this kind generated ``completion_tokens`` tokens."""
+        if completion_tokens < 1:
+            return
+        key = (model, max_tokens)
+        previous = self._means.get(key)
+        value = float(completion_tokens)
+        self._means[key] = value if previous is None else previous + self.alpha * (value - previous)

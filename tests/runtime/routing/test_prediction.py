@@ -1,0 +1,150 @@
+"""Tests of the step-time predictions on hand-worked replica states, and of what the router
+learns from measured calls (correction, confidence, errors, output lengths)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.engine.steptime import StepTimeCoefficients
+from runtime.routing.prediction import (
+    ERROR_BUCKETS,
+    MIN_SAMPLES,
+    PRIOR_CONFIDENCE,
+    CallProgress,
+    InFlightCall,
+    OutputLengths,
+    PredictionError,
+    PredictionTracker,
+    StepModel,
+    finish_offsets,
+    forecast,
+    progress,
+    quantile,
+)
+
+#: 10 ms per step, 1 ms per prefill token, 10 ms per decoding sequence.
+MODEL = StepModel(StepTimeCoefficients(base_s=0.01, prefill_token_s=0.001, decode_seq_s=0.01))
+
+
+def decoding(left: float, context: int = 100) -> CallProgress:
+    """A call past its prefill with ``left`` tokens to generate."""
+    return CallProgress(prefill_tokens=0, decode_tokens=left, context_tokens=context)
+
+
+def new(prompt: int, out: float) -> CallProgress:
+    """A call that has not started: its whole prompt and every token to go."""
+    return CallProgress(prefill_tokens=prompt, decode_tokens=out, context_tokens=0)
+
+
+def test_an_idle_replica_prefills_then_decodes_alone() -> None:
+    # one step prefills 50 tokens and yields token 1 (0.06 s), 4 decode steps of 0.02 s
+    assert finish_offsets([new(50, 5)], MODEL, max_num_seqs=4) == [pytest.approx(0.06 + 0.08)]
+
+
+def test_a_new_call_slows_the_call_running_beside_it() -> None:
+    # Alone, the running call's 10 steps take 0.02 s each: 0.2 s. The new call's prefill step
+    # carries one of its tokens (0.07 s), 4 shared steps of 0.03 s finish the new call at
+    # 0.19 s, the running call's last 5 steps alone end it at 0.29 s.
+    result = forecast([decoding(10)], new(50, 5), MODEL, max_num_seqs=4)
+    assert result.completion_s == pytest.approx(0.19)
+    assert result.finish_without_s == (pytest.approx(0.2),)
+    assert result.finish_with_s == (pytest.approx(0.29),)
+    assert result.delay_s == pytest.approx(0.09)
+
+
+def test_a_call_waits_for_a_slot_when_the_batch_is_full() -> None:
+    # max_num_seqs 1: the new call starts when the running one ends (10 steps of 0.02 s)
+    offsets = finish_offsets([decoding(10), new(20, 3)], MODEL, max_num_seqs=1)
+    assert offsets == [pytest.approx(0.2), pytest.approx(0.2 + 0.03 + 2 * 0.02)]
+
+
+def test_calls_queued_ahead_in_the_router_delay_the_new_call() -> None:
+    alone = forecast([], new(20, 3), MODEL, max_num_seqs=1)
+    behind = forecast([], new(20, 3), MODEL, max_num_seqs=1, queued_ahead=2)
+    assert behind.completion_s == pytest.approx(3 * alone.completion_s)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget() -> None:
+    # 100 tokens with a budget of 64: two prefill steps (0.074 s, 0.046 s), then 1 decode
+    offsets = finish_offsets([new(100, 2)], MODEL, max_num_seqs=4, max_num_batched_tokens=64)
+    assert offsets == [pytest.approx(0.074 + 0.046 + 0.02)]
+
+
+def test_decode_steps_lengthen_as_contexts_grow_in_closed_form() -> None:
+    model = StepModel(StepTimeCoefficients(base_s=0.0, decode_seq_s=0.0, context_token_s=0.001))
+    # contexts of 10, 11, 12 tokens: 0.010 + 0.011 + 0.012 s
+    assert finish_offsets([decoding(3, context=10)], model, max_num_seqs=1) == [
+        pytest.approx(0.033)
+    ]
+
+
+def test_the_correction_and_the_overhead_scale_and_shift_the_prediction() -> None:
+    slower = StepModel(MODEL.coefficients, overhead_s=0.01, correction=2.0)
+    result = forecast([decoding(10)], new(50, 5), slower, max_num_seqs=4)
+    assert result.completion_s == pytest.approx(2 * (0.19 + 0.01))
+    assert result.finish_without_s == (pytest.approx(0.4),)
+
+
+def test_progress_counts_the_tokens_a_call_decoded_since_its_first() -> None:
+    calls = [
+        InFlightCall(prompt_tokens=80, expected_tokens=20, sent_s=0.0, first_token_s=None,
+                     deadline_s=9.0),
+        InFlightCall(prompt_tokens=100, expected_tokens=20, sent_s=0.0, first_token_s=1.0,
+                     deadline_s=9.0),
+    ]  # fmt: skip
+    model = StepModel(StepTimeCoefficients(base_s=0.0, decode_seq_s=0.02))
+    waiting, started = progress(calls, model, now_s=1.2)
+    assert waiting == CallProgress(prefill_tokens=80, decode_tokens=20, context_tokens=0)
+    # one token at 1.0 s, then one per 0.02 s step: 11 generated, 9 to go
+    assert started.prefill_tokens == 0
+    assert started.decode_tokens == pytest.approx(9)
+    assert started.context_tokens == 111
+    # a call that ran longer than expected still has a token to go
+    (late,) = progress(calls[1:], model, now_s=9.0)
+    assert late.decode_tokens == 1.0
+
+
+def test_the_tracker_learns_a_bias_and_pads_with_the_quantile() -> None:
+    tracker = PredictionTracker(quantile=0.9, window=100)
+    assert tracker.correction("a") == 1.0
+    assert tracker.confidence() == PRIOR_CONFIDENCE
+    for i in range(200):  # the model is 1.5x optimistic, with +-10 % scatter
+        correction = tracker.correction("a")
+        raw = 1.0
+        measured = 1.5 * raw * (0.9 + 0.2 * (i % 11) / 10)
+        tracker.record(PredictionError("a", raw * correction, measured), correction)
+    assert tracker.correction("a") == pytest.approx(1.5, rel=0.05)
+    assert tracker.correction("b") == 1.0
+    assert 1.0 <= tracker.confidence() <= 1.2
+    median, p90 = tracker.error_quantiles()
+    assert median is not None and p90 is not None and median <= p90 <= 0.15
+    assert tracker.measured == sum(tracker.bucket_counts) == 200
+    assert len(tracker.bucket_counts) == len(ERROR_BUCKETS) + 1
+
+
+def test_the_confidence_is_the_quantile_of_measured_over_predicted() -> None:
+    tracker = PredictionTracker(quantile=0.5, window=MIN_SAMPLES)
+    for ratio in [1.0] * (MIN_SAMPLES // 2) + [3.0] * (MIN_SAMPLES // 2):
+        tracker.record(PredictionError("a", 1.0, ratio))
+    assert tracker.confidence() == pytest.approx(2.0)
+    # relative errors: 0 for half the calls, |1 - 3| / 3 for the other half
+    assert tracker.error_quantiles() == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    with pytest.raises(ValueError, match="admission_quantile must be in"):
+        PredictionTracker(quantile=1.0)
+
+
+def test_quantile_interpolates_between_ranks() -> None:
+    assert quantile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.5
+    assert quantile([5.0], 0.9) == 5.0
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+def test_output_lengths_start_at_the_cap_and_learn_the_mean() -> None:
+    lengths = OutputLengths(alpha=0.5)
+    assert lengths.expected("m", 64) == 64
+    lengths.observe("m", 64, 20)
+    lengths.observe("m", 64, 30)
+    assert lengths.expected("m", 64) == pytest.approx(25)
+    assert lengths.expected("m", 128) == 128
+    assert lengths.expected("other", 64) == 64
