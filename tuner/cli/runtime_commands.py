@@ -191,7 +191,8 @@ def run(
     with user_errors():
         spec = load_run_spec(experiment, parse_assignments(set_ or []))
         with ReplicaPool() as pool, progress_bar() as progress:
-            task = progress.add_task("starting", total=spec.workload.num_requests)
+            total = spec.workload.num_requests * spec.workload.repeats  # warm-ups not counted
+            task = progress.add_task("starting", total=total)
             result = execute_run(
                 spec,
                 pool,
