@@ -335,6 +335,7 @@ class Assessment:
     Attributes:
         replica_id: The replica.
         predicted_s: Seconds from now until the call completes there (corrected).
+        first_token_s: Seconds from now until its first token there (corrected).
         late_s: How far the padded completion (``predicted_s * confidence``) overruns the
             deadline, seconds; <= 0 when the call is expected to meet it with confidence.
         endangered: Calls already there that meet their deadlines with confidence without
@@ -345,6 +346,7 @@ class Assessment:
 
     replica_id: str
     predicted_s: float
+    first_token_s: float
     late_s: float
     endangered: int
     delay_s: float
@@ -394,6 +396,7 @@ def assess(
     return Assessment(
         replica_id=replica.replica_id,
         predicted_s=result.completion_s,
+        first_token_s=result.first_token_s,
         late_s=now + result.completion_s * pad - call.deadline_s,
         endangered=endangered,
         delay_s=delay,

@@ -47,11 +47,21 @@ ERROR_BUCKETS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.
 #: Weight of the newest call in a replica's correction factor (EWMA of log measured /
 #: predicted). Lower than the speed EWMA's: single calls scatter widely around the model
 #: (their output lengths are unknown in advance), the bias they share moves slowly.
-CORRECTION_ALPHA = 0.05
+CORRECTION_ALPHA = 0.1
 #: The correction factor stays within [1 / CORRECTION_LIMIT, CORRECTION_LIMIT].
 CORRECTION_LIMIT = 4.0
 #: Confidence ratio used until MIN_SAMPLES predictions have been measured.
 PRIOR_CONFIDENCE = 1.25
+#: The confidence ratio stays at most this.
+CONFIDENCE_LIMIT = 4.0
+#: Seconds a measured ratio counts towards the confidence. Shed calls are never measured, so
+#: without an age limit a window of pessimistic ratios (a transient slowdown, the first calls
+#: before output lengths were learned) would shed every call for good; once they age out the
+#: prior confidence admits calls again and fresh measurements follow.
+CONFIDENCE_HORIZON_S = 60.0
+#: Calls of max_tokens tokens an output length starts from (pseudo-counts): the first calls to
+#: finish are the short ones, and alone they would make every expectation too short.
+LENGTH_PRIOR_CALLS = 5
 #: Measured predictions needed before the observed quantile replaces PRIOR_CONFIDENCE.
 MIN_SAMPLES = 20
 #: Weight of the newest call in the mean output length of a (model key, max_tokens).
@@ -177,7 +187,18 @@ def finish_offsets(
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
 ) -> list[float]:
     """Seconds from now until each call finishes on the replica (engine steps only, times
-    ``model.correction``), calls in the order the engine admits them.
+    ``model.correction``), calls in the order the engine admits them (:func:`play`)."""
+    return play(calls, model, max_num_seqs, max_num_batched_tokens)[0]
+
+
+def play(
+    calls: Sequence[CallProgress],
+    model: StepModel,
+    max_num_seqs: int,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+) -> tuple[list[float], list[float]]:
+    """Seconds from now until each call finishes, and until each gets its first token (0 for
+    a call past it), on the replica (engine steps only, times ``model.correction``).
 
     The first ``max_num_seqs`` calls run; each later one takes the slot of the first to
     finish. A step with prefill left schedules one token per decoding call, then prompt
@@ -196,6 +217,7 @@ def finish_offsets(
     decode = [max(c.decode_tokens, 1e-9) for c in calls]
     context = [c.context_tokens for c in calls]
     finish = [0.0] * count
+    first_token = [0.0] * count
     active: list[int] = list(range(min(count, max_num_seqs)))
     following = len(active)
     elapsed = 0.0
@@ -228,6 +250,7 @@ def finish_offsets(
                 prefill[i] -= take
                 context[i] += take
                 if prefill[i] == 0:
+                    first_token[i] = elapsed * model.correction
                     decode[i] -= 1
                     if decode[i] <= 1e-9:
                         ended.append(i)
@@ -247,7 +270,7 @@ def finish_offsets(
             if following < count:
                 active.append(following)
                 following += 1
-    return finish
+    return finish, first_token
 
 
 @dataclass(frozen=True)
@@ -257,12 +280,14 @@ class Forecast:
     Attributes:
         completion_s: Seconds from now until the new call's last token reaches the client
             (corrected, its overhead included).
+        first_token_s: Seconds from now until its first token (corrected, no overhead).
         finish_with_s: Seconds from now until each call already on the replica finishes if the
             new call joins (in the order of the calls given).
         finish_without_s: The same if it does not.
     """
 
     completion_s: float
+    first_token_s: float
     finish_with_s: tuple[float, ...]
     finish_without_s: tuple[float, ...]
 
@@ -292,7 +317,7 @@ def forecast(
     ``finish_with_s``): enough when only the new call's completion matters.
     """
     ahead = [new] * max(queued_ahead, 0)
-    with_new = finish_offsets([*calls, *ahead, new], model, max_num_seqs, max_num_batched_tokens)
+    with_new, first = play([*calls, *ahead, new], model, max_num_seqs, max_num_batched_tokens)
     existing = tuple(with_new[: len(calls)])
     without = (
         tuple(finish_offsets(calls, model, max_num_seqs, max_num_batched_tokens))
@@ -301,6 +326,7 @@ def forecast(
     )
     return Forecast(
         completion_s=with_new[-1] + model.overhead_s * model.correction,
+        first_token_s=first[-1],
         finish_with_s=existing,
         finish_without_s=without,
     )
@@ -324,30 +350,63 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class PredictionError:
-    """One measured prediction: what was predicted, what was measured, the relative error."""
+    """One measured prediction: what was predicted, what was measured, the relative error.
+
+    ``predicted_s`` is what the router decided on, with the output length it expected;
+    ``given_length_s`` is the same prediction redone for the length the call really had
+    (:func:`given_length`): the step-time model's own error, without the error of the
+    expected length. The correction factor learns from that one.
+    """
 
     replica_id: str
     predicted_s: float
     measured_s: float
+    given_length_s: float | None = None
 
     @property
     def relative(self) -> float:
         """|predicted - measured| / measured."""
         return abs(self.predicted_s - self.measured_s) / max(self.measured_s, 1e-9)
 
+    @property
+    def model_relative(self) -> float | None:
+        """|given_length - measured| / measured (None without the length-adjusted value)."""
+        if self.given_length_s is None:
+            return None
+        return abs(self.given_length_s - self.measured_s) / max(self.measured_s, 1e-9)
+
+
+def given_length(
+    predicted_s: float,
+    first_token_s: float,
+    expected_tokens: float,
+    completion_tokens: int,
+) -> float:
+    """A prediction redone for the real output length: the part after the first token
+    scales with the decode tokens (real ``completion_tokens - 1`` over expected
+    ``expected_tokens - 1``); unchanged when one token was expected."""
+    if expected_tokens <= 1.0:
+        return predicted_s
+    decode = max(predicted_s - first_token_s, 0.0)
+    return first_token_s + decode * max(completion_tokens - 1, 0) / (expected_tokens - 1.0)
+
 
 class PredictionTracker:
     """Compares each prediction the router acted on with the measured completion.
 
-    - ``correction(replica)``: exp of an EWMA (weight CORRECTION_ALPHA) of log(measured /
-      uncorrected prediction) on that replica, clipped to [1/CORRECTION_LIMIT,
-      CORRECTION_LIMIT]; 1 before any call.
-    - ``confidence()``: the ``quantile`` of measured / predicted over the last ``window``
-      calls (at least 1; PRIOR_CONFIDENCE before MIN_SAMPLES calls). Admission multiplies a
-      prediction by it: with quantile 0.9, nine predictions in ten padded so turned out
-      long enough.
-    - ``error_quantiles()``: median and p90 of the relative error over the window;
-      ``bucket_counts`` and ``error_sum`` make the cumulative histogram of every error.
+    - ``correction(replica)``: exp of an EWMA (weight CORRECTION_ALPHA, from 0) of
+      log(measured / uncorrected prediction given the real length) on that replica, clipped
+      to [1/CORRECTION_LIMIT, CORRECTION_LIMIT]; 1 before any call. Given the real length,
+      so that an answer shorter than expected does not teach the replica to be fast.
+    - ``confidence(now)``: the ``quantile`` of measured / predicted over the last ``window``
+      calls measured within CONFIDENCE_HORIZON_S of ``now`` (within [1, CONFIDENCE_LIMIT];
+      PRIOR_CONFIDENCE with fewer than MIN_SAMPLES such calls).
+      Admission multiplies a prediction by it: with quantile 0.9, nine predictions in ten
+      padded so turned out long enough. It spans both the step-time model's error and that
+      of the expected output length.
+    - ``error_quantiles()``: median and p90 of the relative error over the window (and
+      ``model_error_quantiles()`` of the error given the real length); ``bucket_counts`` and
+      ``error_sum`` make the cumulative histogram of every error.
     """
 
     def __init__(self, quantile: float = 0.9, window: int = 256) -> None:
@@ -358,8 +417,9 @@ class PredictionTracker:
             raise ValueError(f"prediction_window must be >= 1, got {window}")
         self.quantile = quantile
         self._log_ratio: dict[str, float] = {}
-        self._ratios: deque[float] = deque(maxlen=window)
+        self._ratios: deque[tuple[float, float]] = deque(maxlen=window)  # (when, ratio)
         self._errors: deque[float] = deque(maxlen=window)
+        self._model_errors: deque[float] = deque(maxlen=window)
         self.bucket_counts = [0] * (len(ERROR_BUCKETS) + 1)
         self.error_sum = 0.0
         self.measured = 0
@@ -368,28 +428,35 @@ class PredictionTracker:
         """The factor this replica's predictions are multiplied by (1 before any call)."""
         return math.exp(self._log_ratio.get(replica_id, 0.0))
 
-    def record(self, error: PredictionError, correction: float = 1.0) -> None:
-        """Fold in one measured call whose prediction was made with ``correction``."""
+    def record(self, error: PredictionError, correction: float = 1.0, now_s: float = 0.0) -> None:
+        """Fold in one call measured at ``now_s`` whose prediction was made with
+        ``correction``."""
         if error.predicted_s <= 0 or error.measured_s <= 0:
             return
         ratio = error.measured_s / error.predicted_s
-        raw = math.log(ratio * correction)
+        basis = error.given_length_s if error.given_length_s else error.predicted_s
+        raw = math.log(error.measured_s / basis * correction)
         limit = math.log(CORRECTION_LIMIT)
-        previous = self._log_ratio.get(error.replica_id)
-        updated = raw if previous is None else previous + CORRECTION_ALPHA * (raw - previous)
+        previous = self._log_ratio.get(error.replica_id, 0.0)
+        updated = previous + CORRECTION_ALPHA * (raw - previous)
         self._log_ratio[error.replica_id] = min(max(updated, -limit), limit)
-        self._ratios.append(ratio)
+        self._ratios.append((now_s, ratio))
+        model_relative = error.model_relative
+        if model_relative is not None:
+            self._model_errors.append(model_relative)
         relative = error.relative
         self._errors.append(relative)
         self.bucket_counts[bisect.bisect_left(ERROR_BUCKETS, relative)] += 1
         self.error_sum += relative
         self.measured += 1
 
-    def confidence(self) -> float:
-        """Ratio admission pads predictions with (see the class docstring)."""
-        if len(self._ratios) < MIN_SAMPLES:
+    def confidence(self, now_s: float | None = None) -> float:
+        """Ratio admission pads predictions with at ``now_s`` (see the class docstring;
+        None: every ratio in the window counts, however old)."""
+        ratios = [r for t, r in self._ratios if now_s is None or t >= now_s - CONFIDENCE_HORIZON_S]
+        if len(ratios) < MIN_SAMPLES:
             return PRIOR_CONFIDENCE
-        return max(quantile(list(self._ratios), self.quantile), 1.0)
+        return min(max(quantile(ratios, self.quantile), 1.0), CONFIDENCE_LIMIT)
 
     def error_quantiles(self) -> tuple[float | None, float | None]:
         """Median and p90 of the relative error over the window (None before any call)."""
@@ -398,12 +465,23 @@ class PredictionTracker:
         errors = list(self._errors)
         return quantile(errors, 0.5), quantile(errors, 0.9)
 
+    def model_error_quantiles(self) -> tuple[float | None, float | None]:
+        """Median and p90 of the relative error given the real output lengths."""
+        if not self._model_errors:
+            return None, None
+        errors = list(self._model_errors)
+        return quantile(errors, 0.5), quantile(errors, 0.9)
+
 
 class OutputLengths:
     """Mean tokens generated per (model key, max_tokens), learned from finished calls.
 
     ``max_tokens`` is a cap; most answers stop earlier. Until a call of that kind has
-    finished, ``expected`` is ``max_tokens`` (the pessimistic side).
+    finished, ``expected`` is ``max_tokens`` (the pessimistic side). The mean starts as
+    LENGTH_PRIOR_CALLS calls of ``max_tokens`` tokens (the first answers to finish are the
+    short ones: alone they would make every expectation too short); each call then weighs
+    ``1 / calls so far`` (a plain mean) until that falls to ``alpha``, then ``alpha`` (an
+    EWMA: lengths may drift with the traffic).
     """
 
     def __init__(self, alpha: float = LENGTH_ALPHA) -> None:
@@ -412,6 +490,7 @@ class OutputLengths:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self._means: dict[tuple[str, int], float] = {}
+        self._counts: dict[tuple[str, int], int] = {}
 
     def expected(self, model: str, max_tokens: int) -> float:
         """Tokens a call of this model key and max_tokens is expected to generate."""
@@ -422,6 +501,8 @@ class OutputLengths:
         if completion_tokens < 1:
             return
         key = (model, max_tokens)
-        previous = self._means.get(key)
-        value = float(completion_tokens)
-        self._means[key] = value if previous is None else previous + self.alpha * (value - previous)
+        count = self._counts.get(key, LENGTH_PRIOR_CALLS) + 1
+        self._counts[key] = count
+        previous = self._means.get(key, float(max_tokens))
+        weight = max(self.alpha, 1.0 / count)
+        self._means[key] = previous + weight * (float(completion_tokens) - previous)

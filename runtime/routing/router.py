@@ -67,6 +67,7 @@ from runtime.routing.prediction import (
     PredictionError,
     PredictionTracker,
     StepModel,
+    given_length,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,13 @@ class Sent:
     demand: CallDemand
     sent_s: float
     predicted_s: float | None
+    """Its predicted completion, seconds after sent_s (None: the policy made none)."""
+    predicted_first_token_s: float
+    """Its predicted first token, seconds after sent_s."""
     correction: float
+    """The replica's correction factor the prediction was made with."""
     first_token_s: float | None = None
+    """When its first token arrived (the router's clock)."""
 
     def call(self) -> InFlightCall:
         """What the predictions read of it."""
@@ -451,7 +457,7 @@ class Router:
             counter=self._counter,
             models={e.endpoint_id: self.step_model(e) for e in healthy},
             default_speed=self.speeds.prior,
-            confidence=self.predictions.confidence(),
+            confidence=self.predictions.confidence(self.clock()),
             queued_ahead=math.ceil(waiting / max(len(healthy), 1)),
         )
 
@@ -525,6 +531,7 @@ class Router:
             demand,
             now,
             decision.predicted_s,
+            decision.assessment.first_token_s if decision.assessment else 0.0,
             self.predictions.correction(endpoint.endpoint_id),
         )
         endpoint.calls += 1
@@ -588,8 +595,18 @@ class Router:
         sent = endpoint.in_flight.get(id(demand))
         if sent is None or sent.predicted_s is None:
             return
-        error = PredictionError(endpoint.endpoint_id, sent.predicted_s, self.clock() - sent.sent_s)
-        self.predictions.record(error, sent.correction)
+        error = PredictionError(
+            endpoint.endpoint_id,
+            sent.predicted_s,
+            self.clock() - sent.sent_s,
+            given_length(
+                sent.predicted_s,
+                sent.predicted_first_token_s,
+                demand.output_tokens,
+                completion_tokens,
+            ),
+        )
+        self.predictions.record(error, sent.correction, self.clock())
         logger.debug(
             "call on %s: predicted %.3fs, measured %.3fs (error %.0f%%)",
             endpoint.endpoint_id, error.predicted_s, error.measured_s, 100 * error.relative,

@@ -72,6 +72,7 @@ from runtime.routing.prediction import (
     PredictionError,
     PredictionTracker,
     StepModel,
+    given_length,
 )
 from runtime.scaling.provisioner import (
     ReplicaCount,
@@ -286,6 +287,24 @@ class SimModel(BaseModel):
         description="Replicas serving this model key, or 'auto' for the provisioner to size."
     )
     profile: StepTimeProfile = Field(description="The measured model of one replica.")
+    replica_engines: tuple[EngineConfig, ...] = Field(
+        (),
+        description="The engine knobs of each replica when they differ (unequal replicas of "
+        "one model key, e.g. different max_num_seqs); empty: every replica runs `engine`.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SimModel:
+        if self.replica_engines and len(self.replica_engines) != self.replicas:
+            raise ValueError(
+                f"replica_engines must hold one engine per replica ({self.replicas}), got "
+                f"{len(self.replica_engines)}"
+            )
+        return self
+
+    def engines(self) -> tuple[EngineConfig, ...]:
+        """The engine of each replica (of a sized model key)."""
+        return self.replica_engines or (self.engine,) * _count(self)
 
 
 class SimProvisioner(BaseModel):
@@ -408,6 +427,10 @@ class RouterCounters:
     predictions: int = 0
     prediction_error_p50: float | None = None
     prediction_error_p90: float | None = None
+    model_error_p50: float | None = None
+    """Median relative error of the predictions redone for each call's real output length
+    (the step-time model's own error; see runtime.routing.prediction.PredictionError)."""
+    model_error_p90: float | None = None
 
 
 @dataclass
@@ -611,6 +634,7 @@ class _Node:
     queued: bool = False
     released: bool = False
     predicted_s: float | None = None
+    predicted_first_token_s: float = 0.0
     correction: float = 1.0
 
     def in_flight(self) -> InFlightCall:
@@ -664,23 +688,24 @@ class _Simulation:
         seeds = itertools.count(spec.seed * 1_000_003)
         for key in sorted(spec.models):
             model = spec.models[key]
-            scheduler_config = SchedulerConfig.for_engine(model.engine, model.profile)
             self.endpoints[key] = [
                 _Endpoint(
                     endpoint_id=f"{key}/{index}",
                     model_key=key,
                     scheduler=ReplicaScheduler(
-                        scheduler_config, model.profile.coefficients, seed=next(seeds)
+                        SchedulerConfig.for_engine(engine, model.profile),
+                        model.profile.coefficients,
+                        seed=next(seeds),
                     ),
                     profile=model.profile,
-                    max_num_seqs=model.engine.max_num_seqs or ROUTER_DEFAULT_MAX_NUM_SEQS,
+                    max_num_seqs=engine.max_num_seqs or ROUTER_DEFAULT_MAX_NUM_SEQS,
                     model=StepModel(
                         coefficients=model.profile.coefficients,
                         overhead_s=model.profile.request_overhead_s
                         + model.profile.response_overhead_s,
                     ),
                 )
-                for index in range(_count(model))
+                for index, engine in enumerate(model.engines())
             ]
             self.queues[key] = SlackQueue(config.queue_capacity)
         self.all_endpoints = [e for key in sorted(self.endpoints) for e in self.endpoints[key]]
@@ -901,7 +926,7 @@ class _Simulation:
                 e.endpoint_id: replace(e.model, correction=tracker.correction(e.endpoint_id))
                 for e in endpoints
             },
-            confidence=tracker.confidence(),
+            confidence=tracker.confidence(self.now),
             queued_ahead=math.ceil(len(self.queues[key]) / max(len(endpoints), 1)),
         )
 
@@ -918,9 +943,16 @@ class _Simulation:
         )
         self.counter += 1
         endpoint = next(e for e in endpoints if e.endpoint_id == decision.replica_id)
-        self._send(run, endpoint, decision.predicted_s)
+        first = decision.assessment.first_token_s if decision.assessment else 0.0
+        self._send(run, endpoint, decision.predicted_s, first)
 
-    def _send(self, run: _Node, endpoint: _Endpoint, predicted_s: float | None) -> None:
+    def _send(
+        self,
+        run: _Node,
+        endpoint: _Endpoint,
+        predicted_s: float | None,
+        predicted_first_token_s: float,
+    ) -> None:
         """The router's counters count the call, and it leaves for its replica."""
         demand = run.demand
         assert demand is not None and run.shape is not None
@@ -931,6 +963,7 @@ class _Simulation:
         run.endpoint = endpoint
         run.sent_s = self.now
         run.predicted_s = predicted_s
+        run.predicted_first_token_s = predicted_first_token_s
         run.correction = self.predictions.correction(endpoint.endpoint_id)
         endpoint.calls[run] = None
         run.engine_request = self._engine_request(run)
@@ -1039,7 +1072,8 @@ class _Simulation:
             self._fail(run, reason, shed=True)
             return
         self.counter += 1
-        self._send(run, endpoint, finish - self.now)
+        # it predicted with the true output length: nothing to redo for the real one
+        self._send(run, endpoint, finish - self.now, finish - self.now)
 
     def _what_if(self, endpoint: _Endpoint, run: _Node | None) -> dict[_Node, float]:
         """When each call on the replica would reach the client if ``run`` (None: nothing)
@@ -1174,10 +1208,18 @@ class _Simulation:
         assert demand is not None
         self.lengths.observe(demand.model, demand.max_tokens, engine_request.num_output)
         if run.predicted_s is not None:  # Router.observe: the prediction against the measure
-            self.predictions.record(
-                PredictionError(endpoint.endpoint_id, run.predicted_s, self.now - run.sent_s),
-                run.correction,
+            error = PredictionError(
+                endpoint.endpoint_id,
+                run.predicted_s,
+                self.now - run.sent_s,
+                given_length(
+                    run.predicted_s,
+                    run.predicted_first_token_s,
+                    demand.output_tokens,
+                    engine_request.num_output,
+                ),
             )
+            self.predictions.record(error, run.correction, self.now)
         self._release(run)
         ttft = (run.first_token_s or self.now) - run.sent_s
         request = run.request
@@ -1272,6 +1314,7 @@ class _Simulation:
         stats = self.router_stats
         stats.predictions = self.predictions.measured
         stats.prediction_error_p50, stats.prediction_error_p90 = self.predictions.error_quantiles()
+        stats.model_error_p50, stats.model_error_p90 = self.predictions.model_error_quantiles()
         return SimResult(
             metrics=metrics,
             outcomes=outcomes,
@@ -1294,11 +1337,11 @@ def _peak_memory_gib(spec: SimSpec) -> float | None:
     full at start on CPU); None when a profile lacks it or a replica is on CUDA."""
     total = 0.0
     for model in spec.models.values():
-        profile, engine = model.profile, model.engine
-        if profile.memory_gib_without_kv is None or engine.device != "cpu":
-            return None
-        kv_gib = engine.kv_cache_space_gib or 1
-        total += _count(model) * (profile.memory_gib_without_kv + kv_gib)
+        profile = model.profile
+        for engine in model.engines():
+            if profile.memory_gib_without_kv is None or engine.device != "cpu":
+                return None
+            total += profile.memory_gib_without_kv + (engine.kv_cache_space_gib or 1)
     return total
 
 

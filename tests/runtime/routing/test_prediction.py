@@ -7,7 +7,9 @@ import pytest
 
 from runtime.engine.steptime import StepTimeCoefficients
 from runtime.routing.prediction import (
+    CONFIDENCE_HORIZON_S,
     ERROR_BUCKETS,
+    LENGTH_PRIOR_CALLS,
     MIN_SAMPLES,
     PRIOR_CONFIDENCE,
     CallProgress,
@@ -18,6 +20,7 @@ from runtime.routing.prediction import (
     StepModel,
     finish_offsets,
     forecast,
+    given_length,
     progress,
     quantile,
 )
@@ -141,10 +144,39 @@ def test_quantile_interpolates_between_ranks() -> None:
 
 
 def test_output_lengths_start_at_the_cap_and_learn_the_mean() -> None:
-    lengths = OutputLengths(alpha=0.5)
+    lengths = OutputLengths(alpha=0.1)
     assert lengths.expected("m", 64) == 64
     lengths.observe("m", 64, 20)
     lengths.observe("m", 64, 30)
-    assert lengths.expected("m", 64) == pytest.approx(25)
+    # the mean of the prior's calls of 64 tokens and the two real ones
+    assert lengths.expected("m", 64) == pytest.approx((LENGTH_PRIOR_CALLS * 64 + 50) / 7)
+    for _ in range(100):
+        lengths.observe("m", 64, 25)
+    assert lengths.expected("m", 64) == pytest.approx(25, abs=0.01)
     assert lengths.expected("m", 128) == 128
     assert lengths.expected("other", 64) == 64
+
+
+def test_old_ratios_age_out_of_the_confidence() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    for i in range(MIN_SAMPLES):
+        tracker.record(PredictionError("a", 1.0, 3.0), now_s=float(i))
+    assert tracker.confidence(now_s=float(MIN_SAMPLES)) == pytest.approx(3.0)
+    later = MIN_SAMPLES + CONFIDENCE_HORIZON_S
+    assert tracker.confidence(now_s=later) == PRIOR_CONFIDENCE  # too few recent ones
+    assert tracker.confidence() == pytest.approx(3.0)  # no clock: every ratio in the window
+
+
+def test_a_prediction_is_redone_for_the_real_output_length() -> None:
+    # 0.1 s to the first token, 0.9 s for 9 more expected: 2 real tokens took one decode step
+    assert given_length(1.0, 0.1, expected_tokens=10, completion_tokens=2) == pytest.approx(0.2)
+    assert given_length(1.0, 0.1, expected_tokens=1, completion_tokens=5) == 1.0
+    error = PredictionError("a", 1.0, 0.25, given_length_s=0.2)
+    assert error.relative == pytest.approx(3.0)
+    assert error.model_relative == pytest.approx(0.2)
+    tracker = PredictionTracker()
+    tracker.record(error)
+    assert tracker.error_quantiles() == (pytest.approx(3.0), pytest.approx(3.0))
+    assert tracker.model_error_quantiles() == (pytest.approx(0.2), pytest.approx(0.2))
+    # the correction learns the model's bias given the length (x1.25), not the length's
+    assert tracker.correction("a") == pytest.approx(1.25**0.1)

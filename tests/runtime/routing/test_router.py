@@ -367,7 +367,7 @@ STEADY = StepModel(StepTimeCoefficients(base_s=0.04))
 
 
 async def test_each_prediction_is_compared_with_the_measured_completion() -> None:
-    target = endpoint("a", delay_s=0.05)
+    target = endpoint("a", delay_s=0.2)
     router = Router([target], RouterConfig(policy="least_outstanding"), profiles={"llm": STEADY})
     assert router.step_model(target).coefficients == STEADY.coefficients
     for _ in range(5):
@@ -375,13 +375,12 @@ async def test_each_prediction_is_compared_with_the_measured_completion() -> Non
     stats = router.stats
     assert stats.predictions == 5 and sum(stats.prediction_error_buckets) == 5
     assert stats.prediction_error_p50 is not None and stats.prediction_error_p90 is not None
-    # the first call was predicted at 0.24 s and took about 0.05 s; the later ones less wrong
-    assert stats.prediction_error_p90 > 2.0
-    assert stats.prediction_error_p50 < stats.prediction_error_p90
-    # the bias is learned: the replica's predictions are corrected towards what it measures
-    assert router.step_model(target).correction < 0.5
-    # and what calls really generate: the scripted answer is one token, not max_tokens
-    assert router.lengths.expected("llm", 6) < 6
+    assert stats.prediction_error_p50 <= stats.prediction_error_p90
+    # Each answer is one token, which the profile gives 0.04 s and which took 0.2 s: the
+    # replica's bias is learned from the predictions redone for the real length
+    assert router.step_model(target).correction > 1.5
+    # and so is what calls really generate: one token, not max_tokens
+    assert router.lengths.expected("llm", 6) < 4
     assert not target.in_flight
     await router.aclose()
 

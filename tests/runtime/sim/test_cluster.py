@@ -9,12 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from runtime.app.dag import App, LlmNode, Loop, NodeSampling
+from runtime.engine.config import EngineConfig
 from runtime.metrics import RunMetrics
 from runtime.sim.cluster import (
     CallShape,
     NodeTokens,
     RequestShape,
     Segment,
+    SimModel,
     shapes_for_workload,
     shapes_from_spans,
     simulate,
@@ -293,3 +295,66 @@ def test_auto_replicas_are_sized_by_the_provisioner_from_calibration_calls() -> 
         provisioner={"target_rps": 20.0, "sla_p99_s": 1.0, "scaling": {"max_replicas": 2}},
     )  # fmt: skip
     assert simulate(capped).sizing["llm"].replicas == 2
+
+
+def test_every_sent_call_carries_the_routers_prediction() -> None:
+    result = simulate(make_spec(requests=1, replicas=1, policy="least_outstanding"))
+    (call,) = result.calls
+    # expected at max_tokens before any call finished: 40 prefill tokens give the first
+    # token, 63 decode steps the rest; it generated 8 tokens in 0.11 s
+    assert call.predicted_s == pytest.approx(0.04 + 0.63)
+    assert call.sent_s == 0.0 and call.deadline_s == 30.0
+    stats = result.router_stats
+    assert stats.predictions == 1
+    assert stats.prediction_error_p50 == pytest.approx((0.67 - 0.11) / 0.11)
+    assert stats.model_error_p50 == pytest.approx(0.0, abs=1e-9)  # redone for 8 tokens
+
+
+def test_a_request_class_carries_its_own_sla() -> None:
+    app = single_app()
+    strict = RequestShape(calls=shapes(app, 1)[0].calls, sla_e2e_s=0.5)
+    spec = make_spec(app, requests=4, policy="sla_aware", shapes=(strict, *shapes(app, 3)))
+    result = simulate(spec)
+    # 0.67 s predicted (x1.25) misses the strict 0.5 s: shed; the others have 30 s
+    assert [o.shed for o in result.outcomes] == [True, False, False, False]
+    assert sorted(c.deadline_s or 0 for c in result.calls)[1:] == pytest.approx(
+        sorted(o.start_s + 30 for o in result.outcomes[1:])
+    )
+
+
+def test_unequal_replicas_of_one_model_key() -> None:
+    engines = (
+        EngineConfig(model="smollm2-135m", max_num_seqs=1),
+        EngineConfig(model="smollm2-135m", max_num_seqs=4),
+    )
+    spec = make_spec(requests=8, rate_rps=None, users=8, policy="round_robin")
+    model = spec.models["llm"].model_copy(update={"replica_engines": engines})
+    result = simulate(spec.model_copy(update={"models": {"llm": model}}))
+    ends: dict[str, list[float]] = {}
+    for call in result.calls:
+        ends.setdefault(call.endpoint, []).append(call.end_s)
+    one, four = sorted(ends["llm/0"]), sorted(ends["llm/1"])
+    assert len(one) == len(four) == 4
+    # one slot: its calls end one call's time (0.11 s) apart; four slots: they overlap
+    assert all(b - a == pytest.approx(0.11) for a, b in itertools.pairwise(one))
+    assert four[-1] - four[0] < 0.11
+    with pytest.raises(ValidationError, match="one engine per replica"):
+        SimModel(engine=engines[0], replicas=3, profile=make_profile(), replica_engines=engines)
+
+
+def test_the_oracle_admits_only_what_it_can_serve_in_time() -> None:
+    # One slot, 0.11 s per call: of four calls sent at once, two finish within 0.25 s
+    kwargs = {"requests": 4, "rate_rps": None, "users": 4, "replicas": 1, "sla_e2e_s": 0.25}
+    engine = {"max_num_seqs": 1}
+    oracle = simulate(make_spec(engine=engine, oracle=True, **kwargs))
+    assert [o.shed for o in oracle.outcomes].count(True) == 2
+    assert all(o.e2e_s <= 0.25 for o in oracle.outcomes if not o.shed)
+    assert oracle.metrics.sla_attainment == 0.5
+    late = simulate(make_spec(engine=engine, policy="least_outstanding", **kwargs))
+    assert late.metrics.num_shed == 0 and late.metrics.sla_attainment == 0.5
+    # its predictions are exact: it played the true replica forward
+    assert all(
+        c.predicted_s == pytest.approx(c.end_s - (c.sent_s or 0))
+        for c in oracle.calls
+        if c.error is None
+    )

@@ -401,3 +401,25 @@ def test_macro_steps_match_single_steps_on_random_replicas(seed: int) -> None:
         assert fast[2:] == slow[2:]
         for one, other in zip(fast[:2], slow[:2], strict=True):  # None: refused
             assert one == other or one == pytest.approx(other, rel=1e-9)
+
+
+def test_a_clone_plays_forward_without_touching_the_replica() -> None:
+    scheduler = ReplicaScheduler(config(enable_prefix_caching=True), SIMPLE)
+    keys = [object(), object()]
+    for key in keys:
+        scheduler.add(SimRequest(key, prompt_tokens=40, output_tokens=6, prefix=(("p", 32),)), 0.0)
+    end = scheduler.start_step(0.0)
+    assert end is not None and scheduler.busy
+    free, running = scheduler.pool.num_free, list(scheduler.running)
+
+    clone = scheduler.clone()
+    clone.add(SimRequest("extra", prompt_tokens=20, output_tokens=3), 0.0)
+    clone.finish_step(end)  # the step in flight ends in the clone too
+    done = [key for *_, ended in drive(clone, end) for key in ended]
+    assert set(done) == {"extra", *keys}  # its requests keep their keys
+    # the replica itself is where it was: same step in flight, same blocks, same requests
+    assert scheduler.busy and scheduler.pool.num_free == free
+    assert scheduler.running == running
+    assert all(r.state is RequestState.RUNNING and r.num_output == 0 for r in scheduler.running)
+    first, _ = scheduler.finish_step(end)
+    assert [r.key for r in first] == keys
