@@ -29,10 +29,12 @@ from runtime.engine.steptime import StepTimeCoefficients
 from runtime.routing.prediction import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     CallProgress,
+    ExpectedArrivals,
     InFlightCall,
     StepModel,
     finish_offsets,
     forecast,
+    given_length,
     progress,
 )
 
@@ -90,7 +92,9 @@ class CallDemand:
 
     ``deadline_s`` and ``now_s`` are absolute times on the same clock (the dispatch loop's
     monotonic clock); ``max_tokens`` caps the output, ``expected_tokens`` is what the call is
-    expected to generate (learned per model key and max_tokens; None: ``max_tokens``).
+    expected to generate (learned per model key and max_tokens; None: ``max_tokens``), and
+    ``cautious_tokens`` the length admission assumes for its own deadline (a quantile of the
+    lengths seen; None: ``expected_tokens``).
     """
 
     model: str
@@ -99,6 +103,7 @@ class CallDemand:
     deadline_s: float
     now_s: float
     expected_tokens: float | None = None
+    cautious_tokens: float | None = None
 
     @property
     def output_tokens(self) -> float:
@@ -309,11 +314,13 @@ class RouteContext:
     never does). ``models`` maps replica ids to their step-time models (a stored profile's
     coefficients or the online speed estimate's, with the learned correction); replicas
     missing from it use ``default_speed``. ``confidence`` (>= 1) multiplies every predicted
-    duration that is checked against a deadline (the quantile of measured / predicted,
-    :meth:`PredictionTracker.confidence`). ``queued_ahead`` is the number of calls waiting
-    in the router's queue that are expected to land on a replica before this one (the
-    queue's length over the model's healthy replicas, rounded up: the queue is least slack
-    first, so this errs on the late side).
+    duration that is checked against a deadline (a quantile of measured / predicted,
+    :meth:`PredictionTracker.confidence`).
+    ``queued_ahead`` is the number of calls waiting in the router's queue that are expected
+    to land on a replica before this one (the queue's length over the model's healthy
+    replicas, rounded up: the queue is least slack first, so this errs on the late side).
+    ``arrivals`` are the calls each replica should expect while the call runs (the recent
+    dispatch rate; None: none).
     """
 
     counter: int = 0
@@ -321,6 +328,7 @@ class RouteContext:
     default_speed: SpeedEstimate = DEFAULT_PRIOR
     confidence: float = 1.0
     queued_ahead: int = 0
+    arrivals: ExpectedArrivals | None = None
 
     def model(self, replica_id: str) -> StepModel:
         """Step-time model of ``replica_id``, or the default speed's."""
@@ -336,8 +344,9 @@ class Assessment:
         replica_id: The replica.
         predicted_s: Seconds from now until the call completes there (corrected).
         first_token_s: Seconds from now until its first token there (corrected).
-        late_s: How far the padded completion (``predicted_s * confidence``) overruns the
-            deadline, seconds; <= 0 when the call is expected to meet it with confidence.
+        late_s: How far the padded completion (for the cautious output length, times the
+            confidence) overruns the deadline, seconds; <= 0 when the call is expected to
+            meet it with confidence.
         endangered: Calls already there that meet their deadlines with confidence without
             this call and miss them with it.
         delay_s: The most seconds it delays a call already there; computed only when some
@@ -363,7 +372,9 @@ def assess(
     """Predict ``call`` on ``replica`` (runtime.routing.prediction.forecast) and check it
     against its deadline and those of the calls already there, with ``ctx.confidence``.
 
-    A call already there is *endangered* when its padded finish meets its deadline without
+    The call's own completion is checked as predicted for ``call.cautious_tokens`` output
+    tokens (:func:`given_length`), then padded. A call already there is *endangered* when
+    its padded finish meets its deadline without
     the new call and misses it with the new call; calls already expected to miss do not
     count (the new call does not make them late). With ``protect`` False the calls already
     there are not checked (cheaper, for policies that only log the prediction).
@@ -377,7 +388,8 @@ def assess(
         context_tokens=0,
     )
     seqs, budget = replica.max_num_seqs, replica.max_num_batched_tokens
-    result = forecast(calls, new, model, seqs, budget, ctx.queued_ahead, protect=False)
+    arrivals = ctx.arrivals
+    result = forecast(calls, new, model, seqs, budget, ctx.queued_ahead, False, arrivals)
     pad = max(ctx.confidence, 1.0)
     missing = [
         index
@@ -388,16 +400,21 @@ def assess(
     ]
     endangered, delay = 0, 0.0
     if protect and missing:  # only then does the run without the new call matter
-        without = finish_offsets(calls, model, seqs, budget)
+        without = finish_offsets(calls, model, seqs, budget, arrivals)
         endangered = sum(
             1 for i in missing if now + without[i] * pad <= replica.calls[i].deadline_s
         )
         delay = max(w - wo for w, wo in zip(result.finish_with_s, without, strict=True))
+    cautious = result.completion_s
+    if call.cautious_tokens is not None:
+        cautious = given_length(
+            result.completion_s, result.first_token_s, call.output_tokens, call.cautious_tokens
+        )
     return Assessment(
         replica_id=replica.replica_id,
         predicted_s=result.completion_s,
         first_token_s=result.first_token_s,
-        late_s=now + result.completion_s * pad - call.deadline_s,
+        late_s=now + cautious * pad - call.deadline_s,
         endangered=endangered,
         delay_s=delay,
     )
@@ -687,13 +704,14 @@ class RouterConfig(BaseModel):
         description="Weight of the newest observation in the per-replica speed EWMA; "
         "higher adapts faster to load changes, lower smooths noise.",
     )
-    admission_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+    admission_quantile: Annotated[float, Field(gt=0.5, lt=1.0)] = Field(
         default=0.9,
-        description="Confidence of the SLA-aware policy's promises: predictions checked "
-        "against deadlines are multiplied by this quantile of measured / predicted "
-        "completion over the last prediction_window calls (at least 1), so a call is "
-        "admitted when it meets its deadline that often, and only where it pushes no "
-        "admitted call past its own.",
+        description="Confidence of the SLA-aware policy's promises when capacity is short: "
+        "a call is admitted only if its predicted completion, multiplied by this quantile "
+        "of measured / predicted over the last prediction_window calls (at least 1), meets "
+        "its deadline, and it pushes no admitted call past its own. While calls rarely "
+        "arrive out of reach the level eases towards the median (admitting a call with "
+        "capacity to spare takes nothing from others); see PredictionTracker.level.",
     )
     prediction_window: Annotated[int, Field(ge=1, le=100_000)] = Field(
         default=256,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,13 +60,21 @@ CONFIDENCE_LIMIT = 4.0
 #: before output lengths were learned) would shed every call for good; once they age out the
 #: prior confidence admits calls again and fresh measurements follow.
 CONFIDENCE_HORIZON_S = 60.0
+#: Seconds of recent dispatches the rate of expected arrivals is measured over.
+TRAFFIC_HORIZON_S = 30.0
 #: Calls of max_tokens tokens an output length starts from (pseudo-counts): the first calls to
 #: finish are the short ones, and alone they would make every expectation too short.
 LENGTH_PRIOR_CALLS = 5
+#: Weight of the newest arrival in the strain (the share of calls out of reach).
+STRAIN_ALPHA = 0.05
+#: Strain at and above which admission pads at the full quantile.
+STRAIN_FULL = 0.1
 #: Measured predictions needed before the observed quantile replaces PRIOR_CONFIDENCE.
 MIN_SAMPLES = 20
 #: Weight of the newest call in the mean output length of a (model key, max_tokens).
 LENGTH_ALPHA = 0.1
+#: Output lengths of the last calls of a (model key, max_tokens) kept for their quantiles.
+LENGTH_WINDOW = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,10 +194,23 @@ def finish_offsets(
     model: StepModel,
     max_num_seqs: int,
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    arrivals: ExpectedArrivals | None = None,
 ) -> list[float]:
     """Seconds from now until each call finishes on the replica (engine steps only, times
     ``model.correction``), calls in the order the engine admits them (:func:`play`)."""
-    return play(calls, model, max_num_seqs, max_num_batched_tokens)[0]
+    return play(calls, model, max_num_seqs, max_num_batched_tokens, arrivals)[0]
+
+
+@dataclass(frozen=True)
+class ExpectedArrivals:
+    """Calls expected to reach a replica while a prediction plays out: one every
+    ``interval_s`` seconds (the replica's share of the rate calls were recently sent at),
+    each of the size of a typical recent call. Their prefill steps stall the calls decoding
+    there, and while slots are free they join the batch: what makes a prediction made under
+    load optimistic if left out."""
+
+    interval_s: float
+    call: CallProgress
 
 
 def play(
@@ -196,22 +218,25 @@ def play(
     model: StepModel,
     max_num_seqs: int,
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    arrivals: ExpectedArrivals | None = None,
 ) -> tuple[list[float], list[float]]:
     """Seconds from now until each call finishes, and until each gets its first token (0 for
     a call past it), on the replica (engine steps only, times ``model.correction``).
 
     The first ``max_num_seqs`` calls run; each later one takes the slot of the first to
-    finish. A step with prefill left schedules one token per decoding call, then prompt
-    chunks in order within the budget; a call whose prefill ends in a step gets its first
-    token from it. Without prefill, ``k`` identical decode steps up to the next finish last
-    ``k * step_0 + context_token_s * n * k * (k - 1) / 2`` (each of the ``n`` contexts grows
-    by one token a step).
+    finish, in order. A step with prefill left schedules one token per decoding call, then
+    prompt chunks in order within the budget; a call whose prefill ends in a step gets its
+    first token from it. Without prefill, ``k`` identical decode steps up to the next finish
+    (or the next expected arrival) last ``k * step_0 + context_token_s * n * k * (k - 1) / 2``
+    (each of the ``n`` contexts grows by one token a step). ``arrivals`` join behind the
+    given calls, first come first served, until every given call has finished.
     """
     if max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     if max_num_batched_tokens < 1:
         raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
     coef = model.coefficients
+    scale = model.correction
     count = len(calls)
     prefill = [c.prefill_tokens for c in calls]
     decode = [max(c.decode_tokens, 1e-9) for c in calls]
@@ -219,9 +244,20 @@ def play(
     finish = [0.0] * count
     first_token = [0.0] * count
     active: list[int] = list(range(min(count, max_num_seqs)))
-    following = len(active)
+    waiting: deque[int] = deque(range(len(active), count))
+    unfinished = count
+    next_arrival = arrivals.interval_s if arrivals is not None else math.inf
     elapsed = 0.0
-    while active:
+    while unfinished:
+        while next_arrival <= elapsed * scale and arrivals is not None:
+            prefill.append(arrivals.call.prefill_tokens)
+            decode.append(max(arrivals.call.decode_tokens, 1e-9))
+            context.append(arrivals.call.context_tokens)
+            if len(active) < max_num_seqs and not waiting:
+                active.append(len(prefill) - 1)
+            else:
+                waiting.append(len(prefill) - 1)
+            next_arrival += arrivals.interval_s
         prefilling = [i for i in active if prefill[i] > 0]
         decoding = [i for i in active if prefill[i] == 0]
         ended: list[int] = []
@@ -250,26 +286,32 @@ def play(
                 prefill[i] -= take
                 context[i] += take
                 if prefill[i] == 0:
-                    first_token[i] = elapsed * model.correction
+                    if i < count:
+                        first_token[i] = elapsed * scale
                     decode[i] -= 1
                     if decode[i] <= 1e-9:
                         ended.append(i)
-        else:
+        elif active:
             steps = max(math.ceil(min(decode[i] for i in active) - 1e-9), 1)
             n = len(active)
             first = model.decode_step_s(n, sum(context[i] for i in active))
+            if math.isfinite(next_arrival) and first > 0:
+                steps = min(steps, max(math.ceil((next_arrival / scale - elapsed) / first), 1))
             elapsed += steps * first + coef.context_token_s * n * steps * (steps - 1) / 2
             for i in active:
                 decode[i] -= steps
                 context[i] += steps
                 if decode[i] <= 1e-9:
                     ended.append(i)
+        else:  # nothing runs (only when nothing was given): wait for the next arrival
+            elapsed = next_arrival / scale
         for i in ended:
-            finish[i] = elapsed * model.correction
+            if i < count:
+                finish[i] = elapsed * scale
+                unfinished -= 1
             active.remove(i)
-            if following < count:
-                active.append(following)
-                following += 1
+            if waiting:
+                active.append(waiting.popleft())
     return finish, first_token
 
 
@@ -308,19 +350,23 @@ def forecast(
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
     queued_ahead: int = 0,
     protect: bool = True,
+    arrivals: ExpectedArrivals | None = None,
 ) -> Forecast:
-    """Predict ``new`` joining a replica that holds ``calls`` (:func:`finish_offsets`).
+    """Predict ``new`` joining a replica that holds ``calls`` (:func:`play`).
 
     ``queued_ahead`` calls of the new call's size join before it (calls waiting ahead of it
-    in the router's queue that will land on this replica). With ``protect`` False the calls
-    already there are not played without the new call (``finish_without_s`` equals
-    ``finish_with_s``): enough when only the new call's completion matters.
+    in the router's queue that will land on this replica); ``arrivals`` join after it. With
+    ``protect`` False the calls already there are not played without the new call
+    (``finish_without_s`` equals ``finish_with_s``): enough when only the new call's
+    completion matters.
     """
     ahead = [new] * max(queued_ahead, 0)
-    with_new, first = play([*calls, *ahead, new], model, max_num_seqs, max_num_batched_tokens)
+    with_new, first = play(
+        [*calls, *ahead, new], model, max_num_seqs, max_num_batched_tokens, arrivals
+    )
     existing = tuple(with_new[: len(calls)])
     without = (
-        tuple(finish_offsets(calls, model, max_num_seqs, max_num_batched_tokens))
+        tuple(play(calls, model, max_num_seqs, max_num_batched_tokens, arrivals)[0])
         if protect and calls
         else existing
     )
@@ -394,16 +440,27 @@ def given_length(
 class PredictionTracker:
     """Compares each prediction the router acted on with the measured completion.
 
-    - ``correction(replica)``: exp of an EWMA (weight CORRECTION_ALPHA, from 0) of
+    - ``correction(replica, now)``: exp of an EWMA (weight CORRECTION_ALPHA, from 0) of
       log(measured / uncorrected prediction given the real length) on that replica, clipped
       to [1/CORRECTION_LIMIT, CORRECTION_LIMIT]; 1 before any call. Given the real length,
-      so that an answer shorter than expected does not teach the replica to be fast.
-    - ``confidence(now)``: the ``quantile`` of measured / predicted over the last ``window``
-      calls measured within CONFIDENCE_HORIZON_S of ``now`` (within [1, CONFIDENCE_LIMIT];
-      PRIOR_CONFIDENCE with fewer than MIN_SAMPLES such calls).
-      Admission multiplies a prediction by it: with quantile 0.9, nine predictions in ten
-      padded so turned out long enough. It spans both the step-time model's error and that
-      of the expected output length.
+      so that an answer shorter than expected does not teach the replica to be fast. After
+      CONFIDENCE_HORIZON_S without a measured call on the replica it fades back towards 1
+      (e-folding over the same time): a bias learned in an overload must not shed calls
+      for good.
+    - ``confidence(now, level)``: the ``level`` quantile (default :attr:`level`) of measured
+      / predicted given the real length over the last ``window`` calls measured within
+      CONFIDENCE_HORIZON_S of ``now`` (within [1, CONFIDENCE_LIMIT]; PRIOR_CONFIDENCE with
+      fewer than MIN_SAMPLES such calls). Admission multiplies a prediction by it: at level
+      0.9, nine predictions in ten padded so turned out long enough. The uncertainty of the
+      output length is the other half of admission's margin
+      (:meth:`OutputLengths.quantile`).
+    - :attr:`level`: between the median and ``quantile``, by the *strain*: an EWMA (weight
+      STRAIN_ALPHA) over arrivals of whether a call was out of reach even at the median
+      (:meth:`arrived`), full ``quantile`` from STRAIN_FULL on. A call admitted at the
+      median pad has even odds at worst; with capacity to spare that costs no one else
+      anything, while under overload its slot is better given to a call sure to make it.
+      The strain is measured at the median, not at the level in force, so a strict level
+      does not keep itself strict by the calls it sheds.
     - ``error_quantiles()``: median and p90 of the relative error over the window (and
       ``model_error_quantiles()`` of the error given the real length); ``bucket_counts`` and
       ``error_sum`` make the cumulative histogram of every error.
@@ -416,7 +473,9 @@ class PredictionTracker:
         if window < 1:
             raise ValueError(f"prediction_window must be >= 1, got {window}")
         self.quantile = quantile
+        self.strain = 0.0
         self._log_ratio: dict[str, float] = {}
+        self._updated: dict[str, float] = {}
         self._ratios: deque[tuple[float, float]] = deque(maxlen=window)  # (when, ratio)
         self._errors: deque[float] = deque(maxlen=window)
         self._model_errors: deque[float] = deque(maxlen=window)
@@ -424,23 +483,31 @@ class PredictionTracker:
         self.error_sum = 0.0
         self.measured = 0
 
-    def correction(self, replica_id: str) -> float:
-        """The factor this replica's predictions are multiplied by (1 before any call)."""
-        return math.exp(self._log_ratio.get(replica_id, 0.0))
+    def correction(self, replica_id: str, now_s: float | None = None) -> float:
+        """The factor this replica's predictions are multiplied by at ``now_s`` (1 before any
+        call; None: without fading)."""
+        return math.exp(self._faded(replica_id, now_s))
+
+    def _faded(self, replica_id: str, now_s: float | None) -> float:
+        value = self._log_ratio.get(replica_id, 0.0)
+        if now_s is None or replica_id not in self._updated:
+            return value
+        quiet = now_s - self._updated[replica_id] - CONFIDENCE_HORIZON_S
+        return value * math.exp(-max(quiet, 0.0) / CONFIDENCE_HORIZON_S)
 
     def record(self, error: PredictionError, correction: float = 1.0, now_s: float = 0.0) -> None:
         """Fold in one call measured at ``now_s`` whose prediction was made with
         ``correction``."""
         if error.predicted_s <= 0 or error.measured_s <= 0:
             return
-        ratio = error.measured_s / error.predicted_s
         basis = error.given_length_s if error.given_length_s else error.predicted_s
         raw = math.log(error.measured_s / basis * correction)
         limit = math.log(CORRECTION_LIMIT)
-        previous = self._log_ratio.get(error.replica_id, 0.0)
+        previous = self._faded(error.replica_id, now_s)
         updated = previous + CORRECTION_ALPHA * (raw - previous)
         self._log_ratio[error.replica_id] = min(max(updated, -limit), limit)
-        self._ratios.append((now_s, ratio))
+        self._updated[error.replica_id] = now_s
+        self._ratios.append((now_s, error.measured_s / basis))
         model_relative = error.model_relative
         if model_relative is not None:
             self._model_errors.append(model_relative)
@@ -450,13 +517,25 @@ class PredictionTracker:
         self.error_sum += relative
         self.measured += 1
 
-    def confidence(self, now_s: float | None = None) -> float:
-        """Ratio admission pads predictions with at ``now_s`` (see the class docstring;
-        None: every ratio in the window counts, however old)."""
+    def confidence(self, now_s: float | None = None, level: float | None = None) -> float:
+        """Ratio admission pads predictions with at ``now_s``, at quantile ``level`` (default
+        ``quantile``; see the class docstring; ``now_s`` None: every ratio in the window
+        counts, however old)."""
         ratios = [r for t, r in self._ratios if now_s is None or t >= now_s - CONFIDENCE_HORIZON_S]
         if len(ratios) < MIN_SAMPLES:
             return PRIOR_CONFIDENCE
-        return min(max(quantile(ratios, self.quantile), 1.0), CONFIDENCE_LIMIT)
+        chosen = self.level if level is None else level
+        return min(max(quantile(ratios, chosen), 1.0), CONFIDENCE_LIMIT)
+
+    @property
+    def level(self) -> float:
+        """The quantile level admission pads at now (see the class docstring)."""
+        return 0.5 + (self.quantile - 0.5) * min(self.strain / STRAIN_FULL, 1.0)
+
+    def arrived(self, out_of_reach: bool) -> None:
+        """A call asked for admission; ``out_of_reach``: it misses its deadline even with
+        its prediction padded at the median (``confidence(now, 0.5)``)."""
+        self.strain += STRAIN_ALPHA * (float(out_of_reach) - self.strain)
 
     def error_quantiles(self) -> tuple[float | None, float | None]:
         """Median and p90 of the relative error over the window (None before any call)."""
@@ -481,7 +560,9 @@ class OutputLengths:
     LENGTH_PRIOR_CALLS calls of ``max_tokens`` tokens (the first answers to finish are the
     short ones: alone they would make every expectation too short); each call then weighs
     ``1 / calls so far`` (a plain mean) until that falls to ``alpha``, then ``alpha`` (an
-    EWMA: lengths may drift with the traffic).
+    EWMA: lengths may drift with the traffic). ``quantile`` reads the last LENGTH_WINDOW
+    lengths (``max_tokens`` until MIN_SAMPLES calls finished): the length admission assumes
+    for a call's own deadline.
     """
 
     def __init__(self, alpha: float = LENGTH_ALPHA) -> None:
@@ -491,18 +572,71 @@ class OutputLengths:
         self.alpha = alpha
         self._means: dict[tuple[str, int], float] = {}
         self._counts: dict[tuple[str, int], int] = {}
+        self._recent: dict[tuple[str, int], deque[int]] = {}
 
     def expected(self, model: str, max_tokens: int) -> float:
         """Tokens a call of this model key and max_tokens is expected to generate."""
         return min(self._means.get((model, max_tokens), float(max_tokens)), float(max_tokens))
+
+    def quantile(self, model: str, max_tokens: int, level: float) -> float:
+        """The ``level`` quantile of the recent lengths of this kind of call (``max_tokens``
+        while fewer than MIN_SAMPLES have finished)."""
+        recent = self._recent.get((model, max_tokens))
+        if recent is None or len(recent) < MIN_SAMPLES:
+            return float(max_tokens)
+        return min(quantile(list(recent), level), float(max_tokens))
 
     def observe(self, model: str, max_tokens: int, completion_tokens: int) -> None:
         """A call of this kind generated ``completion_tokens`` tokens."""
         if completion_tokens < 1:
             return
         key = (model, max_tokens)
+        self._recent.setdefault(key, deque(maxlen=LENGTH_WINDOW)).append(completion_tokens)
         count = self._counts.get(key, LENGTH_PRIOR_CALLS) + 1
         self._counts[key] = count
         previous = self._means.get(key, float(max_tokens))
         weight = max(self.alpha, 1.0 / count)
         self._means[key] = previous + weight * (float(completion_tokens) - previous)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    when_s: float
+    prompt_tokens: int
+    expected_tokens: float
+
+
+class Traffic:
+    """Calls sent to each model key's replicas in the last ``horizon_s`` seconds: the rate
+    further calls are expected at and their typical size (:class:`ExpectedArrivals`)."""
+
+    def __init__(self, horizon_s: float = TRAFFIC_HORIZON_S, limit: int = 4096) -> None:
+        """Remember at most ``limit`` calls per model key, none older than ``horizon_s``."""
+        self.horizon_s = horizon_s
+        self._sent: dict[str, deque[_Sent]] = {}
+        self._limit = limit
+
+    def sent(self, model: str, now_s: float, prompt_tokens: int, expected_tokens: float) -> None:
+        """A call of ``model`` was sent to a replica at ``now_s``."""
+        recent = self._sent.setdefault(model, deque(maxlen=self._limit))
+        recent.append(_Sent(now_s, prompt_tokens, expected_tokens))
+
+    def expected(self, model: str, now_s: float, replicas: int) -> ExpectedArrivals | None:
+        """Arrivals each of ``replicas`` replicas of ``model`` should expect: the recent
+        rate shared evenly, calls of the recent mean size; None with fewer than two recent
+        calls."""
+        recent = self._sent.get(model)
+        if not recent:
+            return None
+        while recent and recent[0].when_s < now_s - self.horizon_s:
+            recent.popleft()
+        if len(recent) < 2:
+            return None
+        span = max(now_s - recent[0].when_s, 1.0)
+        rate = len(recent) / span
+        prompt = round(statistics.fmean(c.prompt_tokens for c in recent))
+        tokens = statistics.fmean(c.expected_tokens for c in recent)
+        return ExpectedArrivals(
+            interval_s=max(replicas, 1) / rate,
+            call=CallProgress(prefill_tokens=prompt, decode_tokens=tokens, context_tokens=0),
+        )

@@ -67,6 +67,7 @@ from runtime.routing.prediction import (
     PredictionError,
     PredictionTracker,
     StepModel,
+    Traffic,
     given_length,
 )
 
@@ -180,6 +181,11 @@ class RouterStats:
     """Median of |predicted - measured| / measured over the last `prediction_window` calls."""
     prediction_error_p90: float | None = None
     """Its 90th percentile over the same calls."""
+    model_error_p50: float | None = None
+    """Median relative error of the same predictions redone for each call's real output
+    length: the step-time model's own error (runtime.routing.prediction.PredictionError)."""
+    model_error_p90: float | None = None
+    """Its 90th percentile."""
     prediction_error_buckets: list[int] = field(default_factory=list)
     """Calls per bucket of that relative error (upper bounds `prediction.ERROR_BUCKETS`, then
     +Inf), over every measured call: the /metrics histogram."""
@@ -225,6 +231,7 @@ class Router:
             self.config.admission_quantile, self.config.prediction_window
         )
         self.lengths = OutputLengths()
+        self.traffic = Traffic()
         self.endpoints: list[Endpoint] = []
         self.stats = RouterStats()
         self._queues: dict[str, SlackQueue[_Waiter]] = {}
@@ -447,18 +454,21 @@ class Router:
         base = self.profiles.get(endpoint.model_key)
         if base is None:
             base = self.speeds.estimate(endpoint.endpoint_id).step_model()
-        return replace(base, correction=self.predictions.correction(endpoint.endpoint_id))
+        correction = self.predictions.correction(endpoint.endpoint_id, self.clock())
+        return replace(base, correction=correction)
 
     def _context(self, model_key: str) -> RouteContext:
         healthy = self.healthy(model_key)
         queue = self._queues.get(model_key)
         waiting = len(queue) if queue is not None else 0
+        now = self.clock()
         return RouteContext(
             counter=self._counter,
             models={e.endpoint_id: self.step_model(e) for e in healthy},
             default_speed=self.speeds.prior,
-            confidence=self.predictions.confidence(self.clock()),
+            confidence=self.predictions.confidence(now),
             queued_ahead=math.ceil(waiting / max(len(healthy), 1)),
+            arrivals=self.traffic.expected(model_key, now, len(healthy)),
         )
 
     def _admission(self, model_key: str, demand: CallDemand) -> float | None:
@@ -467,11 +477,16 @@ class Router:
         candidates = [e.snapshot() for e in self.healthy(model_key)]
         if self.config.policy != "sla_aware" or not candidates:
             return None
-        fresh = replace(demand, now_s=self.clock())
+        tracker = self.predictions
+        cautious = self.lengths.quantile(model_key, demand.max_tokens, tracker.level)
+        fresh = replace(demand, now_s=self.clock(), cautious_tokens=cautious)
         decision = self.policy(candidates, fresh, self._context(model_key))
         if decision.assessment is None:
             return None
-        verdict = admit(fresh, decision.assessment, self.config.shed_tolerance_s)
+        best = decision.assessment
+        median = self.predictions.confidence(fresh.now_s, 0.5)
+        self.predictions.arrived(fresh.now_s + best.predicted_s * median > fresh.deadline_s)
+        verdict = admit(fresh, best, self.config.shed_tolerance_s)
         if not verdict.admit:
             self.stats.shed += 1
             logger.debug("call of %s %s", model_key, verdict.reason)
@@ -527,12 +542,13 @@ class Router:
         if endpoint is None:
             raise Rejected(CallFailure.NO_ENDPOINT, decision.reason)
         self.stats.routed += 1
+        self.traffic.sent(model_key, now, demand.prompt_tokens, demand.output_tokens)
         endpoint.in_flight[id(demand)] = Sent(
             demand,
             now,
             decision.predicted_s,
             decision.assessment.first_token_s if decision.assessment else 0.0,
-            self.predictions.correction(endpoint.endpoint_id),
+            self.predictions.correction(endpoint.endpoint_id, now),
         )
         endpoint.calls += 1
         endpoint.outstanding += 1
@@ -614,6 +630,7 @@ class Router:
         stats, tracker = self.stats, self.predictions
         stats.predictions = tracker.measured
         stats.prediction_error_p50, stats.prediction_error_p90 = tracker.error_quantiles()
+        stats.model_error_p50, stats.model_error_p90 = tracker.model_error_quantiles()
         stats.prediction_error_buckets = list(tracker.bucket_counts)
         stats.prediction_error_sum = tracker.error_sum
 

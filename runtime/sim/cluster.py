@@ -72,6 +72,7 @@ from runtime.routing.prediction import (
     PredictionError,
     PredictionTracker,
     StepModel,
+    Traffic,
     given_length,
 )
 from runtime.scaling.provisioner import (
@@ -681,6 +682,7 @@ class _Simulation:
         self.sla_aware = config.policy == "sla_aware" and not spec.oracle
         self.predictions = PredictionTracker(config.admission_quantile, config.prediction_window)
         self.lengths = OutputLengths()
+        self.traffic = Traffic()
         self.counter = 0
         self.router_stats = RouterCounters()
         self.endpoints: dict[str, list[_Endpoint]] = {}
@@ -903,14 +905,19 @@ class _Simulation:
         if not self.sla_aware:
             return None
         assert run.demand is not None
-        demand = replace(run.demand, now_s=self.now)
+        tracker = self.predictions
+        cautious = self.lengths.quantile(run.demand.model, run.demand.max_tokens, tracker.level)
+        demand = replace(run.demand, now_s=self.now, cautious_tokens=cautious)
         endpoints = self.endpoints[demand.model]
         decision = self.policy(
             [e.snapshot() for e in endpoints], demand, self._context(demand.model)
         )
         if decision.assessment is None:
             return None
-        verdict = admit(demand, decision.assessment, self.spec.router.shed_tolerance_s)
+        best = decision.assessment
+        median = self.predictions.confidence(self.now, 0.5)
+        self.predictions.arrived(self.now + best.predicted_s * median > demand.deadline_s)
+        verdict = admit(demand, best, self.spec.router.shed_tolerance_s)
         if not verdict.admit:
             self.router_stats.shed += 1
             self._fail(run, verdict.reason, shed=True)
@@ -923,11 +930,14 @@ class _Simulation:
         return RouteContext(
             counter=self.counter,
             models={
-                e.endpoint_id: replace(e.model, correction=tracker.correction(e.endpoint_id))
+                e.endpoint_id: replace(
+                    e.model, correction=tracker.correction(e.endpoint_id, self.now)
+                )
                 for e in endpoints
             },
             confidence=tracker.confidence(self.now),
             queued_ahead=math.ceil(len(self.queues[key]) / max(len(endpoints), 1)),
+            arrivals=self.traffic.expected(key, self.now, len(endpoints)),
         )
 
     def _pick(self, run: _Node) -> None:
@@ -957,6 +967,7 @@ class _Simulation:
         demand = run.demand
         assert demand is not None and run.shape is not None
         self.router_stats.routed += 1
+        self.traffic.sent(demand.model, self.now, demand.prompt_tokens, demand.output_tokens)
         endpoint.outstanding += 1
         endpoint.outstanding_prefill_tokens += demand.prompt_tokens
         endpoint.outstanding_decode_tokens += demand.max_tokens
@@ -964,7 +975,7 @@ class _Simulation:
         run.sent_s = self.now
         run.predicted_s = predicted_s
         run.predicted_first_token_s = predicted_first_token_s
-        run.correction = self.predictions.correction(endpoint.endpoint_id)
+        run.correction = self.predictions.correction(endpoint.endpoint_id, self.now)
         endpoint.calls[run] = None
         run.engine_request = self._engine_request(run)
         overhead = endpoint.profile.request_overhead_s

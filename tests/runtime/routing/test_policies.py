@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, get_args
 
 import pytest
@@ -278,6 +279,18 @@ def test_admission_sheds_a_call_that_meets_its_deadline_only_without_the_padding
     assert not shed.admit
     assert "misses the deadline with confidence by 0.030s" in shed.reason
     assert admit(c, padded, tolerance_s=0.05).admit
+
+
+def test_admission_checks_the_own_deadline_at_the_cautious_output_length() -> None:
+    ctx = RouteContext(models={"a": FAST})
+    # expected 11 tokens: 0.1 s of prefill and 10 decode steps (0.2 s); 21 tokens: 0.3 s
+    typical = CallDemand("m", 100, 64, deadline_s=0.25, now_s=0.0, expected_tokens=11)
+    assert admit(typical, assess(snap("a"), typical, ctx)).admit
+    cautious = replace(typical, cautious_tokens=21)
+    assessment = assess(snap("a"), cautious, ctx)
+    assert assessment.predicted_s == pytest.approx(0.2)  # routing reads the expected length
+    assert assessment.late_s == pytest.approx(0.05)
+    assert not admit(cautious, assessment).admit
 
 
 def test_admission_protects_a_running_call_it_would_push_past_its_deadline() -> None:

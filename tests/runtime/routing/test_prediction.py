@@ -13,11 +13,13 @@ from runtime.routing.prediction import (
     MIN_SAMPLES,
     PRIOR_CONFIDENCE,
     CallProgress,
+    ExpectedArrivals,
     InFlightCall,
     OutputLengths,
     PredictionError,
     PredictionTracker,
     StepModel,
+    Traffic,
     finish_offsets,
     forecast,
     given_length,
@@ -180,3 +182,63 @@ def test_a_prediction_is_redone_for_the_real_output_length() -> None:
     assert tracker.model_error_quantiles() == (pytest.approx(0.2), pytest.approx(0.2))
     # the correction learns the model's bias given the length (x1.25), not the length's
     assert tracker.correction("a") == pytest.approx(1.25**0.1)
+
+
+def test_expected_arrivals_stall_a_call_with_their_prefill_and_join_its_batch() -> None:
+    arriving = ExpectedArrivals(interval_s=0.025, call=new(10, 1))
+    # alone: 3 decode steps of 0.02 s. With a call arriving at 0.025 s: 2 steps (0.04 s),
+    # then its 10-token prefill step carries the last token (0.01 + 0.01 + 0.01 s)
+    assert finish_offsets([decoding(3)], MODEL, max_num_seqs=4) == [pytest.approx(0.06)]
+    loaded = finish_offsets([decoding(3)], MODEL, max_num_seqs=4, arrivals=arriving)
+    assert loaded == [pytest.approx(0.07)]
+    # with no free slot they wait behind the calls there and change nothing
+    full = finish_offsets([decoding(3)], MODEL, max_num_seqs=1, arrivals=arriving)
+    assert full == [pytest.approx(0.06)]
+
+
+def test_traffic_expects_the_recent_rate_shared_by_the_replicas() -> None:
+    traffic = Traffic(horizon_s=10.0)
+    assert traffic.expected("m", 0.0, replicas=2) is None
+    for i in range(20):  # 2 calls a second for 10 s
+        traffic.sent("m", i * 0.5, prompt_tokens=100 + i % 2 * 100, expected_tokens=40)
+    arrivals = traffic.expected("m", 10.0, replicas=2)
+    assert arrivals is not None
+    assert arrivals.interval_s == pytest.approx(1.0)  # 20 calls in 10 s over 2 replicas
+    assert arrivals.call == CallProgress(prefill_tokens=150, decode_tokens=40, context_tokens=0)
+    assert traffic.expected("m", 100.0, replicas=2) is None  # all older than the horizon
+
+
+def test_the_correction_fades_back_to_one_without_new_calls() -> None:
+    tracker = PredictionTracker()
+    for i in range(50):
+        tracker.record(PredictionError("a", 1.0, 2.0), now_s=float(i))
+    assert tracker.correction("a", now_s=49.0) == pytest.approx(2.0, rel=0.01)
+    assert tracker.correction("a", now_s=49.0 + CONFIDENCE_HORIZON_S) == pytest.approx(
+        tracker.correction("a")
+    )  # calls a minute apart keep it
+    later = tracker.correction("a", now_s=49.0 + 5 * CONFIDENCE_HORIZON_S)
+    assert 1.0 < later < 1.05
+
+
+def test_the_level_rises_from_the_median_with_the_strain() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    assert tracker.level == 0.5  # nothing out of reach: admit at the median
+    for _ in range(200):
+        tracker.arrived(out_of_reach=True)
+    assert tracker.level == pytest.approx(0.9)
+    for _ in range(200):
+        tracker.arrived(out_of_reach=False)
+    assert tracker.level < 0.51
+    for ratio in [1.0] * 10 + [2.0] * 10:
+        tracker.record(PredictionError("a", 1.0, ratio))
+    assert tracker.confidence(level=0.5) == pytest.approx(1.5)
+    assert tracker.confidence(level=0.9) == pytest.approx(2.0)
+
+
+def test_output_length_quantiles_once_enough_calls_finished() -> None:
+    lengths = OutputLengths()
+    assert lengths.quantile("m", 64, 0.9) == 64
+    for tokens in range(1, MIN_SAMPLES + 1):
+        lengths.observe("m", 64, tokens)
+    assert lengths.quantile("m", 64, 0.5) == pytest.approx((MIN_SAMPLES + 1) / 2)
+    assert lengths.quantile("m", 64, 1.0) == MIN_SAMPLES
