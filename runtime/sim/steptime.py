@@ -23,9 +23,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.steptime import (
@@ -164,6 +165,39 @@ class StepTimeProfile(BaseModel):
     memory_gib_without_kv: float | None = Field(
         None, ge=0, description="Resident memory of an idle replica minus its KV cache, GiB."
     )
+    contention: tuple[float, ...] = Field(
+        (1.0,),
+        min_length=1,
+        description="Step-time factor by how many replicas of this machine compute at once: "
+        "element i for i + 1 replicas (the first is 1.0), measured with that many replicas "
+        "decoding together (replicas on one CPU share its cores and memory bandwidth). "
+        "`slowdown` extends it past the last element.",
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The engine knobs of the measured replica (EngineConfig.knobs()): what the "
+        "profile was taken with beside its key (e.g. enforce_eager, block_size).",
+    )
+
+    @field_validator("contention")
+    @classmethod
+    def _contention_starts_at_one(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if value[0] != 1.0 or any(factor <= 0 for factor in value):
+            raise ValueError(
+                f"contention must start with 1.0 and hold factors > 0, got {list(value)}"
+            )
+        return value
+
+    def slowdown(self, busy: int) -> float:
+        """Step-time factor with ``busy`` replicas computing at once on this machine: the
+        measured `contention` factor, past the last measured count growing in proportion to
+        the replicas (they share the cores the measured ones shared)."""
+        if busy <= 1:
+            return 1.0
+        measured = len(self.contention)
+        if busy <= measured:
+            return self.contention[busy - 1]
+        return self.contention[-1] * busy / measured
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes of one KV block of ``block_size`` tokens (vLLM's page size, all layers)."""
@@ -220,8 +254,14 @@ class StepSample:
     duration_s: float
 
 
-def fit(samples: Sequence[StepSample]) -> tuple[StepTimeCoefficients, FitReport]:
+def fit(
+    samples: Sequence[StepSample], relative: bool = False
+) -> tuple[StepTimeCoefficients, FitReport]:
     """Least-squares coefficients of the step-time model, all constrained to be >= 0.
+
+    ``relative`` minimizes the squared *relative* errors (each step weighed by one over its
+    duration) instead of the absolute ones, so a few long prefill steps do not outweigh the
+    many short decode steps a request's TPOT is made of.
 
     Non-negative least squares by an active set: fit the base and every feature present in
     the samples; while a coefficient comes out negative, drop the most negative one (it
@@ -244,11 +284,12 @@ def fit(samples: Sequence[StepSample]) -> tuple[StepTimeCoefficients, FitReport]
             f"fit needs at least {len(active)} steps for {len(active)} coefficients "
             f"(the base and each varying feature), got {len(rows)}"
         )
+    weight = 1.0 / y if relative else np.ones_like(y)
     coef = np.zeros(x.shape[1])
     while active:
-        design = x[:, active]
+        design = x[:, active] * weight[:, None]
         scale = np.linalg.norm(design, axis=0)
-        solution, *_ = np.linalg.lstsq(design / scale, y, rcond=None)
+        solution, *_ = np.linalg.lstsq(design / scale, y * weight, rcond=None)
         values = solution / scale
         worst = int(np.argmin(values))
         if values[worst] >= 0:

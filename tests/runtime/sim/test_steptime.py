@@ -116,6 +116,30 @@ def test_features_absent_from_every_sample_get_zero() -> None:
     assert coefficients.spec_token_s == 0.0
 
 
+def test_a_relative_fit_keeps_short_steps_accurate_beside_long_noisy_ones() -> None:
+    # decode steps of 10-25 ms follow the model exactly; prefill steps of seconds carry
+    # +-0.2 s of noise that an absolute fit pays for with the short steps' accuracy
+    decode = [StepSample(StepFeatures(decode_seqs=b), 0.01 + 0.001 * b) for b in range(1, 16)]
+    prefill = [
+        StepSample(StepFeatures(prefill_tokens=n), 0.002 * n + (0.2 if i % 2 else -0.2))
+        for i, n in enumerate(range(500, 2000, 100))
+    ]
+
+    def decode_error(coefficients: StepTimeCoefficients) -> float:
+        return max(abs(coefficients.step_s(s.features) / s.duration_s - 1) for s in decode)
+
+    absolute, _ = fit(decode + prefill)
+    relative, _ = fit(decode + prefill, relative=True)
+    assert decode_error(relative) < 0.02 < decode_error(absolute)
+
+
+def test_contention_slows_steps_by_the_replicas_computing_at_once() -> None:
+    slowed = profile(contention=[1.0, 1.5])
+    assert [slowed.slowdown(n) for n in (0, 1, 2, 4)] == [1.0, 1.0, 1.5, 3.0]
+    with pytest.raises(ValueError, match=r"must start with 1\.0"):
+        profile(contention=[0.9, 1.2])
+
+
 def test_the_fit_needs_enough_steps() -> None:
     with pytest.raises(ValueError, match="at least 3 steps"):
         fit([StepSample(StepFeatures(prefill_tokens=10, decode_seqs=1), 0.02)])
