@@ -37,6 +37,8 @@ def test_contracts_hold_on_the_tree() -> None:
         ("tuner/report.py", "import runtime.routing.router", "public entry points"),
         ("runtime/routing/policies.py", "import runtime.sim.cluster", "runtime layers"),
         ("runtime/sim/cluster.py", "import runtime.routing.router", "no live part"),
+        ("runtime/sim/steptime.py", "import runtime.profiler", "above the simulator"),
+        ("runtime/engine/pool.py", "import runtime.simrun", "above the simulator"),
     ],
 )
 def test_a_deliberate_violation_breaks_its_contract(

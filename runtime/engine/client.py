@@ -290,8 +290,11 @@ class EngineClient:
             "/v1/chat/completions", body, chat=True, on_first_token=on_first_token
         )
 
-    async def complete(self, model: str, prompt: str, sampling: SamplingParams) -> CallRecord:
-        """A streamed /v1/completions call, measured."""
+    async def complete(
+        self, model: str, prompt: str | list[int], sampling: SamplingParams
+    ) -> CallRecord:
+        """A streamed /v1/completions call, measured; the prompt is text or token ids (exact
+        prompt lengths, as the profiler needs them)."""
         body = {"model": model, "prompt": prompt, **sampling.body()}
         return await self._stream("/v1/completions", body, chat=False)
 

@@ -136,10 +136,14 @@ class Replica:
         log_dir: Path | None = None,
         replica_id: str | None = None,
         extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.extra_env = dict(extra_env or {})
         """Placement settings beside the config's own (e.g. the CPU core to compute on)."""
+        self.extra_args = tuple(extra_args)
+        """Server flags beside the config's own that change what it reports, not what it
+        computes (the profiler's per-step log); not part of the config or its hash."""
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.host = host
@@ -179,6 +183,7 @@ class Replica:
         self.port = free_port(self.host)
         self.start_s = None  # not serving until _wait_ready returns
         argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)
+        argv.extend(self.extra_args)
         env = {**os.environ, **self.config.environment(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting replica %s on port %d: %s", self.replica_id, self.port, argv)

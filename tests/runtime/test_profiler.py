@@ -1,0 +1,210 @@
+"""The profiler's pure parts: vLLM's per-step log, the features of a probe's steps, the KV
+size, the profile built from measurements, and the store under the fmtune home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.engine.config import EngineConfig
+from runtime.errors import ConfigError
+from runtime.profiler import (
+    Iteration,
+    ProbeMismatch,
+    ProbeRequest,
+    ProfileKey,
+    ProfileMeasurements,
+    build_profile,
+    find_profile,
+    kv_bytes_per_token,
+    list_profiles,
+    logged_kv_cache_tokens,
+    parse_iterations,
+    profile_engine,
+    profile_path,
+    require_profile,
+    step_samples,
+)
+from runtime.sim.steptime import (
+    StepFeatures,
+    StepSample,
+    prefill_pairs,
+    save_profile,
+)
+from tests.runtime.sim.conftest import make_profile
+
+LOG = """\
+(APIServer pid=1) INFO 11-29 01:38:24 [kv_cache_utils.py:2327] CPU KV cache size: 23,296 tokens, Maximum concurrency for 2,048 tokens per request: 11.38x
+(APIServer pid=1) INFO 11-29 01:38:28 [loggers.py:199] Engine 000: Iteration(7): 1 context requests, 40 context tokens, 0 generation requests, 0 generation tokens, iteration elapsed time: 175.84 ms, CPU KV cache usage: 0.6%
+(APIServer pid=1) INFO 11-29 01:38:29 [loggers.py:122] Avg prompt throughput: 4.0 tokens/s
+(APIServer pid=1) INFO 11-29 01:38:28 [loggers.py:199] Engine 000: Iteration(8): 0 context requests, 0 context tokens, 1 generation requests, 1 generation tokens, iteration elapsed time: 96.80 ms, CPU KV cache usage: 0.6%
+"""  # noqa: E501
+
+SMOLLM2_CONFIG = {
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "hidden_size": 576,
+    "torch_dtype": "bfloat16",
+}
+
+
+def steps(*rows: tuple[int, int, int, int]) -> list[Iteration]:
+    """Iterations numbered from 0: (ctx requests, ctx tokens, gen requests, gen tokens),
+    each lasting 10 ms."""
+    return [Iteration(i, *row, elapsed_s=0.01) for i, row in enumerate(rows)]
+
+
+def features(samples: list[StepSample]) -> list[StepFeatures]:
+    return [sample.features for sample in samples]
+
+
+def test_iteration_lines_are_read_and_other_lines_ignored() -> None:
+    found = parse_iterations(LOG)
+    assert [it.index for it in found] == [7, 8]
+    assert found[0] == Iteration(7, 1, 40, 0, 0, pytest.approx(0.17584))
+    assert (found[1].gen_requests, found[1].gen_tokens) == (1, 1)
+    assert logged_kv_cache_tokens(LOG) == 23296
+    assert logged_kv_cache_tokens("no such line") is None
+
+
+def test_one_request_prefills_then_decodes_attending_to_its_growing_sequence() -> None:
+    samples = step_samples([ProbeRequest(40, 3)], steps((1, 40, 0, 0), (0, 0, 1, 1), (0, 0, 1, 1)))
+    assert features(samples) == [
+        StepFeatures(prefill_tokens=40, prefill_pairs=prefill_pairs(0, 40)),
+        StepFeatures(decode_seqs=1, context_tokens=41),
+        StepFeatures(decode_seqs=1, context_tokens=42),
+    ]
+    assert all(sample.duration_s == 0.01 for sample in samples)
+
+
+def test_a_prompt_cut_by_the_token_budget_is_prefilled_in_chunks_that_start_later() -> None:
+    requests = [ProbeRequest(300, 2), ProbeRequest(100, 2)]
+    log = steps((1, 256, 0, 0), (2, 100, 0, 0), (1, 44, 1, 1), (0, 0, 1, 1))
+    samples = features(step_samples(requests, log))
+    # step 1: the rest of the first prompt (44 tokens from 256) and 56 of the second
+    assert samples[1] == StepFeatures(
+        prefill_tokens=100, prefill_pairs=prefill_pairs(256, 44) + prefill_pairs(0, 56)
+    )
+    assert samples[2] == StepFeatures(
+        prefill_tokens=44, prefill_pairs=prefill_pairs(56, 44), decode_seqs=1, context_tokens=301
+    )
+    assert samples[3] == StepFeatures(decode_seqs=1, context_tokens=101)
+
+
+def test_a_prefix_hit_makes_the_prefill_start_after_the_cached_tokens() -> None:
+    samples = step_samples(
+        [ProbeRequest(1024, 2, cached_tokens=512)], steps((1, 512, 0, 0), (0, 0, 1, 1))
+    )
+    assert samples[0].features.prefill_pairs == prefill_pairs(512, 512)
+    assert samples[1].features.context_tokens == 1025
+
+
+def test_prompts_arriving_during_decoding_make_mixed_steps() -> None:
+    requests = [ProbeRequest(10, 4), ProbeRequest(10, 4), ProbeRequest(50, 2)]
+    log = steps((2, 20, 0, 0), (0, 0, 2, 2), (1, 50, 2, 2), (0, 0, 3, 3))
+    samples = features(step_samples(requests, log))
+    assert samples[2] == StepFeatures(
+        prefill_tokens=50, prefill_pairs=prefill_pairs(0, 50), decode_seqs=2, context_tokens=24
+    )
+    assert samples[3] == StepFeatures(decode_seqs=3, context_tokens=13 + 13 + 51)
+
+
+def test_draft_tokens_count_as_spec_tokens_and_early_finishers_leave_the_batch() -> None:
+    requests = [ProbeRequest(10, 8), ProbeRequest(10, 3)]
+    log = steps((2, 20, 0, 0), (0, 0, 2, 8), (0, 0, 1, 4))
+    samples = features(step_samples(requests, log))
+    assert samples[1].spec_tokens == 6
+    # the request with fewer tokens left is the one that finished
+    assert samples[2] == StepFeatures(decode_seqs=1, context_tokens=12, spec_tokens=3)
+
+
+@pytest.mark.parametrize(
+    ("requests", "log", "problem"),
+    [
+        ([ProbeRequest(40, 2)], steps((1, 41, 0, 0), (0, 0, 1, 1)), "do not fit"),
+        ([ProbeRequest(40, 2)], steps((1, 40, 0, 0), (0, 0, 2, 2)), "only 1 can be"),
+        ([ProbeRequest(40, 3)], steps((1, 40, 0, 0), (0, 0, 1, 1)), "still decoding"),
+        ([ProbeRequest(40, 2)], [Iteration(0, 1, 40, 0, 0, 0.1), Iteration(2, 0, 0, 1, 1, 0.1)],
+         "missing"),
+    ],
+)  # fmt: skip
+def test_a_log_that_cannot_come_from_the_probe_is_refused(
+    requests: list[ProbeRequest], log: list[Iteration], problem: str
+) -> None:
+    with pytest.raises(ProbeMismatch, match=problem):
+        step_samples(requests, log)
+
+
+def test_kv_bytes_per_token_follow_the_model_config_and_the_dtype() -> None:
+    assert kv_bytes_per_token(SMOLLM2_CONFIG, "float32") == 30 * 3 * 128 * 4
+    assert kv_bytes_per_token(SMOLLM2_CONFIG, "auto") == 30 * 3 * 128 * 2
+    without_head_dim = {k: v for k, v in SMOLLM2_CONFIG.items() if k != "head_dim"}
+    assert kv_bytes_per_token(without_head_dim, "bfloat16") == 30 * 3 * 2 * 64 * 2
+    with pytest.raises(ConfigError, match="got 'int8'"):
+        kv_bytes_per_token(SMOLLM2_CONFIG, "int8")
+
+
+def measurements(**changes: object) -> ProfileMeasurements:
+    """Exact steps of 5 ms + 1 ms per decoding sequence + 0.1 ms per prefill token."""
+    samples = [
+        StepSample(StepFeatures(prefill_tokens=n), 0.005 + 0.0001 * n) for n in (16, 64, 256, 512)
+    ] + [StepSample(StepFeatures(decode_seqs=b, context_tokens=0), 0.005 + 0.001 * b)
+         for b in (1, 2, 4, 8)]  # fmt: skip
+    data = ProfileMeasurements(
+        samples=samples,
+        ttft_overheads_s=[0.030, 0.032, 0.028],
+        tails_s=[0.002, 0.002, 0.002],
+        step_gaps_s=[0.001, 0.001, 0.001],
+        contention=[1.0, 1.6],
+        startup_s=40.0,
+        memory_gib_without_kv=0.9,
+        logged_kv_tokens=23296,
+    )
+    for name, value in changes.items():
+        setattr(data, name, value)
+    return data
+
+
+ENGINE = EngineConfig(model="smollm2-135m", dtype="float32", block_size=128)
+
+
+def test_the_profile_adds_the_unlogged_step_gap_and_splits_the_api_overheads() -> None:
+    profile = build_profile(ENGINE, measurements(), SMOLLM2_CONFIG)
+    assert profile.coefficients.base_s == pytest.approx(0.006, abs=1e-6)
+    assert profile.coefficients.prefill_token_s == pytest.approx(0.0001, rel=1e-3)
+    assert profile.coefficients.decode_seq_s == pytest.approx(0.001, rel=1e-3)
+    assert profile.response_overhead_s == pytest.approx(0.002)
+    assert profile.request_overhead_s == pytest.approx(0.030 - 0.001 - 0.002)
+    assert profile.kv_bytes_per_token == 46080  # the logged 23,296 tokens agree
+    assert profile.contention == (1.0, 1.6) and profile.slowdown(4) == pytest.approx(3.2)
+    assert profile.engine["block_size"] == 128 and profile.startup_s == 40.0
+
+
+def test_the_engines_logged_kv_size_wins_over_the_configs_arithmetic() -> None:
+    profile = build_profile(ENGINE, measurements(logged_kv_tokens=11648), SMOLLM2_CONFIG)
+    assert profile.kv_bytes_per_token == (1 << 30) // 91 // 128
+
+
+def test_a_profile_needs_at_least_one_usable_step() -> None:
+    data = measurements(samples=[], dropped_probes=["decode 1x32: steps 3..4 are missing"])
+    with pytest.raises(ConfigError, match="no usable step: decode 1x32"):
+        build_profile(ENGINE, data, SMOLLM2_CONFIG)
+
+
+def test_a_stored_profile_is_found_by_its_key_and_reused(fmtune_home: Path) -> None:
+    key = ProfileKey.for_engine(ENGINE)
+    assert find_profile(ENGINE) is None
+    with pytest.raises(ConfigError, match="run `fmtune profile smollm2-135m --set dtype=float32`"):
+        require_profile(ENGINE)
+    stored = make_profile(dtype="float32", hardware=key.hardware, vllm_version=key.vllm_version)
+    path = save_profile(stored, profile_path(key))
+    assert path.name == stored.key() + ".json"
+    assert path.parent == fmtune_home / "profiles" / "v1"
+    assert find_profile(ENGINE) == stored
+    assert find_profile(ENGINE.with_knobs(dtype="bfloat16")) is None
+    outcome = profile_engine(ENGINE)  # no replica starts: the stored one is reused
+    assert outcome.reused and outcome.profile == stored and outcome.path == path
+    assert list_profiles() == [(path, stored)]
