@@ -30,6 +30,7 @@ from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
 from runtime.engine.client import CallFailure
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import GIB
+from runtime.engine.sizing import DEFAULT_MACHINES, MachineType, cheapest_machine, engine_resources
 from runtime.errors import ConfigError, config_error
 from runtime.metrics import (
     CostModel,
@@ -84,22 +85,38 @@ class Pricing(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    replica_hour_usd: float = Field(
-        default=0.0832,
-        ge=0,
-        description="Price of one replica-hour for model keys without their own price "
-        "(default: a 2-vCPU, 8 GiB on-demand cloud VM).",
+    machines: tuple[MachineType, ...] = Field(
+        default=DEFAULT_MACHINES,
+        min_length=1,
+        description="Machine types a replica may run on, one replica per machine. A model "
+        "key's replica-hour price is that of the cheapest machine with the memory its replica "
+        "needs (weights as served + KV cache + runtime, runtime.engine.sizing), 2 vCPU and its "
+        "GPUs. Default: AWS EC2 on-demand list prices, us-east-1, Linux (2024): t3.large "
+        "(2 vCPU, 8 GiB) 0.0832, r5.large (2 vCPU, 16 GiB) 0.126, r5.xlarge (4, 32) 0.252, "
+        "r5.2xlarge (8, 64) 0.504, g5.xlarge (4 vCPU, 16 GiB, 1 GPU) 1.006, g5.12xlarge "
+        "(48, 192, 4 GPUs) 5.672, g5.48xlarge (192, 768, 8 GPUs) 16.288 USD/hour.",
     )
     per_model_key: dict[str, float] = Field(
-        default_factory=dict, description="Replica-hour price by model key, overriding the default."
+        default_factory=dict,
+        description="Replica-hour price by model key, instead of its machine's price.",
     )
     api_per_1k_tokens_usd: float = Field(
         default=0.0, ge=0, description="Price of 1000 tokens through external API nodes."
     )
 
-    def cost_model(self, model_keys: list[str]) -> CostModel:
-        """Prices for these model keys."""
-        prices = {key: self.per_model_key.get(key, self.replica_hour_usd) for key in model_keys}
+    def machine_for(self, key: str, deployment: Deployment) -> MachineType:
+        """The cheapest listed machine a replica of this model key fits on."""
+        needed = engine_resources(deployment.models[key].engine)
+        return cheapest_machine(needed, self.machines, what=f"model key '{key}'")
+
+    def cost_model(self, deployment: Deployment) -> CostModel:
+        """Replica-hour prices of the deployment's model keys, and the API price."""
+        prices = {
+            key: self.per_model_key[key]
+            if key in self.per_model_key
+            else self.machine_for(key, deployment).usd_per_hour
+            for key in deployment.models
+        }
         return CostModel(
             price_per_replica_hour_usd=prices,
             api_price_per_1k_tokens_usd=self.api_per_1k_tokens_usd,
@@ -127,6 +144,12 @@ class RunSpec(BaseModel):
     def _models_served(self) -> RunSpec:
         """Every model key the app's nodes (and its judge) call is a deployment model key."""
         self.app.check_models(self.deployment.models, "app", scorer=True)
+        return self
+
+    @model_validator(mode="after")
+    def _machines_fit(self) -> RunSpec:
+        """Every model key has a price: its own, or a listed machine its replica fits on."""
+        self.pricing.cost_model(self.deployment)
         return self
 
 
@@ -402,7 +425,7 @@ def execute_run(
         key: sum(1 for e in endpoints if e.model_key == key and e.replica is not None)
         for key in keys
     }
-    prices = spec.pricing.cost_model(keys)
+    prices = spec.pricing.cost_model(spec.deployment)
     per_repeat: list[RunMetrics] = []
     repeat_outcomes: list[list[RequestOutcome]] = []
     frames: list[pd.DataFrame] = []

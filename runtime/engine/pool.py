@@ -20,15 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.replica import GIB, Replica
+from runtime.engine.sizing import RUNTIME_MEMORY_GIB, replica_resources, stored_weights
 from runtime.errors import EngineFailure
 
 logger = logging.getLogger(__name__)
-
-
-#: Resident memory of one CPU server beside its KV cache (API server, engine core, worker,
-#: weights of a small model, compiled graphs), measured at about 3.6 GiB for SmolLM2-135M
-#: (4.6 GiB in all with a 1 GiB KV cache).
-DEFAULT_BASE_MEMORY_GIB = 3.6
 
 
 class PoolCapacityError(EngineFailure):
@@ -47,19 +42,20 @@ class PoolLimits(BaseModel):
         description="Most resident memory of all replicas together, in GiB (estimated for a "
         "replica before it starts, measured once it runs).",
     )
-    base_memory_gib: float = Field(
-        default=DEFAULT_BASE_MEMORY_GIB,
+    runtime_memory_gib: float = Field(
+        default=RUNTIME_MEMORY_GIB,
         gt=0,
-        description="Estimated memory of one replica besides its KV cache, in GiB, used to "
-        "decide whether a new replica fits before starting it.",
+        description="Memory of one replica besides its weights and KV cache, in GiB, in the "
+        "estimate (runtime.engine.sizing) that decides whether a new replica fits before "
+        "starting it.",
     )
 
 
-def estimated_memory_gib(config: EngineConfig, base_memory_gib: float) -> float:
-    """Memory a replica of this config is expected to take before it starts."""
-    if config.device == "cuda":
-        return base_memory_gib  # KV cache lives in GPU memory
-    return base_memory_gib + float(config.kv_cache_space_gib or 0)
+def estimated_memory_gib(config: EngineConfig, runtime_memory_gib: float) -> float:
+    """Memory a replica of this config is expected to take before it starts: the sizing rule
+    of runtime.engine.sizing (weights as served, KV cache in host memory, runtime)."""
+    stored = stored_weights(config.model)
+    return replica_resources(config, stored, runtime_memory_gib).memory_gib
 
 
 @dataclass
@@ -168,7 +164,7 @@ class ReplicaPool:
             return [entry.replica for entry in entries]
 
     def _start(self, config: EngineConfig, keep: set[str]) -> _Entry:
-        estimate = estimated_memory_gib(config, self.limits.base_memory_gib)
+        estimate = estimated_memory_gib(config, self.limits.runtime_memory_gib)
         self._make_room(estimate, keep)
         self._counter += 1
         replica_id = f"{config.config_hash()}-{self._counter}"

@@ -9,6 +9,7 @@ point at them. Keeping these here means the forms cannot drift apart.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ import yaml
 from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
 from runtime.engine.models import CATALOG
+from runtime.engine.sizing import ReplicaResources
 from runtime.errors import ConfigError
 
 #: Port every vLLM server and the router listen on inside their container.
@@ -66,6 +68,12 @@ def model_path_in_image(engine: EngineConfig) -> str:
 def model_folder_name(engine: EngineConfig) -> str:
     """The name of the engine's model folder under the models mount (or ./models)."""
     return PurePosixPath(model_path_in_image(engine)).name
+
+
+def container_memory_mib(needed: ReplicaResources) -> int:
+    """Memory of one replica's container in MiB, rounded up: the limit in docker compose, the
+    request and limit in Kubernetes (from `runtime.engine.sizing.engine_resources`)."""
+    return math.ceil(needed.memory_gib * 1024)
 
 
 def router_command(deploy_path: str) -> list[str]:

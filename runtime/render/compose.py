@@ -1,8 +1,9 @@
 """docker compose rendering of a deployment: one vLLM service per replica and the router.
 
-The vLLM services run `container_argv` with the engine's environment; the ``fmtune-router``
-service runs ``fmtune serve`` over them with the deployment rewritten to their URLs (an
-inline compose config, so compose v2.23 or later).
+The vLLM services run `container_argv` with the engine's environment and a memory limit
+from `runtime.engine.sizing.engine_resources` (the rule that also prices replicas); the
+``fmtune-router`` service runs ``fmtune serve`` over them with the deployment rewritten to
+their URLs (an inline compose config, so compose v2.23 or later).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
+from runtime.engine.sizing import engine_resources
 from runtime.render.commands import container_argv
 from runtime.render.common import (
     COMPONENT_LABEL,
@@ -27,6 +29,7 @@ from runtime.render.common import (
     ROUTER_IMAGE_VARIABLE,
     SERVER_PORT,
     as_endpoints_deployment,
+    container_memory_mib,
     replica_count,
     resource_names,
     router_command,
@@ -68,6 +71,7 @@ def _compose_vllm_service(engine: EngineConfig, key: str, auto: bool) -> dict[st
         "environment": {
             name: _compose_escape(value) for name, value in engine.environment().items()
         },
+        "mem_limit": f"{container_memory_mib(engine_resources(engine))}m",
         "volumes": [f"./models:{MODELS_MOUNT}:ro"],
         "expose": [str(SERVER_PORT)],
         "labels": labels,

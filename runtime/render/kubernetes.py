@@ -1,21 +1,21 @@
 """Kubernetes rendering of a deployment: a Deployment and a Service per model key, the router.
 
 Each model key's pods run `container_command` (the image's program as ``command``, the rest
-as ``args``) with the engine's environment, request memory sized by the replica pool's own
-estimate, and mount the model folders from a PersistentVolumeClaim. The router sees one
+as ``args``) with the engine's environment, request (and are limited to) the memory and cores
+of `runtime.engine.sizing.engine_resources` (the rule that also prices replicas), and mount
+the model folders from a PersistentVolumeClaim. The router sees one
 endpoint per model key: its Service, which spreads calls over the pods.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
-from runtime.engine.pool import DEFAULT_BASE_MEMORY_GIB, estimated_memory_gib
+from runtime.engine.sizing import engine_resources
 from runtime.errors import ConfigError
 from runtime.render.commands import container_command
 from runtime.render.common import (
@@ -33,6 +33,7 @@ from runtime.render.common import (
     ROUTER_DEPLOY_PATH,
     SERVER_PORT,
     as_endpoints_deployment,
+    container_memory_mib,
     dns_label,
     dump_yaml_all,
     replica_count,
@@ -42,8 +43,6 @@ from runtime.render.common import (
 
 #: Seconds a vLLM server may take to load its model and warm up before probes count.
 STARTUP_GRACE_S = {"cpu": 60, "cuda": 120}
-#: CPU cores requested (and limited to) per CPU replica in Kubernetes.
-DEFAULT_CPU_CORES = 2
 
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
 
@@ -53,23 +52,20 @@ def _label_value(text: str) -> str:
     return text if _LABEL_VALUE.match(text) and len(text) <= DNS_LABEL_MAX else dns_label(text)
 
 
-def _memory_quantity(gib: float) -> str:
-    return f"{math.ceil(gib * 1024)}Mi"
-
-
 def _probe(path: str, **timing: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": "http"}, **timing}
 
 
-def _vllm_resources(engine: EngineConfig, cpu_cores: int) -> dict[str, Any]:
-    memory = _memory_quantity(estimated_memory_gib(engine, DEFAULT_BASE_MEMORY_GIB))
+def _vllm_resources(engine: EngineConfig) -> dict[str, Any]:
+    needed = engine_resources(engine)
+    memory = f"{container_memory_mib(needed)}Mi"
     if engine.device == "cuda":
-        gpus = str(engine.tensor_parallel_size)
+        gpus = str(needed.gpus)
         return {
             "requests": {"memory": memory, "nvidia.com/gpu": gpus},
             "limits": {"nvidia.com/gpu": gpus},
         }
-    cores = str(cpu_cores)
+    cores = str(needed.cpu_cores)
     return {
         "requests": {"cpu": cores, "memory": memory},
         "limits": {"cpu": cores, "memory": memory},
@@ -82,7 +78,6 @@ def _vllm_manifests(
     name: str,
     namespace: str,
     models_claim: str,
-    cpu_cores: int,
 ) -> list[dict[str, Any]]:
     model = deployment.models[key]
     engine = model.engine
@@ -100,7 +95,7 @@ def _vllm_manifests(
         "args": arguments,
         "env": [{"name": var, "value": value} for var, value in engine.environment().items()],
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-        "resources": _vllm_resources(engine, cpu_cores),
+        "resources": _vllm_resources(engine),
         "startupProbe": _probe("/health", periodSeconds=10, failureThreshold=90),
         "readinessProbe": _probe(
             "/health", initialDelaySeconds=grace, periodSeconds=10, failureThreshold=3
@@ -203,7 +198,6 @@ def kubernetes_manifests(
     *,
     models_claim: str = DEFAULT_MODELS_CLAIM,
     router_image: str = DEFAULT_ROUTER_IMAGE,
-    cpu_cores: int = DEFAULT_CPU_CORES,
     with_router: bool = True,
 ) -> list[dict[str, Any]]:
     """Kubernetes objects: per model key an apps/v1 Deployment and a v1 Service (port 8000),
@@ -217,9 +211,7 @@ def kubernetes_manifests(
     names = resource_names(deployment)
     manifests: list[dict[str, Any]] = []
     for key in deployment.models:
-        manifests.extend(
-            _vllm_manifests(deployment, key, names[key], namespace, models_claim, cpu_cores)
-        )
+        manifests.extend(_vllm_manifests(deployment, key, names[key], namespace, models_claim))
     if with_router:
         routed = as_endpoints_deployment(
             deployment,

@@ -90,3 +90,23 @@ def write_app(tmp_path: Path) -> WriteApp:
         return folder
 
     return write
+
+
+MakeModelFolder = Callable[..., Path]
+
+
+@pytest.fixture
+def make_model_folder(tmp_path: Path) -> MakeModelFolder:
+    """make_model_folder(name, weight_bytes, dtype, **config) -> a model folder whose weight
+    file has that size (sparse: no disk used) and whose config.json has that dtype."""
+
+    def make(name: str, weight_bytes: int, dtype: str, **config: Any) -> Path:
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"dtype": dtype, **config}))
+        with (folder / "model.safetensors").open("wb") as weights:
+            weights.truncate(weight_bytes)
+        (folder / "tokenizer.json").write_text("{}")
+        return folder
+
+    return make

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from runtime.deployment import Deployment, ModelDeployment
+from runtime.engine.config import EngineConfig
+from runtime.engine.sizing import GIB
 from runtime.errors import ConfigError
-from runtime.run import RunSpec, apply_overrides, load_run_spec
+from runtime.run import Pricing, RunSpec, apply_overrides, load_run_spec
+from tests.runtime.conftest import MakeModelFolder
 
 REPO = Path(__file__).resolve().parents[2]
 EXTRACT = REPO / "experiments" / "extract-cpu.yaml"
@@ -36,6 +40,41 @@ def test_overrides_reach_nested_fields() -> None:
     assert (spec.app.architecture, spec.app.format.value) == ("judge", "tag")
     assert spec.deployment.models["llm"].engine.max_num_seqs == 4
     assert spec.workload.num_requests == 3
+
+
+def test_replica_prices_follow_the_machine_each_model_key_needs(
+    make_model_folder: MakeModelFolder,
+) -> None:
+    """1 GiB of weights + 1 GiB KV cache + runtime fits the 8 GiB machine; 12 GiB of float32
+    weights need the 32 GiB one; a key's own price wins over its machine's."""
+    small = EngineConfig(model=str(make_model_folder("small", GIB, "float32")), dtype="float32")
+    large = small.with_knobs(model=str(make_model_folder("large", 12 * GIB, "float32")))
+    deployment = Deployment(
+        models={"small": ModelDeployment(engine=small), "large": ModelDeployment(engine=large)}
+    )
+    machines = [
+        {"name": "s", "vcpus": 2, "memory_gib": 8, "usd_per_hour": 0.08},
+        {"name": "m", "vcpus": 2, "memory_gib": 16, "usd_per_hour": 0.13},
+        {"name": "l", "vcpus": 4, "memory_gib": 32, "usd_per_hour": 0.25},
+    ]
+    pricing = Pricing.model_validate({"machines": machines})
+    assert pricing.cost_model(deployment).price_per_replica_hour_usd == {
+        "small": 0.08,
+        "large": 0.25,
+    }
+    assert pricing.machine_for("large", deployment).name == "l"
+    priced = Pricing.model_validate({"machines": machines, "per_model_key": {"large": 0.1}})
+    assert priced.cost_model(deployment).price_per_replica_hour_usd["large"] == 0.1
+
+
+def test_a_model_key_without_a_machine_is_refused_when_the_experiment_loads() -> None:
+    tiny = [{"name": "tiny", "vcpus": 2, "memory_gib": 2, "usd_per_hour": 0.01}]
+    with pytest.raises(ConfigError) as caught:
+        load_run_spec(EXTRACT, {"pricing.machines": tiny})
+    message = str(caught.value)
+    assert str(EXTRACT) in message
+    assert "pricing.machines has no machine for model key 'llm'" in message
+    assert "tiny (2 vCPU, 2 GiB, 0 GPU)" in message
 
 
 def test_override_through_a_scalar_is_named() -> None:

@@ -14,6 +14,8 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.pool import PoolCapacityError, PoolLimits, ReplicaPool, choose_cpu_core
 from runtime.engine.reaper import group_alive
 from runtime.engine.replica import ReplicaStartError
+from runtime.engine.sizing import GIB
+from tests.runtime.conftest import MakeModelFolder
 
 
 class FakeReplica:
@@ -56,16 +58,17 @@ def make_pool(limits: PoolLimits, rss_gib: float = 1.0) -> tuple[ReplicaPool, li
     return ReplicaPool(limits, factory=factory), made  # type: ignore[arg-type]
 
 
-A = EngineConfig(model="smollm2-135m", max_num_seqs=8)
-B = EngineConfig(model="smollm2-135m", max_num_seqs=16)
-C = EngineConfig(model="smollm2-135m", max_num_seqs=32)
-ROOMY = PoolLimits(max_replicas=8, max_memory_gib=100, base_memory_gib=1.0)
+# a model that is not on this machine: its weights count 0 GiB in the pool's estimate
+A = EngineConfig(model="org/not-here", max_num_seqs=8)
+B = EngineConfig(model="org/not-here", max_num_seqs=16)
+C = EngineConfig(model="org/not-here", max_num_seqs=32)
+ROOMY = PoolLimits(max_replicas=8, max_memory_gib=100, runtime_memory_gib=1.0)
 
 
 def test_same_config_reuses_the_running_replica() -> None:
     pool, made = make_pool(ROOMY)
     first = pool.acquire(A)
-    again = pool.acquire(EngineConfig(max_num_seqs=8, model="smollm2-135m"))
+    again = pool.acquire(EngineConfig(max_num_seqs=8, model="org/not-here"))
     assert first == again and len(made) == 1 and made[0].started == 1
 
 
@@ -92,7 +95,7 @@ def test_dead_replica_is_replaced() -> None:
 
 
 def test_replica_cap_evicts_least_recently_used_other_config() -> None:
-    pool, made = make_pool(PoolLimits(max_replicas=2, max_memory_gib=100, base_memory_gib=1.0))
+    pool, made = make_pool(PoolLimits(max_replicas=2, max_memory_gib=100, runtime_memory_gib=1.0))
     pool.acquire(A)
     pool.acquire(B)
     pool.acquire(A)  # A is now the most recently used
@@ -103,7 +106,7 @@ def test_replica_cap_evicts_least_recently_used_other_config() -> None:
 
 def test_memory_cap_counts_measured_memory() -> None:
     # each replica is estimated at 1 + 1 GiB KV = 2 GiB but measured at 5 GiB
-    pool, made = make_pool(PoolLimits(max_replicas=8, max_memory_gib=12, base_memory_gib=1.0), 5)
+    pool, made = make_pool(PoolLimits(max_replicas=8, max_memory_gib=12, runtime_memory_gib=1.0), 5)
     pool.acquire(A)
     pool.acquire(B)
     pool.acquire(C)  # 10 GiB measured + 2 GiB estimated = 12: fits
@@ -113,12 +116,23 @@ def test_memory_cap_counts_measured_memory() -> None:
 
 
 def test_cap_that_cannot_be_met_names_the_limit() -> None:
-    pool, _ = make_pool(PoolLimits(max_replicas=1, max_memory_gib=100, base_memory_gib=1.0))
+    pool, _ = make_pool(PoolLimits(max_replicas=1, max_memory_gib=100, runtime_memory_gib=1.0))
     with pytest.raises(PoolCapacityError, match="max_replicas=1"):
         pool.acquire(A, count=2)
-    pool2, _ = make_pool(PoolLimits(max_replicas=4, max_memory_gib=1.5, base_memory_gib=1.0))
+    pool2, _ = make_pool(PoolLimits(max_replicas=4, max_memory_gib=1.5, runtime_memory_gib=1.0))
     with pytest.raises(PoolCapacityError, match=r"max_memory_gib=1\.5"):
         pool2.acquire(A)
+
+
+def test_the_estimate_counts_the_model_weights(make_model_folder: MakeModelFolder) -> None:
+    """runtime 1 + KV 1 + weights: a 1 GiB model fits under 4 GiB, a 4 GiB one does not."""
+    small = make_model_folder("small", GIB, "float32")
+    large = make_model_folder("large", 4 * GIB, "float32")
+    pool, made = make_pool(PoolLimits(max_replicas=4, max_memory_gib=4, runtime_memory_gib=1.0))
+    pool.acquire(EngineConfig(model=str(small), dtype="float32"))
+    assert len(made) == 1
+    with pytest.raises(PoolCapacityError, match=r"needs about 6\.0 GiB"):
+        pool.acquire(EngineConfig(model=str(large), dtype="float32"))
 
 
 def test_retain_only_and_close_stop_replicas() -> None:

@@ -13,6 +13,7 @@ import yaml
 
 from runtime.deployment import Deployment, ModelDeployment
 from runtime.engine.config import EngineConfig
+from runtime.engine.sizing import engine_resources
 from runtime.errors import ConfigError
 from runtime.render.common import CUDA_IMAGE
 from runtime.render.kubernetes import kubernetes_manifests, write_kubernetes
@@ -56,8 +57,10 @@ def test_kubernetes_cpu_details() -> None:
     )
     assert {e["name"]: e["value"] for e in container["env"]} == CPU_ENGINE.environment()
     resources = container["resources"]
-    assert resources["requests"]["memory"] == f"{math.ceil((3.6 + 2) * 1024)}Mi"
-    assert set(resources["limits"]) == {"cpu", "memory"}
+    needed = engine_resources(CPU_ENGINE)
+    assert resources["requests"]["memory"] == f"{math.ceil(needed.memory_gib * 1024)}Mi"
+    assert resources["requests"] == resources["limits"]
+    assert resources["requests"]["cpu"] == str(needed.cpu_cores)
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["initialDelaySeconds"] >= 30
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
