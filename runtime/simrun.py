@@ -228,7 +228,6 @@ def sim_spec(
             profile = contended(profile, busy)
         models[key] = SimModel(engine=model.engine, replicas=model.replicas, profile=profile)
     provisioner = spec.deployment.provisioner
-    keys = sorted(spec.deployment.models)
     return SimSpec(
         app=app,
         workload=spec.workload,
@@ -242,7 +241,7 @@ def sim_spec(
             epsilon=provisioner.epsilon,
             scaling=provisioner.scaling,
         ),
-        prices=spec.pricing.cost_model(keys),
+        prices=spec.pricing.cost_model(spec.deployment),
         node_timeout_s=spec.node_timeout_s,
         seed=seed,
     )

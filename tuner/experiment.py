@@ -11,6 +11,7 @@ tune:
   constraints: ["e2e_p95_s <= 20", "quality >= 0.3"]   # SLA bounds: infeasible trials stay
   trials: 8                                            # in the study, never on the front
   sampler: nsga2
+  fidelity: real           # real | sim (simulated trials) | multi (screen in sim, confirm real)
 ```
 """
 
@@ -29,6 +30,8 @@ from runtime.run import RunSpec, apply_overrides
 from tuner.pareto import Objective
 from tuner.samplers import SAMPLERS, sampler_help
 
+Fidelity = Literal["real", "sim", "multi"]
+"""How a study evaluates its trials (TuneSpec.fidelity)."""
 #: Metrics an objective or constraint may name: every RunMetrics field and the run extras.
 RUN_EXTRAS = ("replica_start_s", "router_shed", "router_retried", "router_queue_rejected")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
@@ -154,6 +157,27 @@ class TuneSpec(BaseModel):
         ge=1,
         description="After an engine config failed this many times (start failure, out of "
         "memory), trials that sample it again are skipped without running.",
+    )
+    fidelity: Fidelity = Field(
+        default="real",
+        description="How trials are evaluated: 'real' on real replicas; 'sim' in the "
+        "simulator (stored step-time profiles, and one real calibration run per app/model "
+        "combination for quality and token counts); 'multi' screens in the simulator and "
+        "confirms the most promising on real replicas.",
+    )
+    screen_trials: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000,
+        description="With fidelity 'multi': simulated trials screened per round before the "
+        "round's confirmations; `trials` is then the budget of real (confirmed) trials.",
+    )
+    confirm: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="With fidelity 'multi': configurations of the screened front measured on "
+        "real replicas per round (those not measured yet).",
     )
 
     @field_validator("objectives")

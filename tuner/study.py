@@ -1,5 +1,12 @@
 """The tuning loop: ask a sampler for knobs, measure them on real replicas, tell the result.
 
+`tune.fidelity` says how a trial is evaluated: `real` (below), `sim` (the simulator predicts
+it from stored step-time profiles and one real calibration run per app/model combination:
+tuner.fidelity), or `multi` (rounds of screening in a simulated study of its own, named
+`<study>.screen`, and measuring its front's new configurations here for real; each measured
+trial keeps the simulated metrics and their errors beside its own, in its user attributes
+and MLflow run, and the screening study is told the measured values).
+
 Every trial is a real deployment measured by the runtime's one entry point
 (`runtime.run.execute_run`), which keeps engines hot across trials through the replica pool:
 trials that share an engine config reuse the running replicas, and trials that change only
@@ -43,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
@@ -51,9 +58,11 @@ from optuna.trial import TrialState
 from runtime.deployment import Deployment
 from runtime.errors import ConfigError, EngineFailure, FmtuneError
 from runtime.run import RunResult, RunSpec, write_run
+from runtime.simrun import prediction_errors
 from tuner.experiment import Experiment, TuneSpec, run_spec_of
+from tuner.fidelity import SimEvaluator, SimulatedRun, confirmation_errors
 from tuner.knobs import InvalidTrial, check_knob_names, experiment_overrides, trial_spec
-from tuner.pareto import ATTR_DUPLICATE_OF
+from tuner.pareto import ATTR_DUPLICATE_OF, pareto_front
 from tuner.samplers import make_driver, make_sampler
 from tuner.space import load_space
 
@@ -76,6 +85,14 @@ ATTR_FEASIBLE = "fmtune.feasible"
 """Whether a complete trial met every SLA bound. Redundant with its optuna constraints, but
 readable where those are not shown (optuna-dashboard 0.21 ignores optuna 5's named ones)."""
 ATTR_VIOLATIONS = "fmtune.violations"
+ATTR_FIDELITY = "fmtune.fidelity"
+"""How a trial was evaluated: 'real' (measured) or 'sim' (simulated)."""
+ATTR_CONFIRMS = "fmtune.confirms"
+"""In a `multi` study, the screening study's simulated trial a real trial confirms."""
+ATTR_PREDICTED = "fmtune.predicted"
+"""The simulated metrics of a confirmed configuration (beside its measured ATTR_METRICS)."""
+ATTR_PREDICTION_ERRORS = "fmtune.prediction_errors"
+"""Per fidelity metric, the prediction's absolute error in percent of the measurement."""
 """The SLA bounds a complete trial broke, by text, with how far past each it was."""
 # ATTR_DUPLICATE_OF ("fmtune.duplicate_of", declared in tuner.pareto, which reads it): the
 # number of the earlier complete trial whose result a trial reuses instead of measuring.
@@ -221,6 +238,7 @@ class StudyRunner:
         self.tracker = tracker
         self.events = events or StudyEvents()
         self.study_name = study_name
+        self.storage_url = storage_url
         # Kept to reach trials by number through the storage's public interface (user attrs
         # of another worker's trial, heartbeats); optuna's Study wraps this same storage.
         self.storage = make_storage(storage_url)
@@ -241,6 +259,13 @@ class StudyRunner:
         self.study.set_user_attr("fmtune.experiment", self.experiment.model_dump(mode="json"))
         # An algorithm with its own population (pymoo) proposes each trial's knobs itself.
         self._driver = make_driver(tune, self.space, self.study)
+        # fidelity 'sim' simulates every trial; 'multi' screens in a simulated study of its
+        # own (`_screening`) and measures here, for real, the screened configurations it
+        # confirms, so this study's front, report and export hold measured trials only.
+        self.fidelity: Literal["real", "sim"] = "sim" if tune.fidelity == "sim" else "real"
+        self.simulator: SimEvaluator | None = None
+        if tune.fidelity == "sim":
+            self.simulator = SimEvaluator(base=run_spec_of(experiment), evaluate_real=evaluate)
 
     def _check_same_objectives(self) -> None:
         stored = self.study.user_attrs.get("fmtune.objectives")
@@ -281,6 +306,8 @@ class StudyRunner:
     def run(self, trials: int | None = None) -> list[TrialReport]:
         """Evaluate trials until the study's budget of counted trials is used up."""
         budget = trials or self.tune.trials
+        if self.tune.fidelity == "multi":
+            return self._run_multi(budget)
         reports: list[TrialReport] = []
         while True:
             with contextlib.suppress(Exception):
@@ -303,9 +330,18 @@ class StudyRunner:
         trial.set_user_attr(ATTR_WORKER, worker_id())
         return trial, self.space.suggest(trial)
 
-    def _one_trial(self, budget: int) -> TrialReport | None:
+    def _one_trial(
+        self,
+        budget: int,
+        asked: tuple[optuna.trial.Trial, dict[str, Any]] | None = None,
+        predicted: dict[str, Any] | None = None,
+    ) -> TrialReport | None:
+        """Ask (or take an already asked trial), measure, tell. ``predicted``: the simulated
+        metrics of the configuration a `multi` study confirms here (logged beside the
+        measurement, with the error of each prediction)."""
         started = time.monotonic()
-        trial, params = self._ask()
+        trial, params = asked or self._ask()
+        trial.set_user_attr(ATTR_FIDELITY, self.fidelity)
         if self._beyond_budget(trial, budget):
             reason = "asked beyond the budget by a racing worker"
             self._close(trial, FailureKind.OVER_BUDGET, reason)
@@ -341,8 +377,14 @@ class StudyRunner:
                 trial.number, "FAIL", None, f"{failure.kind}: {failure}", params,
                 time.monotonic() - started,
             )  # fmt: skip
+        tracked = metrics
+        if predicted is not None:
+            trial.set_user_attr(ATTR_PREDICTED, _json_safe(predicted))
+            errors = prediction_errors(predicted, metrics)
+            trial.set_user_attr(ATTR_PREDICTION_ERRORS, _json_safe(errors))
+            tracked = {**metrics, **confirmation_errors(predicted, metrics)}
         feasible = self._tell_complete(trial, params, metrics, values)
-        self._finish_tracking(run_id, "COMPLETE", metrics, None, trial.number, result)
+        self._finish_tracking(run_id, "COMPLETE", tracked, None, trial.number, result)
         return TrialReport(
             trial.number, "COMPLETE", tuple(values), None, params,
             time.monotonic() - started, feasible,
@@ -389,6 +431,8 @@ class StudyRunner:
         for past in sorted(complete, key=lambda t: t.number):
             if ATTR_DUPLICATE_OF in past.user_attrs or past.values is None:
                 continue
+            if past.user_attrs.get(ATTR_FIDELITY, "real") != self.fidelity:
+                continue  # a simulated result does not stand for a measured one
             if self._identity(past.params) == identity:
                 return past
         return None
@@ -452,7 +496,9 @@ class StudyRunner:
                     f"{seen[-1][:200]}",
                 )
 
-    def _measure(self, number: int, spec: RunSpec) -> RunResult:
+    def _measure(self, number: int, spec: RunSpec) -> RunResult | SimulatedRun:
+        if self.simulator is not None:
+            return self._simulate(number, spec)
         try:
             result = self.evaluate(spec)
         except EngineFailure as error:
@@ -466,6 +512,99 @@ class StudyRunner:
             logs = "\n\n".join(f"== {k} ==\n{v}" for k, v in result.replica_logs.items())
             (trial_dir / "replica-logs.txt").write_text(logs + "\n")
         return result
+
+    def _simulate(self, number: int, spec: RunSpec) -> SimulatedRun:
+        """A trial in the simulator: its metrics.json and DEPLOY.yaml in the trial's folder.
+        A calibration run or a profile that cannot be made fails the trial as a real run
+        would; so does a spec the simulator refuses."""
+        assert self.simulator is not None
+        self.simulator.on_phase = lambda text: self._phase(number, text)
+        try:
+            result = self.simulator(spec)
+        except EngineFailure as error:
+            raise TrialFailed(FailureKind.ENGINE, str(error).splitlines()[0]) from None
+        except (FmtuneError, OSError, RuntimeError, ValueError, TimeoutError) as error:
+            raise TrialFailed(FailureKind.EVALUATION, f"{type(error).__name__}: {error}") from None
+        trial_dir = self.out_dir / "trials" / f"{number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        metrics = _json_safe(result.metrics_dict())
+        (trial_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (trial_dir / "DEPLOY.yaml").write_text(deployment_of(spec).to_yaml())
+        return result
+
+    # --- multi-fidelity ----------------------------------------------------------------
+
+    def _screening(self) -> StudyRunner:
+        """The simulated study a `multi` study screens in: same storage, its name plus
+        '.screen', trials in out/screen, not tracked in MLflow (its confirmed trials are)."""
+        assert self.tune is not None
+        tune = self.tune.model_copy(update={"fidelity": "sim"})
+        return StudyRunner(
+            self.experiment.model_copy(update={"tune": tune}),
+            storage_url=self.storage_url,
+            study_name=f"{self.study_name}.screen",
+            out_dir=self.out_dir / "screen",
+            evaluate=self.evaluate,
+            events=StudyEvents(on_phase=self.events.on_phase),
+        )
+
+    def _run_multi(self, budget: int) -> list[TrialReport]:
+        """Rounds of screening and confirming until the budget of real trials is used: each
+        round simulates `screen_trials` more trials, then measures for real up to `confirm`
+        configurations of the simulated front not measured yet (fewer when the budget ends),
+        and tells the screening study each measured result, so its sampler learns from them."""
+        screen = self._screening()
+        reports: list[TrialReport] = []
+        idle_rounds = 0
+        while True:
+            done, running = budget_used(self.study)
+            if done + running >= budget or idle_rounds >= 2:
+                break
+            screened, _ = budget_used(screen.study)
+            screen.run(screened + self.tune.screen_trials)
+            measured = {
+                self._identity(t.params)
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            }
+            candidates = [
+                t for t in pareto_front(screen.study)
+                if t.user_attrs.get(ATTR_FIDELITY) == "sim"
+                and self._identity(t.params) not in measured
+            ][: min(self.tune.confirm, budget - done - running)]  # fmt: skip
+            idle_rounds = 0 if candidates else idle_rounds + 1
+            for candidate in candidates:
+                report = self._confirm(candidate, budget, screen)
+                if report is not None:
+                    reports.append(report)
+                    if self.events.on_trial_done is not None:
+                        self.events.on_trial_done(report)
+        return reports
+
+    def _confirm(
+        self, candidate: optuna.trial.FrozenTrial, budget: int, screen: StudyRunner
+    ) -> TrialReport | None:
+        """Measure one screened configuration for real; feed the result back to the screen."""
+        self.study.enqueue_trial(candidate.params, skip_if_exists=False)
+        trial = self.study.ask()
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        trial.set_user_attr(ATTR_CONFIRMS, candidate.number)
+        params = self.space.suggest(trial)
+        predicted = dict(candidate.user_attrs.get(ATTR_METRICS) or {})
+        report = self._one_trial(budget, asked=(trial, params), predicted=predicted)
+        if report is None or report.values is None:
+            return report
+        metrics = self.study.trials[trial.number].user_attrs.get(ATTR_METRICS) or {}
+        screen.study.add_trial(
+            optuna.trial.create_trial(
+                params=candidate.params,
+                distributions=candidate.distributions,
+                values=list(report.values),
+                user_attrs={ATTR_FIDELITY: "real", ATTR_CONFIRMS: candidate.number,
+                            ATTR_METRICS: metrics},
+                constraints={b.text: b.violation(metrics) for b in self.tune.bounds()},
+            )
+        )  # fmt: skip
+        return report
 
     def _objective_values(self, metrics: dict[str, Any]) -> list[float]:
         values = []
