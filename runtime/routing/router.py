@@ -59,6 +59,7 @@ from runtime.routing.policies import (
     SpeedEstimator,
     admit,
     get_policy,
+    sla_aware,
 )
 from runtime.routing.prediction import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -191,6 +192,13 @@ class RouterStats:
     +Inf), over every measured call: the /metrics histogram."""
     prediction_error_sum: float = 0.0
     """Sum of the relative errors of every measured call."""
+    out_of_reach: deque[tuple[float, str, bool]] = field(
+        default_factory=lambda: deque(maxlen=OUTCOME_HISTORY)
+    )
+    """(arrival time on the router's clock, model key, out of reach) of the last calls that
+    asked for admission: whether their predicted completion on the best replica, padded at the
+    median, already missed their deadline. Demand the replicas cannot serve in time, seen
+    before any SLA is missed: the autoscaler's predicted pressure."""
     outcomes: deque[tuple[float, bool]] = field(
         default_factory=lambda: deque(maxlen=OUTCOME_HISTORY)
     )
@@ -471,21 +479,29 @@ class Router:
             arrivals=self.traffic.expected(model_key, now, len(healthy)),
         )
 
-    def _admission(self, model_key: str, demand: CallDemand) -> float | None:
-        """With sla_aware: shed the call (Rejected, SHED) unless it keeps its promises on the
-        replica the policy picks; returns its predicted completion there. None otherwise."""
+    def _admission(self, model_key: str, demand: CallDemand, arriving: bool) -> float | None:
+        """Assess the call on the best replica (the sla_aware choice, whatever the policy). On
+        arrival, note whether it is out of reach even at the median (the strain, and the
+        autoscaler's `RouterStats.out_of_reach`). With sla_aware: shed it (Rejected, SHED)
+        unless it keeps its promises there, and return its predicted completion there; None
+        with other policies, which never shed."""
         candidates = [e.snapshot() for e in self.healthy(model_key)]
-        if self.config.policy != "sla_aware" or not candidates:
+        if not candidates:
             return None
         tracker = self.predictions
         cautious = self.lengths.quantile(model_key, demand.max_tokens, tracker.level)
         fresh = replace(demand, now_s=self.clock(), cautious_tokens=cautious)
-        decision = self.policy(candidates, fresh, self._context(model_key))
-        if decision.assessment is None:
-            return None
+        decision = sla_aware(candidates, fresh, self._context(model_key))
         best = decision.assessment
-        median = self.predictions.confidence(fresh.now_s, 0.5)
-        self.predictions.arrived(fresh.now_s + best.predicted_s * median > fresh.deadline_s)
+        if best is None:
+            return None
+        if arriving:
+            median = tracker.confidence(fresh.now_s, 0.5)
+            missing = fresh.now_s + best.predicted_s * median > fresh.deadline_s
+            tracker.arrived(missing)
+            self.stats.out_of_reach.append((fresh.now_s, model_key, missing))
+        if self.config.policy != "sla_aware":
+            return None
         verdict = admit(fresh, best, self.config.shed_tolerance_s)
         if not verdict.admit:
             self.stats.shed += 1
@@ -502,7 +518,7 @@ class Router:
             raise Rejected(
                 CallFailure.NO_ENDPOINT, f"no healthy endpoint serves model key '{model_key}'"
             )
-        predicted = self._admission(model_key, demand)
+        predicted = self._admission(model_key, demand, arriving=True)
         if self._has_room(model_key):
             return
         waiter = _Waiter(asyncio.get_running_loop().create_future())
@@ -527,7 +543,7 @@ class Router:
         if waiter.released:  # the caller picks an endpoint right after this returns
             self._released[model_key] -= 1
         try:  # it waited: check again that it can still keep its promises
-            self._admission(model_key, demand)
+            self._admission(model_key, demand, arriving=False)
         except Rejected:
             self._wake(model_key)  # the slot it would have taken goes to the next waiter
             raise

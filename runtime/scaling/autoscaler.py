@@ -29,6 +29,10 @@ Model and assumptions (stated once here, repeated where they matter):
 - Queue depth per replica = the router's queued calls of the key / its healthy endpoints +
   the mean engine ``num_waiting``; KV usage = the mean engine ``kv_cache_usage`` (both from
   the router's /metrics refresh).
+- The predicted pressure is the share of the window's calls that arrived out of reach: the
+  router's step-time prediction of each call on its best replica (the one admission uses)
+  already missed the call's deadline (`RouterStats.out_of_reach`, kept whatever the
+  policy). It rises as soon as demand outgrows the replicas, before attainment falls.
 - Counts stay within ``[min_replicas, min(policy.max_replicas, pool.limits.max_replicas)]``;
   a change the pool refuses (memory cap) is recorded as a held decision with the error.
 """
@@ -309,11 +313,17 @@ def window_stats(router: Router, model_key: str, window_s: float, now_s: float) 
     queued = router.stats.queue_depth.get(model_key, 0) / n
     waiting = sum(e.num_waiting for e in healthy) / n
     kv = sum(e.kv_cache_usage for e in healthy) / n
+    arrived = [
+        out
+        for when, key, out in router.stats.out_of_reach
+        if key == model_key and now_s - window_s < when <= now_s
+    ]
     return WindowStats(
         sla_attainment=sum(recent) / len(recent) if recent else 1.0,
         queue_depth=queued + waiting,
         kv_cache_usage=kv,
         requests_in_window=len(recent),
+        out_of_reach=sum(arrived) / len(arrived) if arrived else 0.0,
     )
 
 

@@ -259,6 +259,17 @@ class ScalingPolicy(BaseModel):
         description="Scale down only if mean KV-cache usage is at most this (must be below "
         "kv_usage_high).",
     )
+    out_of_reach_high: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.05,
+        description="Scale up when this share of the window's calls arrived out of reach: "
+        "the router's step-time predictions said they would miss their deadlines on any "
+        "replica (the same predictions its admission uses).",
+    )
+    out_of_reach_low: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.01,
+        description="Scale down only if at most this share of the window's calls arrived "
+        "out of reach (must be below out_of_reach_high).",
+    )
     cooldown_s: Annotated[float, Field(ge=0.0, le=86_400.0)] = Field(
         default=60.0,
         description="Seconds after a change during which no further change is made.",
@@ -291,6 +302,11 @@ class ScalingPolicy(BaseModel):
                 f"kv_usage_low must be below kv_usage_high, got "
                 f"{self.kv_usage_low} >= {self.kv_usage_high}"
             )
+        if self.out_of_reach_low >= self.out_of_reach_high:
+            raise ValueError(
+                f"out_of_reach_low must be below out_of_reach_high, got "
+                f"{self.out_of_reach_low} >= {self.out_of_reach_high}"
+            )
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas must be <= max_replicas, got "
@@ -312,6 +328,10 @@ class WindowStats:
     queue_depth: float
     kv_cache_usage: float
     requests_in_window: int
+    out_of_reach: float = 0.0
+    """Share of the calls that arrived in the window whose completion the router predicted
+    to miss their deadline on the best replica (RouterStats.out_of_reach): the pressure the
+    predictions see coming, before SLAs are missed."""
 
 
 @dataclass(frozen=True)
@@ -341,9 +361,11 @@ def decide(
     In order: a count outside ``[min_replicas, max_replicas]`` is clamped at once; within
     ``cooldown_s`` of the last change (``last_change_s``; ``None`` for never) the count is
     held; scale up by ``step`` if attainment < ``scale_up_attainment_below`` or queue depth
-    >= ``queue_depth_high`` or KV usage >= ``kv_usage_high``; scale down by ``step`` only if
-    attainment >= ``scale_down_attainment_above`` (or no requests), queue depth <=
-    ``queue_depth_low`` and KV usage <= ``kv_usage_low``; otherwise hold.
+    >= ``queue_depth_high`` or KV usage >= ``kv_usage_high`` or the share of calls predicted
+    out of reach >= ``out_of_reach_high``; scale down by ``step`` only if attainment >=
+    ``scale_down_attainment_above`` (or no requests), queue depth <= ``queue_depth_low``, KV
+    usage <= ``kv_usage_low`` and the share out of reach <= ``out_of_reach_low``; otherwise
+    hold.
     """
     cur = current_replicas
 
@@ -368,6 +390,10 @@ def decide(
         pressure.append(f"queue_depth {stats.queue_depth:.2f} >= {policy.queue_depth_high}")
     if stats.kv_cache_usage >= policy.kv_usage_high:
         pressure.append(f"kv_cache_usage {stats.kv_cache_usage:.2f} >= {policy.kv_usage_high}")
+    if stats.out_of_reach >= policy.out_of_reach_high:
+        pressure.append(
+            f"predicted out of reach {stats.out_of_reach:.3f} >= {policy.out_of_reach_high}"
+        )
     if pressure:
         why = "; ".join(pressure)
         if cur >= policy.max_replicas:
@@ -378,6 +404,7 @@ def decide(
         (not has_requests or stats.sla_attainment >= policy.scale_down_attainment_above)
         and stats.queue_depth <= policy.queue_depth_low
         and stats.kv_cache_usage <= policy.kv_usage_low
+        and stats.out_of_reach <= policy.out_of_reach_low
     )
     if comfortable:
         if cur <= policy.min_replicas:
@@ -386,6 +413,7 @@ def decide(
         return out(
             max(cur - policy.step, policy.min_replicas),
             f"scale down: sla_attainment {attained}, queue_depth {stats.queue_depth:.2f}, "
-            f"kv_cache_usage {stats.kv_cache_usage:.2f} all comfortable",
+            f"kv_cache_usage {stats.kv_cache_usage:.2f}, out of reach "
+            f"{stats.out_of_reach:.3f} all comfortable",
         )
     return out(cur, "hold: within the hysteresis band")

@@ -410,3 +410,14 @@ async def test_a_queued_call_that_can_no_longer_make_it_is_shed_when_its_slot_fr
     assert records[1].error is not None and records[1].error.startswith("shed: predicted finish")
     assert router.stats.shed == 1 and router._released == {"llm": 0}
     await router.aclose()
+
+
+async def test_every_policy_notes_the_calls_it_predicts_out_of_reach() -> None:
+    router = Router([endpoint("a")], RouterConfig(policy="round_robin"), profiles={"llm": STEADY})
+    now = router.clock()
+    for deadline in (now + 100, now + 0.01):  # 0.24 s predicted: the second cannot make it
+        with call_deadline(deadline):
+            assert (await router.chat("llm", USER, SamplingParams(max_tokens=6))).ok  # no shed
+    assert [out for _, _, out in router.stats.out_of_reach] == [False, True]
+    assert {key for _, key, _ in router.stats.out_of_reach} == {"llm"}
+    await router.aclose()

@@ -135,6 +135,19 @@ async def test_window_stats_read_outcomes_queue_and_kv() -> None:
     stats = window_stats(router, "llm", 10.0, clock.now)
     assert stats.requests_in_window == 4 and stats.sla_attainment == 0.75
     assert stats.queue_depth == pytest.approx(4 / 2 + 2) and stats.kv_cache_usage == 0.4
+    assert stats.out_of_reach == 0.0  # no call asked for admission
+    await router.aclose()
+
+
+async def test_window_stats_read_the_calls_the_router_predicted_out_of_reach() -> None:
+    _, router, _, clock = setup(2)
+    now = clock.now
+    router.stats.out_of_reach.extend(
+        [(now - 50, "llm", True), (now - 5, "llm", True), (now - 3, "llm", False),
+         (now - 2, "llm", False), (now - 1, "other", True)]
+    )  # fmt: skip
+    stats = window_stats(router, "llm", 10.0, now)
+    assert stats.out_of_reach == pytest.approx(1 / 3)  # this key's calls in the window
     await router.aclose()
 
 

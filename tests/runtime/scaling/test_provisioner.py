@@ -103,6 +103,7 @@ def test_scale_up_on_low_attainment() -> None:
     [
         (WindowStats(1.0, 5.0, 0.3, 100), "queue_depth"),
         (WindowStats(1.0, 0.0, 0.95, 100), "kv_cache_usage"),
+        (WindowStats(1.0, 0.0, 0.3, 100, out_of_reach=0.1), "predicted out of reach 0.100"),
     ],
 )
 def test_scale_up_on_queue_or_kv_pressure(stats: WindowStats, signal: str) -> None:
@@ -121,6 +122,10 @@ def test_scale_down_only_when_comfortably_above() -> None:
     # Everything comfortable: scale down.
     d = decide(POLICY, WindowStats(0.995, 0.1, 0.2, 100), 3, now_s=500.0, last_change_s=None)
     assert d.to_replicas == 2 and d.reason.startswith("scale down")
+    # Everything measured is comfortable, but the router predicts calls it cannot serve in
+    # time: hold.
+    pressed = WindowStats(0.995, 0.1, 0.2, 100, out_of_reach=0.03)
+    assert decide(POLICY, pressed, 3, now_s=500.0, last_change_s=None).to_replicas == 3
     # An idle window also scales down.
     d = decide(POLICY, WindowStats(0.0, 0.0, 0.0, 0), 3, now_s=500.0, last_change_s=None)
     assert d.to_replicas == 2 and "idle" in d.reason
