@@ -613,7 +613,6 @@ class Router:
         endpoint: Endpoint,
         demand: CallDemand,
         ttft_s: float,
-        prompt_tokens: int,
         gaps_s: list[float],
         running_at_start: int,
         completion_tokens: int,
@@ -621,8 +620,13 @@ class Router:
         """A call on this endpoint finished well (call it before `release`): teach the speed
         estimator and the output lengths what it measured, and compare its predicted
         completion with the measured one (logged, folded into the correction, the confidence
-        and the error statistics)."""
-        self.speeds.observe(endpoint.endpoint_id, ttft_s, prompt_tokens, gaps_s, running_at_start)
+        and the error statistics). The speeds learn per token of the router's own prompt
+        estimate (`demand.prompt_tokens`), the unit its predictions multiply them by: a
+        biased estimate then costs nothing, where the server's count would carry the bias
+        into every prediction."""
+        self.speeds.observe(
+            endpoint.endpoint_id, ttft_s, demand.prompt_tokens, gaps_s, running_at_start
+        )
         self.lengths.observe(demand.model, demand.max_tokens, completion_tokens)
         sent = endpoint.in_flight.get(id(demand))
         if sent is None or sent.predicted_s is None:
@@ -684,8 +688,8 @@ class Router:
                 )
                 if record.ok and record.ttft_s is not None:
                     self.observe(
-                        endpoint, demand, record.ttft_s, record.prompt_tokens,
-                        list(record.itl_s), running_at_start, record.completion_tokens,
+                        endpoint, demand, record.ttft_s, list(record.itl_s), running_at_start,
+                        record.completion_tokens,
                     )  # fmt: skip
             finally:
                 self.release(endpoint, demand, prefilled=first.seen)

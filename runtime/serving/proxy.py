@@ -161,7 +161,6 @@ class RouterProxy:
                 upstream.endpoint,
                 upstream.demand,
                 meter.first_token_s - upstream.start_s,
-                meter.prompt_tokens or upstream.demand.prompt_tokens,
                 meter.gaps_s,
                 upstream.running_at_start,
                 len(meter.gaps_s) + 1,  # one token per content chunk, as vLLM streams
