@@ -956,3 +956,39 @@ def test_the_listener_is_tcp_without_nagle() -> None:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         listener.close()
+
+
+def test_one_app_folder_calls_two_model_keys_node_by_node(tmp_path: Path) -> None:
+    """A deployment of two model keys serves an app whose nodes call both: the app of
+    `fmtune init`, its recall node on 'llm' and its answer node on 'big'."""
+    assert CliRunner().invoke(fmtune_cli, ["init", str(tmp_path / "mine")]).exit_code == 0
+    small = FakeEngine(served_model=SERVED, reply="Paris is the capital of France.")
+    big = FakeEngine(served_model="big-model", reply='{"capital": "Paris"}')
+    with LoopbackServer(small.app) as small_server, LoopbackServer(big.app) as big_server:
+        deployment = Deployment.model_validate(
+            {
+                "cluster": "endpoints",
+                "models": {
+                    "llm": {"engine": {"model": SERVED}, "endpoints": [small_server.url]},
+                    "big": {"engine": {"model": "big-model"}, "endpoints": [big_server.url]},
+                },
+                "apps": {
+                    "capitals": {
+                        "source": str(tmp_path / "mine"),
+                        "architecture": "recall_then_answer",
+                        "nodes": {"answer": {"model": "big"}},
+                    }
+                },
+            }
+        )
+        with (
+            front_door(deployment) as (door, _),
+            httpx.Client(base_url=door.url, timeout=10) as http,
+        ):
+            answer = http.post("/v1/apps/capitals", json={"inputs": {"country": "France"}})
+            missing = http.post("/v1/apps/capitals", json={"inputs": {"article": "x"}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"] == {"capital": "Paris"} and answer.json()["llm_calls"] == 2
+    assert (small.calls, big.calls) == (1, 1)
+    assert "France" in big.bodies[0]["messages"][-1]["content"]
+    assert missing.status_code == 422 and "inputs.country" in missing.text
