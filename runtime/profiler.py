@@ -415,6 +415,11 @@ class ProfilePlan(BaseModel):
         description="Prompt lengths of the decode probes: the context each sequence attends to.",
     )
     decode_tokens: int = Field(24, ge=4, le=512, description="Tokens each decode probe generates.")
+    prefix_probes: bool = Field(
+        True,
+        description="Also measure prefills that start after prefix-cache hits (prompts up to "
+        "the longest the engine takes: the slowest probes).",
+    )
     overhead_calls: int = Field(
         5, ge=1, le=100, description="Chat calls that measure the API overheads (median)."
     )
@@ -611,7 +616,7 @@ class _Profiler:
             prompts = [self.prompts.make(tokens) for _ in range(count)]
             await self.probe(client, f"{count} prefills of {tokens}", requests, prompts)
             self.progress(f"{count} prompts of {tokens} tokens at once")
-        if self.engine.enable_prefix_caching is not False:
+        if self.plan.prefix_probes and self.engine.enable_prefix_caching is not False:
             await self.prefix_probes(client)
         self.progress("prefills after prefix-cache hits")
 
@@ -740,6 +745,11 @@ class _Profiler:
     def run(self) -> ProfileMeasurements:
         self.progress("starting a replica", advance=0)
         replica = self.pool.acquire(self.engine)[0]
+        if ITERATION_LOG_FLAG not in replica.extra_args:
+            raise ConfigError(
+                f"replica {replica.replica_id} does not log its steps: it must be started with "
+                f"{ITERATION_LOG_FLAG} (runtime.profiler.profiler_pool's replicas are)"
+            )
         self.replica = replica
         self.data.startup_s = float(replica.start_s or 0.0)
         self.data.logged_kv_tokens = logged_kv_cache_tokens(
@@ -778,25 +788,30 @@ class _Profiler:
                 await self.speculation_phase(client)
 
 
-def profiler_pool(engine: EngineConfig, plan: ProfilePlan, log_dir: Path | None) -> ReplicaPool:
-    """A pool whose replicas log every engine step (and nothing else differs), into a folder
-    of their own (a fresh temporary one by default: another process's replica of the same
-    config would otherwise write the same log file)."""
+def step_logging_factory(log_dir: Path, startup_timeout_s: float = 420.0) -> ReplicaFactory:
+    """Replicas that log every engine step (ITERATION_LOG_FLAG) and differ in nothing else:
+    what the profiler measures; a pool of them also serves runs as usual."""
 
     def make(config: EngineConfig, replica_id: str, env: dict[str, str]) -> Replica:
         return Replica(
-            config, log_dir=log_dir, replica_id=replica_id, extra_env=env,
-            extra_args=(ITERATION_LOG_FLAG,),
+            config, log_dir=log_dir, startup_timeout_s=startup_timeout_s, replica_id=replica_id,
+            extra_env=env, extra_args=(ITERATION_LOG_FLAG,),
         )  # fmt: skip
 
-    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="fmtune-profile-"))
-    factory: ReplicaFactory = make
+    return make
+
+
+def profiler_pool(engine: EngineConfig, plan: ProfilePlan, log_dir: Path | None) -> ReplicaPool:
+    """A pool of step-logging replicas, logging into a folder of their own (a fresh temporary
+    one by default: another process's replica of the same config would otherwise write the
+    same log file)."""
     kv = float(engine.kv_cache_space_gib or 1)
     limits = PoolLimits(
         max_replicas=plan.contention_replicas,
         max_memory_gib=max(20.0, plan.contention_replicas * (4.0 + kv)),
     )
-    return ReplicaPool(limits, factory=factory)
+    folder = log_dir or Path(tempfile.mkdtemp(prefix="fmtune-profile-"))
+    return ReplicaPool(limits, factory=step_logging_factory(folder))
 
 
 def build_profile(
@@ -856,16 +871,20 @@ def measure_profile(
     *,
     on_progress: ProgressCallback | None = None,
     log_dir: Path | None = None,
+    pool: ReplicaPool | None = None,
 ) -> tuple[StepTimeProfile, ProfileMeasurements]:
     """Start replicas of ``engine``, measure them with the plan's probes, fit the profile.
 
-    Every replica is stopped before this returns (also on errors and interrupts). Not saved:
-    `profile_engine` stores it.
+    Every replica is stopped before this returns (also on errors and interrupts), unless
+    ``pool`` is given: its replicas of ``engine`` (which must log their steps, as
+    `profiler_pool`'s do) are used and stay up. Not saved: `profile_engine` stores it.
     """
     plan = plan or ProfilePlan()
     callback = on_progress or (lambda _progress: None)
     started = time.monotonic()
-    with profiler_pool(engine, plan, log_dir) as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(profiler_pool(engine, plan, log_dir))
         profiler = _Profiler(engine, plan, pool, callback)
         data = profiler.run()
     profile = build_profile(engine, data, profiler.model_config)

@@ -55,14 +55,15 @@ RealEvaluate = Callable[[RunSpec], RunResult]
 
 def calibration_spec(trial: RunSpec, base: RunSpec) -> RunSpec:
     """The real run that calibrates a trial: the base experiment's deployment, workload and
-    dataset, with the trial's app knobs and each model key's model (and dtype) as the trial
-    has them. Trials that differ only in engine, replica or router knobs share it."""
+    dataset, with the trial's app knobs and each model key's model as the trial has them.
+    Trials that differ only in engine (dtype included: its effect on the answers is left
+    out), replica or router knobs share it."""
     models = {}
     for key, model in base.deployment.models.items():
         engine = model.engine
         chosen = trial.deployment.models.get(key)
-        if chosen is not None:
-            engine = engine.with_knobs(model=chosen.engine.model, dtype=chosen.engine.dtype)
+        if chosen is not None and chosen.engine.model != engine.model:
+            engine = engine.with_knobs(model=chosen.engine.model)
         models[key] = model.model_copy(update={"engine": engine, "replicas": 1})
     deployment = base.deployment.model_copy(update={"models": models})
     return base.model_copy(update={"app": trial.app, "deployment": deployment})
