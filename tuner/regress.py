@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 
 from runtime.deployment import load_deployment
-from runtime.errors import ConfigError, EngineFailure, FmtuneError
+from runtime.errors import ConfigError, EngineFailure, FmtuneError, config_error
 from runtime.run import RunSpec
 from runtime.stats import (
     bootstrap_ci,
@@ -388,8 +389,8 @@ def load_bundle(folder: Path) -> BaselineDeployment:
         regress = RegressSpec.model_validate(record.get("regress") or {})
         stored = record.get("experiment")
         experiment = Experiment.model_validate(stored) if stored is not None else None
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise ConfigError(f"{measured_path}: {str(error).splitlines()[0]}") from None
+    except ValidationError as error:  # e.g. a field today's fmtune no longer has
+        raise config_error(error, f"{measured_path} (run_spec)", RunSpec) from None
     return BaselineDeployment(
         name=folder.name, spec=spec, objectives=objectives, regress=regress,
         metrics=dict(record["metrics"]), origin=str(folder),

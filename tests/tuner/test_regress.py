@@ -29,6 +29,7 @@ from tuner.regress import (
     compare_deployment,
     compare_objective,
     load_baseline,
+    load_bundle,
     load_export,
     run_regress,
     simulate_verdicts,
@@ -336,6 +337,16 @@ def test_baselines_without_a_bundle_are_named(tmp_path: Path, export: Path) -> N
         load_baseline("nostudy", None)
     with pytest.raises(ConfigError, match=r"baseline '/no/such/export': no such folder$"):
         load_baseline("/no/such/export", None)
+    # a baseline recorded with a field today's fmtune no longer has names the field
+    measured = export / "trial-0006" / MEASURED_FILE
+    record = json.loads(measured.read_text())
+    record["run_spec"]["pricing"]["replica_hour_price"] = 0.08
+    measured.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"trial-0006/measured\.json \(run_spec\): unknown "
+                       r"field 'pricing\.replica_hour_price'"):  # fmt: skip
+        load_bundle(export / "trial-0006")
+    del record["run_spec"]["pricing"]["replica_hour_price"]
+    measured.write_text(json.dumps(record))
     source, bundles = load_baseline(str(export / "trial-0006" / "DEPLOY.yaml"), None)
     assert source == str((export / "trial-0006").resolve()) and len(bundles) == 1
 
