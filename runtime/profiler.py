@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,19 @@ def profiles_dir() -> Path:
 def profile_path(key: ProfileKey) -> Path:
     """The file of the profile with this key."""
     return profiles_dir() / key.file_name()
+
+
+def profiling_config(engine: EngineConfig) -> EngineConfig:
+    """The engine a profile of this engine's key is best measured on: its model, device,
+    precision, length limit, compilation and speculation, and vLLM's defaults for the knobs
+    a simulation varies (batch size, block size, token budget, prefix caching, KV size), so
+    the probes can reach large batches."""
+    keep = (
+        "model", "device", "dtype", "quantization", "max_model_len", "enforce_eager",
+        "speculative_method", "num_speculative_tokens", "prompt_lookup_max",
+        "tensor_parallel_size", "gpu_memory_utilization",
+    )  # fmt: skip
+    return EngineConfig.model_validate({name: getattr(engine, name) for name in keep})
 
 
 def find_profile(engine: EngineConfig) -> StepTimeProfile | None:
@@ -459,6 +472,8 @@ class ProfileMeasurements:
     memory_gib_without_kv: float | None = None
     logged_kv_tokens: int | None = None
     speculation: SpeculationProfile | None = None
+    spec_samples: list[StepSample] = field(default_factory=list)
+    """Steps of the speculation phase (draft tokens among their features)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,12 +711,24 @@ class _Profiler:
         before = await asyncio.to_thread(self.replica.metrics)
         self.log.skip()
         text = _OVERHEAD_TEXT * 3
-        messages = [{"role": "user", "content": f"Copy this text exactly:\n{text}"}]
         sampling = SamplingParams(max_tokens=64, temperature=0.0)
-        await asyncio.gather(
-            *(client.chat(self.engine.model, messages, sampling) for _ in range(4))
+        records = await asyncio.gather(
+            *(
+                client.chat(
+                    self.engine.model,
+                    [{"role": "user", "content": f"Copy text {index} exactly:\n{text}"}],
+                    sampling,
+                )
+                for index in range(4)
+            )
         )
         steps = await self.log.settle()
+        if all(record.ok and record.prompt_tokens for record in records):
+            requests = [ProbeRequest(r.prompt_tokens, max(r.completion_tokens, 1)) for r in records]
+            try:
+                self.data.spec_samples = step_samples(requests, steps)
+            except ProbeMismatch as error:
+                self.data.dropped_probes.append(f"speculation: {error}")
         after = await asyncio.to_thread(self.replica.metrics)
         drafts = after.spec_decode_num_drafts - before.spec_decode_num_drafts
         proposed = after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens
@@ -826,7 +853,7 @@ def build_profile(
             f"profiling '{engine.model}' measured no usable step: "
             + ("; ".join(data.dropped_probes[:3]) or "no probe ran")
         )
-    coefficients, report = fit(data.samples, relative=True)
+    coefficients, report = fit([*data.samples, *data.spec_samples], relative=True)
     gap = max(median_or(data.step_gaps_s, 0.0), 0.0)
     coefficients = coefficients.model_copy(update={"base_s": coefficients.base_s + gap})
     tail = median_or(data.tails_s, 0.0)
@@ -934,6 +961,47 @@ class ProfileOutcome:
     measurements: ProfileMeasurements | None = None
 
 
+#: The short plan that measures the n-gram drafter on top of a stored profile.
+SPECULATION_PLAN = ProfilePlan(
+    prefill_prompts=(32, 128),
+    batched_prefills=(),
+    decode_batches=(1, 4),
+    decode_prompts=(64,),
+    decode_tokens=16,
+    prefix_probes=False,
+    overhead_calls=1,
+    contention_replicas=1,
+)
+
+
+def add_speculation(
+    engine: EngineConfig,
+    stored: StepTimeProfile,
+    *,
+    on_progress: ProgressCallback | None = None,
+    log_dir: Path | None = None,
+) -> tuple[StepTimeProfile, ProfileMeasurements]:
+    """A stored profile completed with the n-gram drafter's rates and the cost of a draft
+    token, measured on a replica of ``engine`` (which has speculation on): the stored
+    coefficients predict each speculative step without its drafts, and the median of what
+    is left per draft token is ``spec_token_s``."""
+    if engine.speculative_method is None:
+        raise ConfigError("add_speculation needs an engine with speculative_method, got None")
+    _, data = measure_profile(engine, SPECULATION_PLAN, on_progress=on_progress, log_dir=log_dir)
+    per_token = [
+        (sample.duration_s - stored.coefficients.step_s(replace(sample.features, spec_tokens=0)))
+        / sample.features.spec_tokens
+        for sample in data.spec_samples
+        if sample.features.spec_tokens > 0
+    ]
+    coefficients = stored.coefficients.model_copy(
+        update={"spec_token_s": max(median_or(per_token, 0.0), 0.0)}
+    )
+    speculation = data.speculation or SpeculationProfile(proposal_rate=0.0, acceptance_rate=0.0)
+    updated = stored.model_copy(update={"coefficients": coefficients, "speculation": speculation})
+    return updated, data
+
+
 def profile_engine(
     engine: EngineConfig,
     *,
@@ -943,10 +1011,19 @@ def profile_engine(
     log_dir: Path | None = None,
 ) -> ProfileOutcome:
     """The stored profile of this engine's key, measured and stored first if there is none
-    (or ``force``)."""
+    (or ``force``). A stored profile without speculation rates gets them measured (a short
+    session) when ``engine`` has speculation on."""
     path = profile_path(ProfileKey.for_engine(engine))
     if path.is_file() and not force:
-        return ProfileOutcome(load_profile(path), path, reused=True, seconds=0.0)
+        stored = load_profile(path)
+        if engine.speculative_method is None or stored.speculation is not None:
+            return ProfileOutcome(stored, path, reused=True, seconds=0.0)
+        started = time.monotonic()  # speculation asked for and never measured: add it
+        updated, data = add_speculation(engine, stored, on_progress=on_progress, log_dir=log_dir)
+        save_profile(updated, path)
+        return ProfileOutcome(
+            updated, path, reused=False, seconds=time.monotonic() - started, measurements=data
+        )
     resolve_model(engine.model)  # a missing model fails before anything starts
     started = time.monotonic()
     profile, data = measure_profile(engine, plan, on_progress=on_progress, log_dir=log_dir)

@@ -30,7 +30,7 @@ from typing import Any
 
 from runtime.engine.models import fmtune_home
 from runtime.errors import ConfigError
-from runtime.profiler import ProfileKey, profile_engine, vllm_version
+from runtime.profiler import ProfileKey, profile_engine, profiling_config, vllm_version
 from runtime.run import RunResult, RunSpec
 from runtime.sim.cluster import RequestShape
 from runtime.sim.steptime import StepTimeProfile
@@ -163,12 +163,14 @@ class SimEvaluator:
             self.on_phase(text)
 
     def profile(self, spec: RunSpec, key: str) -> StepTimeProfile:
-        """The stored profile of a model key's engine (measured first if there is none)."""
+        """The stored profile of a model key's engine (measured first if there is none, and
+        completed with the drafter's rates the first time a trial speculates)."""
         engine = spec.deployment.models[key].engine
         identity = ProfileKey.for_engine(engine).file_name()
-        if identity not in self.profiles:
+        known = self.profiles.get(identity)
+        if known is None or (engine.speculative_method is not None and known.speculation is None):
             self._phase(f"step-time profile of {engine.model} ({engine.dtype})")
-            outcome = profile_engine(engine)
+            outcome = profile_engine(profiling_config(engine))
             if not outcome.reused:
                 logger.warning(
                     "profiled %s (%s) in %.0fs; stored in %s",

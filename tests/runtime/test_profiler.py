@@ -23,10 +23,12 @@ from runtime.profiler import (
     parse_iterations,
     profile_engine,
     profile_path,
+    profiling_config,
     require_profile,
     step_samples,
 )
 from runtime.sim.steptime import (
+    SpeculationProfile,
     StepFeatures,
     StepSample,
     prefill_pairs,
@@ -208,3 +210,45 @@ def test_a_stored_profile_is_found_by_its_key_and_reused(fmtune_home: Path) -> N
     outcome = profile_engine(ENGINE)  # no replica starts: the stored one is reused
     assert outcome.reused and outcome.profile == stored and outcome.path == path
     assert list_profiles() == [(path, stored)]
+
+
+def test_profiles_are_measured_on_vllms_defaults_for_the_knobs_a_simulation_varies() -> None:
+    engine = EngineConfig(
+        model="smollm2-135m", dtype="float32", max_num_seqs=2, block_size=32,
+        max_num_batched_tokens=256, enforce_eager=True, speculative_method="ngram",
+        num_speculative_tokens=3,
+    )  # fmt: skip
+    measured = profiling_config(engine)
+    assert (measured.max_num_seqs, measured.block_size, measured.max_num_batched_tokens) == (
+        None, None, None,
+    )  # fmt: skip
+    assert measured.enforce_eager and measured.num_speculative_tokens == 3
+    assert ProfileKey.for_engine(measured) == ProfileKey.for_engine(engine)
+
+
+def test_a_speculating_engine_completes_a_stored_profile_with_the_drafters_cost_and_rates(
+    fmtune_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = ProfileKey.for_engine(ENGINE)
+    stored = make_profile(dtype="float32", hardware=key.hardware, vllm_version=key.vllm_version)
+    path = save_profile(stored, profile_path(key))
+    # steps of 4 decoding sequences (10 ms each in SIMPLE) and 6 draft tokens at 2 ms each
+    spec_steps = [StepSample(StepFeatures(decode_seqs=4, spec_tokens=6), 0.04 + 0.012)] * 5
+    rates = SpeculationProfile(proposal_rate=0.5, acceptance_rate=0.7)
+    data = measurements(spec_samples=spec_steps, speculation=rates)
+    asked: list[EngineConfig] = []
+
+    def fake_measure(engine: EngineConfig, plan: object, **_: object) -> tuple[None, object]:
+        asked.append(engine)
+        return None, data
+
+    monkeypatch.setattr("runtime.profiler.measure_profile", fake_measure)
+    speculating = ENGINE.with_knobs(speculative_method="ngram", num_speculative_tokens=3)
+    assert profile_engine(ENGINE).reused  # no speculation asked for: nothing measured
+    outcome = profile_engine(speculating)
+    assert not outcome.reused and asked == [speculating]
+    assert outcome.profile.coefficients.spec_token_s == pytest.approx(0.002)
+    assert outcome.profile.speculation == data.speculation
+    assert find_profile(ENGINE) == outcome.profile  # stored under the same key
+    assert profile_engine(speculating).reused and len(asked) == 1
+    assert path.is_file()
