@@ -16,6 +16,7 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.models import is_prepared, model_dir, prepare_model
 from runtime.engine.pool import PoolLimits, ReplicaPool
 from runtime.engine.replica import Replica
+from runtime.profiler import step_logging_factory
 
 BUNDLED = "smollm2-135m"
 
@@ -39,9 +40,11 @@ def small_engine(bundled_model: Path) -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def engine_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaPool]:
-    """One replica pool for the whole session; every replica is stopped at the end."""
+    """One replica pool for the whole session; every replica is stopped at the end. Its
+    replicas log every engine step (as the profiler's do), so a test can profile the hot one."""
     log_dir = tmp_path_factory.mktemp("replica-logs")
-    with ReplicaPool(PoolLimits(max_replicas=3, max_memory_gib=18), log_dir=log_dir) as pool:
+    limits = PoolLimits(max_replicas=3, max_memory_gib=18)
+    with ReplicaPool(limits, factory=step_logging_factory(log_dir)) as pool:
         yield pool
 
 
