@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from tuner.cli.common import set_option, user_errors, validated
+from tuner.cli.common import fail, set_option, user_errors, validated
 from tuner.cli.display import console, metrics_table, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ RUN_TABLE_KEYS = (
     "num_requests", "num_failed", "error_rate", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
     "ttft_p50_s", "tpot_p50_s", "requests_per_s", "output_tokens_per_s", "sla_attainment",
     "goodput_rps", "cost_per_1k_usd", "peak_memory_gib", "quality", "quality_ci95",
-    "format_clean_rate", "format_repaired_rate", "format_unparseable_rate",
+    "score_errors", "format_clean_rate", "format_repaired_rate", "format_unparseable_rate",
     "llm_calls_per_request", "replica_start_s",
 )  # fmt: skip
 
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
     """Add the runtime commands to the app."""
     app.add_typer(models_app, name="models")
     app.command()(probe)
+    app.command()(profile)
     app.command()(run)
     app.command()(serve)
 
@@ -165,6 +166,114 @@ def probe(
     if errors:
         console.print(f"[yellow]{len(errors)} failed requests[/], first: {errors[0]}")
     console.print(f"wrote {path}")
+
+
+# --- profile ----------------------------------------------------------------------------
+
+
+def profile(
+    model: Annotated[
+        str | None, typer.Argument(help="Catalog name or local model folder to profile.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Engine knob as EngineConfig field=value, e.g. --set dtype=float32 "
+            "(repeatable); dtype and quantization are part of the profile's key.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Measure again even if a profile of this key is stored.")
+    ] = False,
+    list_: Annotated[
+        bool, typer.Option("--list", help="Show the stored profiles instead of profiling.")
+    ] = False,
+    contention_replicas: Annotated[
+        int,
+        typer.Option(
+            min=1, max=16, help="Replicas decoding together to measure how they slow each other."
+        ),
+    ] = 2,
+) -> None:
+    """Measure a real replica and store the step-time profile every simulation of this model,
+    dtype, quantization, machine and vLLM version reuses (a stored one is reused)."""
+    from runtime.engine.config import EngineConfig, engine_field_names, parse_assignments
+    from runtime.errors import unknown_name_message
+    from runtime.profiler import ProfilePlan, ProfileProgress, list_profiles, profile_engine
+
+    with user_errors():
+        if list_:
+            _show_profiles(list_profiles())
+            return
+        if model is None:
+            fail("profile needs a MODEL (or --list)")
+        knobs = parse_assignments(set_ or [])
+        known = sorted(engine_field_names())
+        for name in knobs:
+            if name not in known:
+                fail(f"--set: {unknown_name_message('engine knob', name, known)}")
+        config = validated(lambda: EngineConfig(**{"model": model, **knobs}), "--set")
+        plan = ProfilePlan(contention_replicas=contention_replicas)
+        console.print(
+            f"profiling {config.model} ({config.dtype}): replicas start in ~1 min each on CPU"
+        )
+        with progress_bar() as progress:
+            task = progress.add_task("looking for a stored profile", total=None)
+
+            def show(report: ProfileProgress) -> None:
+                progress.update(
+                    task, description=report.phase, completed=report.done, total=report.total
+                )
+
+            outcome = profile_engine(config, force=force, plan=plan, on_progress=show)
+    found = outcome.profile
+    if outcome.reused:
+        console.print(f"reusing the stored profile {outcome.path} (--force measures again)")
+    else:
+        console.print(f"profiled in {outcome.seconds:.0f}s")
+    rows: dict[str, object] = dict(found.coefficients.model_dump())
+    if found.fit is not None:
+        rows.update({f"fit_{k}": v for k, v in found.fit.model_dump().items()})
+    rows.update(
+        startup_s=found.startup_s, kv_bytes_per_token=found.kv_bytes_per_token,
+        request_overhead_s=found.request_overhead_s,
+        response_overhead_s=found.response_overhead_s,
+        memory_gib_without_kv=found.memory_gib_without_kv,
+        contention=", ".join(f"{f:.2f}" for f in found.contention),
+    )  # fmt: skip
+    if found.speculation is not None:
+        rows.update(found.speculation.model_dump())
+    console.print(
+        metrics_table(f"profile of {found.model} ({found.dtype}, {found.hardware})", rows)
+    )
+    if outcome.measurements is not None and outcome.measurements.dropped_probes:
+        dropped = outcome.measurements.dropped_probes
+        console.print(f"[yellow]{len(dropped)} probes not used[/], first: {dropped[0]}")
+    console.print(f"wrote {outcome.path}" if not outcome.reused else str(outcome.path))
+
+
+def _show_profiles(found: list) -> None:  # type: ignore[type-arg]
+    """The stored profiles as a table."""
+    from rich.table import Table
+
+    from runtime.profiler import profiles_dir
+
+    table = Table(title="stored step-time profiles")
+    for column in ("model", "dtype", "quant.", "hardware", "vLLM", "steps", "r2", "err p50",
+                   "startup", "contention", "file"):  # fmt: skip
+        table.add_column(column, no_wrap=column in ("model", "file"))
+    for path, item in found:
+        fitted = item.fit
+        table.add_row(
+            item.model, item.dtype, item.quantization or "-", item.hardware, item.vllm_version,
+            str(fitted.samples) if fitted else "-",
+            f"{fitted.r2:.3f}" if fitted and fitted.r2 is not None else "-",
+            f"{100 * fitted.median_abs_pct_error:.1f}%" if fitted else "-",
+            f"{item.startup_s:.0f}s", ", ".join(f"{f:.2f}" for f in item.contention), path.name,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"profiles live in {profiles_dir()}")
 
 
 # --- run --------------------------------------------------------------------------------
