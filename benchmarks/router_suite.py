@@ -49,6 +49,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -58,6 +59,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -80,8 +82,24 @@ from runtime.sim.cluster import (
 from runtime.sim.steptime import StepTimeProfile
 from runtime.workload import ClosedLoop, PoissonArrivals, WorkloadSpec
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sim_speed import PROFILE  # the stand-in profile, defined once there
+# `python benchmarks/router_suite.py` puts this folder first on sys.path, where a script's name
+# can shadow a package (benchmarks/apps.py vs apps): the packages come from the installation.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+
+def sibling(name: str) -> ModuleType:
+    """Another script of benchmarks/, loaded from its file: the folder is never put on
+    sys.path, where a script's name could shadow a package (benchmarks/apps.py vs apps)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PROFILE: StepTimeProfile = sibling("sim_speed").PROFILE  # the stand-in, defined once there
 
 MODEL = "smollm2-135m"
 POLICIES = ("round_robin", "least_outstanding", "power_of_two", "sla_aware", "oracle")
@@ -513,8 +531,6 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
     """The equal scenario on two real replicas: capacity, then every policy at each load."""
     import asyncio
 
-    from router_bench import wait_idle
-
     from runtime.engine.client import SamplingParams, call_deadline
     from runtime.engine.pool import PoolLimits, ReplicaPool
     from runtime.routing.prediction import StepModel
@@ -522,6 +538,7 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
     from runtime.stats import percentiles
     from runtime.workload import poisson_offsets
 
+    wait_idle = sibling("router_bench").wait_idle
     engine = EngineConfig(model=MODEL, max_num_seqs=16, block_size=128, max_model_len=2048)
     profiles = {}
     if profile is not None:
