@@ -30,7 +30,8 @@ def test_an_init_folder_and_the_arithmetic_app_run_on_the_hot_replica(
         ),
         "expression": load_run_spec(
             REPO / "experiments" / "arithmetic-cpu.yaml",
-            {**SMALL, "app.architecture": "expression"},
+            # with worked examples the bundled model writes an expression the code node parses
+            {**SMALL, "app.architecture": "expression", "app.few_shot": True},
         ),
     }
     calls = {"direct": 1.0, "recall_then_answer": 2.0, "expression": 1.0}
