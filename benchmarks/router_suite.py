@@ -83,14 +83,14 @@ from runtime.sim.steptime import StepTimeProfile
 from runtime.workload import ClosedLoop, PoissonArrivals, WorkloadSpec
 
 # `python benchmarks/router_suite.py` puts this folder first on sys.path, where a script's name
-# can shadow a package (benchmarks/apps.py vs apps): the packages come from the installation.
+# can shadow a package (apps.py would shadow apps): the packages come from the installation.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 
 
 def sibling(name: str) -> ModuleType:
     """Another script of benchmarks/, loaded from its file: the folder is never put on
-    sys.path, where a script's name could shadow a package (benchmarks/apps.py vs apps)."""
+    sys.path, where a script's name could shadow a package (apps.py would shadow apps)."""
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

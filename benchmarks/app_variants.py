@@ -5,7 +5,7 @@ extract-cpu.yaml) once per variant on one hot replica (the pool reuses it: only 
 changes) and prints, per app and variant, LLM calls per request, e2e p50/p95 and quality with
 its 95% bootstrap interval.
 
-Usage: .venv/bin/python benchmarks/apps.py [--apps arithmetic] [--requests 60]
+Usage: .venv/bin/python benchmarks/app_variants.py [--apps arithmetic] [--requests 60]
        [--set app.few_shot=false] [--json reports/apps.json] | tee reports/apps.txt
 """
 
