@@ -21,8 +21,9 @@ whole, and admits at most `max_queue` LLM requests at a time (in flight or waiti
 router); beyond that it answers 429 with Retry-After, so overload turns into back-pressure
 instead of unbounded memory and latency. Errors use OpenAI's shape (runtime.serving.errors):
 400 for a body that is not JSON, 413 for one too large, 422 naming the field for a schema
-error, 429 with Retry-After for a full queue, 5xx for what fails on fmtune's or an engine's
-side (an engine's own 4xx answer to a proxied call is passed through as it is).
+error, 429 with Retry-After for a full queue or a call the router sheds (shed before it
+reaches an engine), 5xx for what fails on fmtune's or an engine's side (an engine's own 4xx
+answer to a proxied call is passed through as it is).
 
 `create_app` is free of process management (tests give it fake endpoints); runtime.serving.server
 starts the replicas and runs it under uvicorn.
@@ -58,6 +59,7 @@ from runtime.serving.errors import (
     describe_unreadable_body,
     describe_validation,
     openai_error,
+    rejection_reason,
     status_for_failure,
 )
 from runtime.serving.metrics import FrontDoorState, Metrics, RequestRecord, create_metrics
@@ -440,7 +442,7 @@ def create_app(
     async def _proxy_error(_: Request, error: ProxyError) -> JSONResponse:
         headers: dict[str, str] = {}
         if error.status == 429:
-            metrics.rejected.labels("router_queue").inc()
+            metrics.rejected.labels(rejection_reason(error.code)).inc()
             headers["Retry-After"] = str(config.retry_after_s)
         return openai_error(
             error.status, error.message, kind=error.kind, code=error.code, headers=headers
@@ -545,7 +547,8 @@ def create_app(
         """Run one request of a deployment app through its DAG on the router.
 
         200 when every node succeeded; otherwise the same body with ok=false and the status
-        of the first failure: 429 (router queue full), 503 (shed, no healthy endpoint), 504
+        of the first failure: 429 with Retry-After (router queue full, or shed by admission
+        control before any call of it reached an engine), 503 (no healthy endpoint), 504
         (timeout) or 502 (an engine, API or code node failed).
         """
         if name not in apps:
@@ -596,10 +599,10 @@ def create_app(
         )
         if result.error is None:
             return answer
-        status, _ = status_for_failure(result.failure)
+        status, code = status_for_failure(result.failure)
         headers = {"Retry-After": str(config.retry_after_s)} if status == 429 else {}
         if status == 429:
-            metrics.rejected.labels("router_queue").inc()
+            metrics.rejected.labels(rejection_reason(code)).inc()
         return JSONResponse(answer.model_dump(), status_code=status, headers=headers)
 
     @app.get("/health")

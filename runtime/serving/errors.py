@@ -47,13 +47,21 @@ UPSTREAM_FAULT = (502, "upstream_error")
 #: The HTTP answer (status, error code) to each way a routed call or app request fails.
 STATUS_OF_FAILURE: dict[CallFailure, tuple[int, str]] = {
     CallFailure.QUEUE_FULL: (429, "queue_full"),
-    CallFailure.SHED: (503, "shed"),
+    # A shed call never reached an engine: the client may come back when the load eases
+    # (429 with Retry-After, as for a full queue), not a fault of the deployment (5xx).
+    CallFailure.SHED: (429, "shed"),
     CallFailure.NO_ENDPOINT: (503, "no_healthy_endpoint"),
     CallFailure.TIMEOUT: (504, "timeout"),
     CallFailure.CONNECTION: (502, "upstream_error"),
     CallFailure.UPSTREAM_ERROR: (502, "upstream_error"),
     CallFailure.APP_ERROR: (502, "upstream_error"),
 }
+
+
+def rejection_reason(code: str) -> str:
+    """The `reason` label of the fmtune_rejected_429 counter for a 429 with error code
+    `code`: 'shed' for a call admission control shed, 'router_queue' for a full queue."""
+    return "shed" if code == "shed" else "router_queue"
 
 
 def status_for_failure(failure: CallFailure | None) -> tuple[int, str]:

@@ -247,7 +247,9 @@ def create_metrics(
         ),
         rejected=Counter(
             "fmtune_rejected_429",
-            "Requests answered 429: the front door or the router's queue was full.",
+            "Requests answered 429, by reason: the front door was full (front_door), the "
+            "router's queue was full (router_queue), or the router shed a call that could not "
+            "meet its deadline (shed).",
             ["reason"],
             registry=registry,
         ),

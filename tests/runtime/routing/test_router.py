@@ -141,6 +141,7 @@ async def test_sla_aware_sheds_a_call_whose_deadline_is_out_of_reach() -> None:
     assert record.error is not None and record.error.startswith("shed:")
     assert record.failure is CallFailure.SHED
     assert router.stats.shed == 1
+    assert router.endpoints[0].calls == 0  # shed before it reached the engine
     with call_deadline(router.clock() + 60.0):
         assert (await router.chat("llm", USER, SamplingParams())).ok
     await router.aclose()
@@ -409,6 +410,7 @@ async def test_a_queued_call_that_can_no_longer_make_it_is_shed_when_its_slot_fr
     assert records[1].failure is CallFailure.SHED
     assert records[1].error is not None and records[1].error.startswith("shed: predicted finish")
     assert router.stats.shed == 1 and router._released == {"llm": 0}
+    assert router.endpoints[0].calls == 1  # only the first call ever reached the engine
     await router.aclose()
 
 

@@ -447,7 +447,7 @@ async def test_burst_beyond_max_queue_gets_429_with_retry_after() -> None:
     assert engines[0][0].calls == 2
 
 
-async def test_router_queue_full_is_429_and_shed_is_503() -> None:
+async def test_router_queue_full_and_shed_are_429_with_retry_after() -> None:
     with fake_engines(1, delay_s=0.6) as engines:
         deployment = deployment_for([engines[0][1].url], queue_capacity=1)
         engine = deployment.models["llm"].engine.with_knobs(max_num_seqs=1)
@@ -473,15 +473,29 @@ async def test_router_queue_full_is_429_and_shed_is_503() -> None:
 
     with fake_engines(1) as engines:
         deployment = deployment_for([engines[0][1].url], policy="sla_aware")
-        config = ServeConfig(sla_e2e_s=0.05)
+        config = ServeConfig(sla_e2e_s=0.05, retry_after_s=2)
         with front_door(deployment, config) as (door, router):
             client = openai_client(door)
-            with pytest.raises(openai.InternalServerError) as shed:
+            with pytest.raises(openai.RateLimitError) as shed:
                 client.completions.create(model="llm", prompt="hi", max_tokens=500)
-            assert shed.value.status_code == 503
+            assert shed.value.status_code == 429
             assert shed.value.code == "shed"
-            assert router.stats.shed == 1
-            assert engines[0][0].calls == 0
+            assert shed.value.response.headers["retry-after"] == "2"
+            async with httpx.AsyncClient(base_url=door.url, timeout=10) as http:
+                body = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+                again = await http.post("/v1/chat/completions", json=body | {"max_tokens": 500})
+                assert again.status_code == 429
+                assert again.headers["retry-after"] == "2"
+                app_run = await http.post("/v1/apps/extract", json={"inputs": {"article": "x"}})
+                assert app_run.status_code == 429  # a failed request, answered at once
+                assert app_run.headers["retry-after"] == "2"
+                assert app_run.json()["ok"] is False
+                assert app_run.json()["error"].startswith("node ")
+                samples = metric_samples((await http.get("/metrics")).text)
+            rejected = samples["fmtune_rejected_429"]
+            assert sample_value(rejected, "fmtune_rejected_429_total", reason="shed") == 3
+            assert router.stats.shed == 3
+            assert engines[0][0].calls == 0  # shed before any engine saw it
 
 
 # --------------------------------------------------------------------------------------------
