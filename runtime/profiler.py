@@ -51,12 +51,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.deployment import Deployment
 from runtime.engine.client import CallRecord, EngineClient, SamplingParams
 from runtime.engine.config import EngineConfig
 from runtime.engine.models import fmtune_home, resolve_model
 from runtime.engine.pool import PoolLimits, ReplicaFactory, ReplicaPool
 from runtime.engine.replica import GIB, Replica
+from runtime.engine.steptime import StepTimeCoefficients
 from runtime.errors import ConfigError
+from runtime.routing.prediction import StepModel
 from runtime.sim.steptime import (
     FEATURES,
     PROFILE_SCHEMA_VERSION,
@@ -193,6 +196,48 @@ def find_profile(engine: EngineConfig) -> StepTimeProfile | None:
     """The stored profile of this engine's key on this machine, or None."""
     path = profile_path(ProfileKey.for_engine(engine))
     return load_profile(path) if path.is_file() else None
+
+
+def router_step_models(deployment: Deployment, replicas: int) -> dict[str, StepModel]:
+    """The step-time model the router predicts with, per model key: the stored profile of
+    the key's engine on this machine (its steps slowed by the ``replicas`` replicas of the
+    deployment sharing a CPU machine, `StepTimeProfile.slowdown`; its API overheads the
+    part of a call outside engine steps). A key without a stored profile is left out (the
+    router learns its speeds online from its calls) with one log line saying so; with
+    cluster 'endpoints' the engines run elsewhere, so no profile of this machine applies."""
+    if deployment.cluster != "local":
+        logger.info(
+            "router predictions: speeds learned online (cluster '%s': this machine's "
+            "profiles do not describe its endpoints)",
+            deployment.cluster,
+        )
+        return {}
+    models: dict[str, StepModel] = {}
+    for key, model in sorted(deployment.models.items()):
+        engine = model.engine
+        try:
+            profile = find_profile(engine)
+        except (OSError, ValueError) as error:  # a damaged file must not stop serving
+            logger.warning("router predictions for '%s': stored profile unreadable: %s", key, error)
+            profile = None
+        if profile is None:
+            logger.info(
+                "router predictions for '%s': no stored step-time profile of model '%s' on "
+                "this machine, speeds learned online (`fmtune profile %s` stores one)",
+                key, engine.model, engine.model,
+            )  # fmt: skip
+            continue
+        factor = profile.slowdown(replicas) if engine.device == "cpu" else 1.0
+        values = profile.coefficients.model_dump()
+        models[key] = StepModel(
+            coefficients=StepTimeCoefficients(**{k: v * factor for k, v in values.items()}),
+            overhead_s=profile.request_overhead_s + profile.response_overhead_s,
+        )
+        logger.info(
+            "router predictions for '%s': stored profile %s (steps x%.2f for %d replicas)",
+            key, profile.key(), factor, replicas,
+        )  # fmt: skip
+    return models
 
 
 def require_profile(engine: EngineConfig) -> StepTimeProfile:

@@ -42,6 +42,7 @@ from runtime.metrics import (
     example_quality,
     summarize,
 )
+from runtime.profiler import router_step_models
 from runtime.routing.router import Endpoint, Router, RouterStats
 from runtime.scaling.autoscaler import app_sampler, llm_calls_per_request, size_deployment
 from runtime.scaling.provisioner import SizingResult
@@ -373,7 +374,12 @@ def execute_run(
     models = {key: key for key in keys}
 
     async def drive() -> tuple[list[list[RequestResult]], list[float], RouterStats, float, float]:
-        router = Router(endpoints, spec.deployment.router, default_deadline_s=spec.sla.e2e_s)
+        router = Router(
+            endpoints,
+            spec.deployment.router,
+            default_deadline_s=spec.sla.e2e_s,
+            profiles=router_step_models(deployment, len(endpoints)),
+        )
         runs: list[list[RequestResult]] = []
         walls: list[float] = []
         async with router:

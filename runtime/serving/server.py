@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -31,6 +31,7 @@ from runtime.deployment import Deployment, load_deployment
 from runtime.engine import models
 from runtime.engine.pool import ReplicaPool
 from runtime.errors import ConfigError, FmtuneError
+from runtime.routing.prediction import StepModel
 from runtime.routing.router import Endpoint, Router
 from runtime.scaling.autoscaler import autoscalers_for, size_deployment
 from runtime.scaling.replacer import ReplicaReplacer
@@ -38,6 +39,10 @@ from runtime.serving.app import build_apps, create_app
 from runtime.serving.config import ServeConfig
 
 logger = logging.getLogger(__name__)
+
+#: Gives the router's step-time model per model key of a deployment served by this many
+#: replicas (runtime.profiler.router_step_models: the stored profiles).
+StepModelLookup = Callable[[Deployment, int], Mapping[str, StepModel]]
 
 
 class ServeError(FmtuneError):
@@ -149,9 +154,17 @@ async def _serve_async(
     signals: _ShutdownSignals,
     listener: socket.socket,
     on_started: Callable[[], None],
+    step_models: StepModelLookup | None,
 ) -> None:
     sla_s = config.sla_e2e_s or deployment.provisioner.sla_p99_s
-    router = Router(endpoints, deployment.router, default_deadline_s=sla_s)
+    if step_models is None:
+        logger.info("router predictions: speeds learned online (no stored profile looked up)")
+    router = Router(
+        endpoints,
+        deployment.router,
+        default_deadline_s=sla_s,
+        profiles=step_models(deployment, len(endpoints)) if step_models is not None else None,
+    )
     replacer = None
     if pool is not None:
         replacer = ReplicaReplacer(
@@ -195,6 +208,7 @@ def serve(
     pool: ReplicaPool | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_ready: Callable[[str], None] | None = None,
+    step_models: StepModelLookup | None = None,
 ) -> None:
     """Serve a deployment (or a DEPLOY.yaml, checked by `load_for_serving`) until Ctrl-C or
     SIGTERM (blocking; the CLI's `fmtune serve`).
@@ -204,7 +218,11 @@ def serve(
     (runtime.scaling.autoscaler.size_deployment, with a calibration on the deployment's apps)
     and then scaled by an Autoscaler each; with cluster 'endpoints' nothing is started.
     `on_phase(text)` hears what is being started; `on_ready(url)` is called once the front
-    door accepts connections. Whatever stops the server (a signal, an error, a failed start),
+    door accepts connections. `step_models(deployment, replicas)` gives the router's
+    step-time model per model key (the CLI passes `runtime.profiler.router_step_models`: the
+    stored profiles; the serving layer stands beside the simulator and cannot read them
+    itself); keys it leaves out, or all of them without it, predict with speeds learned
+    online. Whatever stops the server (a signal, an error, a failed start),
     the pool is closed on the way out, so no replica outlives it.
     """
     checked = (
@@ -231,7 +249,11 @@ def serve(
         try:
             sized, _ = size_deployment(checked, pool)
             endpoints.extend(start_endpoints(sized, pool, on_model=starting))
-            asyncio.run(_serve_async(checked, config, endpoints, pool, signals, listener, started))
+            asyncio.run(
+                _serve_async(
+                    checked, config, endpoints, pool, signals, listener, started, step_models
+                )
+            )
         except KeyboardInterrupt:
             logger.info("interrupted; stopping")
         finally:

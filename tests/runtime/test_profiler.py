@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
 from runtime.errors import ConfigError
 from runtime.profiler import (
@@ -25,6 +26,7 @@ from runtime.profiler import (
     profile_path,
     profiling_config,
     require_profile,
+    router_step_models,
     step_samples,
 )
 from runtime.sim.steptime import (
@@ -210,6 +212,34 @@ def test_a_stored_profile_is_found_by_its_key_and_reused(fmtune_home: Path) -> N
     outcome = profile_engine(ENGINE)  # no replica starts: the stored one is reused
     assert outcome.reused and outcome.profile == stored and outcome.path == path
     assert list_profiles() == [(path, stored)]
+
+
+def test_the_router_predicts_with_the_stored_profile_slowed_by_the_replicas_sharing_the_cpu(
+    fmtune_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = ProfileKey.for_engine(ENGINE)
+    stored = make_profile(
+        dtype="float32", hardware=key.hardware, vllm_version=key.vllm_version,
+        contention=(1.0, 1.5), request_overhead_s=0.03, response_overhead_s=0.01,
+    )  # fmt: skip
+    save_profile(stored, profile_path(key))
+    engines = {"a": ENGINE, "b": ENGINE.with_knobs(dtype="bfloat16")}  # b: none stored
+    local = Deployment.model_validate(
+        {"models": {k: {"engine": e.model_dump(exclude_defaults=True)} for k, e in engines.items()}}
+    )
+    with caplog.at_level("INFO", logger="runtime.profiler"):
+        models = router_step_models(local, replicas=2)
+    assert set(models) == {"a"}
+    assert models["a"].coefficients.base_s == pytest.approx(1.5 * stored.coefficients.base_s)
+    assert models["a"].overhead_s == pytest.approx(0.04)
+    assert router_step_models(local, replicas=1)["a"].coefficients == stored.coefficients
+    missing = [r.getMessage() for r in caplog.records if "'b'" in r.getMessage()]
+    assert len(missing) == 1 and "no stored step-time profile" in missing[0]
+    remote = Deployment.model_validate(
+        {"cluster": "endpoints", "models": {"a": {"engine": {"model": "smollm2-135m"},
+                                                "endpoints": ["http://x"]}}}
+    )  # fmt: skip
+    assert router_step_models(remote, replicas=2) == {}  # its engines run elsewhere
 
 
 def test_profiles_are_measured_on_vllms_defaults_for_the_knobs_a_simulation_varies() -> None:

@@ -351,6 +351,7 @@ def serve(
     """Serve a deployment: OpenAI-compatible /v1/chat/completions, /v1/completions,
     /v1/models, each app at /v1/apps/{name}, /health (and /healthz), /version and Prometheus
     /metrics. The file, its apps and models and the port are checked before anything starts."""
+    from runtime.profiler import router_step_models
     from runtime.serving.config import ServeConfig
     from runtime.serving.server import load_for_serving
     from runtime.serving.server import serve as serve_deployment
@@ -375,4 +376,5 @@ def serve(
             on_ready=lambda url: console.print(
                 f"serving {deployment} on {url} (Ctrl-C stops it)", soft_wrap=True
             ),
+            step_models=router_step_models,
         )

@@ -36,6 +36,7 @@ from runtime.deployment import Deployment, load_deployment
 from runtime.engine.config import EngineConfig
 from runtime.engine.pool import ReplicaPool
 from runtime.engine.replica import free_port
+from runtime.routing.prediction import StepModel
 from runtime.routing.router import Router
 from runtime.serving.app import _BodyTooLarge, _read_body, build_apps, create_app
 from runtime.serving.config import ServeConfig
@@ -777,6 +778,12 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
             return
         ready.append((url, False))
 
+    looked_up: list[tuple[list[str], int]] = []
+
+    def step_models(deployment: Deployment, replicas: int) -> dict[str, StepModel]:
+        looked_up.append((sorted(deployment.models), replicas))
+        return {}
+
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
     try:
@@ -786,6 +793,7 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
             pool=ReplicaPool(factory=factory),
             on_phase=phases.append,
             on_ready=on_ready,
+            step_models=step_models,
         )
     finally:
         served.set()
@@ -793,6 +801,7 @@ def test_serve_replaces_a_dead_replica_and_stops_all_on_sigterm(tmp_path: Path) 
     assert "error" not in outcome, outcome.get("error")
     assert phases == [f"starting 2 replica(s) of {SERVED} for model key 'llm'"]
     assert ready == [(base, True)]
+    assert looked_up == [(["llm"], 2)]  # the router's predictions, once its replicas are up
     assert outcome["first"] == outcome["after"] == "Hello from the fake engine"
     assert len(outcome["endpoints"]) == 2
     assert f"llm/{started[0].replica_id}" not in outcome["endpoints"]
