@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from runtime.app.datasets import Example
 from runtime.app.executor import RequestResult, run_requests, to_outcome
 from runtime.app.scoring import Judge, Score, Scorer, score_all
+from runtime.capacity import CapacitySpec
 from runtime.cluster import start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
 from runtime.engine.client import CallFailure
@@ -140,6 +141,13 @@ class RunSpec(BaseModel):
     node_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest any one DAG node may take before it fails."
     )
+    capacity: CapacitySpec | None = Field(
+        default=None,
+        description="Measure the deployment's capacity after the run (runtime.capacity): the "
+        "highest arrival rate whose SLA attainment stays >= capacity.target, searched in the "
+        "simulator and confirmed on the real engine, as the metrics max_goodput_rps and "
+        "cost_per_1k_at_capacity_usd. Absent: not measured.",
+    )
 
     @model_validator(mode="after")
     def _models_served(self) -> RunSpec:
@@ -169,6 +177,9 @@ class RunResult:
     endpoints: list[str] = field(default_factory=list)
     replica_logs: dict[str, str] = field(default_factory=dict)
     """The end of each replica's server log, for artifacts and failure reports."""
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+    """Metrics measured beside the run and reported with it (the capacity's: runtime.capacity),
+    merged into metrics_dict()."""
     sizing: dict[str, SizingResult] = field(default_factory=dict)
     """How each model key with replicas 'auto' was sized before the run (none otherwise);
     the count stays fixed during the run (no autoscaling: runs are short, and the cost
@@ -199,6 +210,7 @@ class RunResult:
         data["router_shed"] = self.router_stats.shed
         data["router_retried"] = self.router_stats.retried
         data["router_queue_rejected"] = self.router_stats.queue_rejected
+        data.update(self.extra_metrics)
         return data
 
 

@@ -151,7 +151,7 @@ def test_a_missing_field_without_a_misspelling_is_still_reported(tmp_path: Path)
         load_run_spec(bad)
     message = str(caught.value)
     assert "sla: Field required" in message and "got" not in message
-    assert "unknown field 'color'; valid: app, dataset, deployment" in message
+    assert "unknown field 'color'; valid: app, capacity, dataset, deployment" in message
     assert len(message) < 300
 
 
