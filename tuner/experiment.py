@@ -21,8 +21,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtime.capacity import CAPACITY_METRICS
 from runtime.deployment import read_yaml_mapping
 from runtime.errors import ConfigError, config_error, unknown_name_message
 from runtime.metrics import RunMetrics
@@ -38,8 +39,9 @@ _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<|>)\s*(-?[0-9.
 
 
 def metric_names() -> set[str]:
-    """Every metric `fmtune run` reports by name."""
-    return set(RunMetrics.model_fields) | set(RUN_EXTRAS)
+    """Every metric `fmtune run` reports by name (the capacity metrics when the experiment
+    sets `capacity`)."""
+    return set(RunMetrics.model_fields) | set(RUN_EXTRAS) | set(CAPACITY_METRICS)
 
 
 class MetricBound(BaseModel):
@@ -220,6 +222,21 @@ class Experiment(RunSpec):
     """An experiment file: a run plus its tuning section."""
 
     tune: TuneSpec | None = Field(default=None, description="What to tune; needed by `tune`.")
+
+    @model_validator(mode="after")
+    def _capacity_measured(self) -> Experiment:
+        """An objective or constraint on a capacity metric needs the `capacity` setting."""
+        if self.tune is None or self.capacity is not None:
+            return self
+        named = [o.metric for o in self.tune.objectives]
+        named += [bound.metric for bound in self.tune.bounds()]
+        for metric in named:
+            if metric in CAPACITY_METRICS:
+                raise ValueError(
+                    f"tune: metric '{metric}' is measured only with the capacity setting "
+                    "(add e.g. `capacity: {target: 0.95}` to the experiment)"
+                )
+        return self
 
 
 def load_experiment(

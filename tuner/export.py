@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from runtime.capacity import CAPACITY_DETAIL
 from runtime.deployment import Deployment
 from runtime.errors import ConfigError
 from runtime.render.bundle import write_bundle
@@ -132,7 +133,9 @@ def export_front(study: optuna.Study, out_dir: Path) -> list[ExportedBundle]:
         metrics = dict(trial.user_attrs.get(ATTR_METRICS, {}))
         folder = out_dir / bundle_name(trial.number)
         title = f"{study.study_name} trial {trial.number}"
-        shown = {k: v for k, v in metrics.items() if not isinstance(v, dict)}  # no raw data
+        shown = {  # no raw data; the capacity's detail makes the README's capacity sentence
+            k: v for k, v in metrics.items() if not isinstance(v, dict) or k == CAPACITY_DETAIL
+        }
         files = write_bundle(deployment, folder, metrics=shown, title=title)
         measured = folder / MEASURED_FILE
         record = measured_record(study, experiment, trial)

@@ -35,6 +35,7 @@ from runtime.run import RunResult, RunSpec
 from runtime.sim.cluster import RequestShape
 from runtime.sim.steptime import StepTimeProfile
 from runtime.simrun import prediction_errors, shapes_from_run, simulate_run
+from tuner.capacity import measure_capacity
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def calibration_key(spec: RunSpec) -> str:
     deployment), the machine and the vLLM version."""
     text = json.dumps(
         {
-            "spec": spec.model_dump(mode="json", exclude={"name", "description"}),
+            "spec": spec.model_dump(mode="json", exclude={"name", "description", "capacity"}),
             "machine": ProfileKey.for_engine(
                 next(iter(spec.deployment.models.values())).engine
             ).hardware,
@@ -207,6 +208,11 @@ class SimEvaluator:
         except ValueError as error:  # a spec the simulator refuses (pydantic's included)
             raise ConfigError(f"the simulator refused the trial: {error}") from None
         metrics = with_app_metrics(result.metrics_dict(), calibration.metrics)
+        if spec.capacity is not None:  # simulated only: a simulated trial confirms nothing
+            found = measure_capacity(
+                spec, calibration.shapes, profiles, start_rps=metrics.get("requests_per_s")
+            )
+            metrics.update(found.metrics())
         metrics["fidelity"] = "sim"
         return SimulatedRun(metrics, key, time.process_time() - started)
 

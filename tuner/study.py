@@ -59,6 +59,7 @@ from runtime.deployment import Deployment
 from runtime.errors import ConfigError, EngineFailure, FmtuneError
 from runtime.run import RunResult, RunSpec, write_run
 from runtime.simrun import prediction_errors
+from tuner.capacity import capacity_of_run
 from tuner.experiment import Experiment, TuneSpec, run_spec_of
 from tuner.fidelity import SimEvaluator, SimulatedRun, confirmation_errors
 from tuner.knobs import InvalidTrial, check_knob_names, experiment_overrides, trial_spec
@@ -505,6 +506,8 @@ class StudyRunner:
             raise TrialFailed(FailureKind.ENGINE, str(error).splitlines()[0]) from None
         except (FmtuneError, OSError, RuntimeError, ValueError, TimeoutError) as error:
             raise TrialFailed(FailureKind.EVALUATION, f"{type(error).__name__}: {error}") from None
+        if spec.capacity is not None:
+            result.extra_metrics.update(self._capacity(number, spec, result))
         trial_dir = self.out_dir / "trials" / f"{number:04d}"
         write_run(result, trial_dir)
         (trial_dir / "DEPLOY.yaml").write_text(deployment_of(spec).to_yaml())
@@ -512,6 +515,21 @@ class StudyRunner:
             logs = "\n\n".join(f"== {k} ==\n{v}" for k, v in result.replica_logs.items())
             (trial_dir / "replica-logs.txt").write_text(logs + "\n")
         return result
+
+    def _capacity(self, number: int, spec: RunSpec, result: RunResult) -> dict[str, Any]:
+        """The capacity metrics of a measured trial (tuner.capacity: simulated search over
+        rates, confirmed with the study's evaluation); a failure fails the trial."""
+        try:
+            found = capacity_of_run(
+                spec, result, self.evaluate, on_phase=lambda text: self._phase(number, text)
+            )
+        except EngineFailure as error:
+            raise TrialFailed(FailureKind.ENGINE, str(error).splitlines()[0]) from None
+        except (FmtuneError, OSError, RuntimeError, ValueError, TimeoutError) as error:
+            raise TrialFailed(
+                FailureKind.EVALUATION, f"capacity: {type(error).__name__}: {error}"
+            ) from None
+        return found.metrics()
 
     def _simulate(self, number: int, spec: RunSpec) -> SimulatedRun:
         """A trial in the simulator: its metrics.json and DEPLOY.yaml in the trial's folder.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from runtime.capacity import CAPACITY_DETAIL, capacity_line
 from runtime.deployment import Deployment
 from runtime.engine.models import CATALOG
 from runtime.render.commands import container_argv, shell_command
@@ -43,7 +44,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def bundle_readme(
     deployment: Deployment, *, metrics: Mapping[str, Any] | None = None, title: str = ""
 ) -> str:
-    """The bundle's README: what it is, how to run each form, knobs and metrics."""
+    """The bundle's README: what it is, how to run each form, knobs and metrics (and the
+    capacity in a sentence, when the metrics have runtime.capacity's)."""
     folders = sorted({model_folder_name(model.engine) for model in deployment.models.values()})
     catalog = sorted(
         {m.engine.model for m in deployment.models.values() if m.engine.model in CATALOG}
@@ -143,6 +145,10 @@ def bundle_readme(
             "```",
             "",
         ]
+    capacity = capacity_line(metrics) if metrics else None
+    if capacity is not None:
+        lines += ["## Capacity", "", capacity, ""]
     if metrics:
-        lines += ["## Metrics", "", *_table(["metric", "value"], list(metrics.items())), ""]
+        rows = [[name, value] for name, value in metrics.items() if name != CAPACITY_DETAIL]
+        lines += ["## Metrics", "", *_table(["metric", "value"], rows), ""]
     return "\n".join(lines)
