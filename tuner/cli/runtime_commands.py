@@ -293,9 +293,10 @@ def run(
     ),
 ) -> None:
     """Run an experiment's application on real replicas and measure it end to end."""
+    from runtime.capacity import CAPACITY_METRICS, capacity_line
     from runtime.engine.config import parse_assignments
     from runtime.engine.pool import ReplicaPool
-    from runtime.run import execute_run, load_run_spec, write_run
+    from runtime.run import RunResult, RunSpec, execute_run, load_run_spec, write_run
 
     with user_errors():
         spec = load_run_spec(experiment, parse_assignments(set_ or []))
@@ -308,11 +309,32 @@ def run(
                 on_phase=lambda text: progress.update(task, description=text),
                 on_request_done=lambda _result: progress.advance(task),
             )
+            if spec.capacity is not None:
+                from tuner.capacity import capacity_of_run
+
+                def confirm(at_rate: RunSpec) -> RunResult:
+                    progress.update(task, completed=0, total=at_rate.workload.num_requests)
+                    return execute_run(
+                        at_rate, pool,
+                        on_phase=lambda text: progress.update(task, description=text),
+                        on_request_done=lambda _result: progress.advance(task),
+                    )  # fmt: skip
+
+                found = capacity_of_run(
+                    spec, result, confirm,
+                    on_phase=lambda text: progress.update(task, description=text),
+                )  # fmt: skip
+                result.extra_metrics.update(found.metrics())
     paths = write_run(result, out)
     metrics = result.metrics_dict()
     shown = {key: metrics.get(key) for key in RUN_TABLE_KEYS}
+    if spec.capacity is not None:
+        shown.update({key: metrics.get(key) for key in CAPACITY_METRICS})
     title = f"{spec.name}: {spec.app.architecture} / {spec.app.format.value}"
     console.print(metrics_table(title, shown))
+    line = capacity_line(metrics)
+    if line is not None:
+        console.print(line, soft_wrap=True)
     failed = [r.error for r in result.results if r.error]
     if failed:
         console.print(f"[yellow]{len(failed)} failed requests[/], first: {failed[0]}")
