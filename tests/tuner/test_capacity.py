@@ -138,3 +138,17 @@ def test_a_rate_the_real_engine_misses_is_stepped_down_once(tmp_path: Path) -> N
     rates = [s.workload.arrivals.rate_rps for s in real.specs if s.capacity is None and
              isinstance(s.workload.arrivals, PoissonArrivals)]  # fmt: skip
     assert len(rates) == 2 and rates[1] == pytest.approx(rates[0] * 0.5)
+
+
+@pytest.mark.usefixtures("stored_profile")
+def test_a_simulated_study_searches_capacity_without_confirming_it(tmp_path: Path) -> None:
+    capacity = {"target": 0.95, "tolerance": 0.1, "num_requests": 24}
+    path = capacity_experiment(tmp_path, capacity, trials=2, fidelity="sim")
+    real = RatedRuns(capacity_rps=1e9)
+    study = runner(tmp_path, load_experiment(path, need_tune=True), real)
+    assert [r.state for r in study.run()] == ["COMPLETE", "COMPLETE"]
+    assert not [s for s in real.specs if isinstance(s.workload.arrivals, PoissonArrivals)]
+    for trial in study.study.get_trials(states=(TrialState.COMPLETE,)):
+        detail = trial.user_attrs[ATTR_METRICS]["capacity"]
+        assert detail["confirmed"] is False and detail["confirmed_probes"] == []
+        assert trial.user_attrs[ATTR_METRICS]["max_goodput_rps"] == detail["simulated_rps"] > 0
