@@ -2,7 +2,8 @@
 
 On real vLLM CPU replicas of the bundled SmolLM2-135M, the quickstart's extraction app
 (experiments/quickstart.yaml: single architecture, JSON, max_num_seqs 16, block 128, eager)
-served in bfloat16 with a small closed workload (6 requests, 3 users, 2 warm-up requests).
+served in bfloat16 with a small closed workload (3 requests, 3 users, 1 warm-up request:
+one wave of three concurrent requests per repeat, about 10 s on one core).
 Every comparison goes through `tuner.regress.measure_all`, the function `fmtune regress`
 runs: the deployment measured with `repeats` 3 and each objective of the quickstart
 (cost_per_1k_usd, e2e_p95_s, quality) compared with the baseline's own measurements by
@@ -72,9 +73,9 @@ REPORT_TXT = REPO / "reports" / "regress_power.txt"
 LATENCY = "e2e_p95_s"
 BASE_OVERRIDES: dict[str, Any] = {
     "deployment.models.llm.engine.dtype": "bfloat16",
-    "workload.num_requests": 6,
+    "workload.num_requests": 3,
     "workload.arrivals": {"kind": "closed", "users": 3, "think_time_s": 0},
-    "workload.warmup_requests": 2,
+    "workload.warmup_requests": 1,
 }
 
 
@@ -158,6 +159,7 @@ def header() -> dict[str, Any]:
         "vllm": tags.get("fmtune.vllm_version", "?"),
         "load_avg_start": list(os.getloadavg()),
         "foreign_engines_at_start": foreign_engines(),
+        "workload": spec_of().workload.model_dump(mode="json", exclude={"repeats", "seed"}),
     }
 
 
@@ -217,6 +219,16 @@ def measure(pool: ReplicaPool, spec: RunSpec) -> dict[str, Any]:
     return execute_run(spec, pool).metrics_dict()
 
 
+def within_budget(args: argparse.Namespace, started: float, done: int) -> bool:
+    """Whether another unit (night, repetition) fits in the phase's --budget-s, estimated
+    as the average of the units done so far (start-up included: a safe overestimate)."""
+    elapsed = time.monotonic() - started
+    if done == 0 or elapsed + elapsed / done <= args.budget_s:
+        return True
+    print(f"stopping after {done} this time ({elapsed:.0f} s): run the phase again to resume")
+    return False
+
+
 def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
     """Base and candidates interleaved on hot replicas (two at a time: the base and the
     candidate under test), `rounds` single-repeat runs each."""
@@ -242,9 +254,9 @@ def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
                 }
             )
             print(f"{candidate}: e2e p95 ratio {ratio:.3f} [{low:.3f}, {high:.3f}]", flush=True)
-            record["calibration"] = {"header": meta, "rounds": args.rounds, "results": results}
+            record["calibration"] = {"headers": [meta], "rounds": args.rounds, "results": results}
             save_record(record)
-    record["calibration"]["header"] = finish(meta, started)
+    record["calibration"]["headers"] = [finish(meta, started)]
 
 
 def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
@@ -253,12 +265,13 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
     started, meta = time.monotonic(), header()
     stored = record.get("nights") or {}
     nights: list[dict[str, Any]] = list(stored.get("nights", []))
+    headers = [*stored.get("headers", []), meta]
     with make_pool(1) as pool:
         base_metrics = stored.get("baseline")
         if base_metrics is None:
             base_metrics = measure(pool, spec_of(repeats=3))
         baseline = baseline_of("unchanged", spec_of(), base_metrics)
-        while len(nights) < args.nights:
+        while len(nights) < args.nights and within_budget(args, started, len(nights)):
             (result,) = measure_all([baseline], lambda spec: measure(pool, spec))
             assert result.metrics is not None
             nights.append(
@@ -266,6 +279,7 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
                     "verdict": result.verdict,
                     "comparisons": comparison_rows(result),
                     "values": result.metrics.get("repeat_values", {}),
+                    "invocation": len(headers) - 1,
                 }
             )
             print(
@@ -273,9 +287,10 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
                 + ", ".join(c.line() for c in result.comparisons),
                 flush=True,
             )
-            record["nights"] = {"header": meta, "baseline": base_metrics, "nights": nights}
+            record["nights"] = {"headers": headers, "baseline": base_metrics, "nights": nights}
             save_record(record)
-    record["nights"]["header"] = finish(meta, started)
+    headers[-1] = finish(meta, started)
+    record["nights"] = {"headers": headers, "baseline": base_metrics, "nights": nights}
 
 
 def phase_slowdowns(args: argparse.Namespace, record: dict[str, Any]) -> None:
@@ -287,11 +302,16 @@ def phase_slowdowns(args: argparse.Namespace, record: dict[str, Any]) -> None:
     if stored.get("knobs") not in (None, levels):
         stored = {}  # other knobs: start over
     reps: list[dict[str, Any]] = list(stored.get("repetitions", []))
+    headers = [*stored.get("headers", []), meta]
     with make_pool(3) as pool:
-        while len(reps) < args.repetitions:
+        while len(reps) < args.repetitions and within_budget(args, started, len(reps)):
             base_metrics = measure(pool, spec_of(repeats=3))
             order = list(levels) if len(reps) % 2 == 0 else list(reversed(levels))
-            rep: dict[str, Any] = {"base_values": base_metrics["repeat_values"], "levels": {}}
+            rep: dict[str, Any] = {
+                "base_values": base_metrics["repeat_values"],
+                "levels": {},
+                "invocation": len(headers) - 1,
+            }
             for level in order:
                 slowed = spec_of(parse_knobs(levels[level]))
                 baseline = baseline_of(f"slowed {level}", slowed, base_metrics)
@@ -308,9 +328,10 @@ def phase_slowdowns(args: argparse.Namespace, record: dict[str, Any]) -> None:
                     flush=True,
                 )
             reps.append(rep)
-            record["slowdowns"] = {"header": meta, "knobs": levels, "repetitions": reps}
+            record["slowdowns"] = {"headers": headers, "knobs": levels, "repetitions": reps}
             save_record(record)
-    record["slowdowns"]["header"] = finish(meta, started)
+    headers[-1] = finish(meta, started)
+    record["slowdowns"] = {"headers": headers, "knobs": levels, "repetitions": reps}
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,11 +359,23 @@ def _head(meta: Mapping[str, Any]) -> str:
     contended = meta.get("foreign_engines_at_start", 0)
     load = meta.get("load_avg_start", [math.nan])[0]
     end = meta.get("load_avg_end", [math.nan])[0]
+    workload = meta.get("workload")
+    shown = (
+        f"\n  workload: {workload['num_requests']} requests, {workload['arrivals']}, "
+        f"{workload['warmup_requests']} warm-up"
+        if workload
+        else ""
+    )
     return (
         f"  ran {meta.get('date')} on {meta.get('host')} ({meta.get('cpus')} cpus, vLLM "
         f"{meta.get('vllm')}), {meta.get('wall_s', '?')} s; load avg {load:.2f} -> "
-        f"{end:.2f}; other vLLM servers at start: {contended}"
+        f"{end:.2f}; other vLLM servers at start: {contended}" + shown
     )
+
+
+def _heads(phase: Mapping[str, Any]) -> list[str]:
+    """One header line per invocation that ran the phase (a resumed phase has several)."""
+    return [_head(meta) for meta in phase.get("headers", [])]
 
 
 def render(record: Mapping[str, Any]) -> str:
@@ -350,7 +383,7 @@ def render(record: Mapping[str, Any]) -> str:
     lines = [
         "fmtune regress: false alarms and detection power on real replicas (issue 12)",
         "quickstart extraction app (single, json), SmolLM2-135M bfloat16, one vLLM CPU replica "
-        "pinned to one core; 6 requests, 3 closed users, 2 warm-ups; repeats 3 per night",
+        "pinned to one core; repeats 3 per night (workload per phase below)",
         "rule: tuner.regress.measure_all/classify, threshold 10%, 95% bootstrap interval must "
         "exclude 1; objectives cost_per_1k_usd, e2e_p95_s, quality (paired)",
         "",
@@ -361,7 +394,7 @@ def render(record: Mapping[str, Any]) -> str:
             f"calibration: e2e p95 of each candidate / base, {calibration['rounds']} "
             "interleaved single-repeat runs each"
         )
-        lines.append(_head(calibration["header"]))
+        lines += _heads(calibration)
         for row in calibration["results"]:
             lines.append(
                 f"  {row['candidate']:<45} {_fmt_ratio(row['ratio'], row['low'], row['high'])}"
@@ -374,7 +407,12 @@ def render(record: Mapping[str, Any]) -> str:
         improved = sum(n["verdict"] == "improved" for n in runs)
         metrics = sorted({m for n in runs for m in n["comparisons"]})
         lines.append(f"(a) unchanged deployment, {len(runs)} nights back to back")
-        lines.append(_head(nights["header"]))
+        lines += _heads(nights)
+        if len(nights.get("headers", [])) > 1:
+            lines.append(
+                "  (resumed: nights of later invocations ran on a new engine process, the "
+                "baseline on the first one's)"
+            )
         lines.append(
             f"  false alarms (any objective regressed): {alarms}/{len(runs)} = "
             f"{alarms / len(runs):.0%}; nights called improved: {improved}/{len(runs)}"
@@ -404,7 +442,7 @@ def render(record: Mapping[str, Any]) -> str:
     if slowdowns:
         reps = slowdowns["repetitions"]
         lines.append(f"(b) real slowdowns, {len(reps)} repetitions each (fresh baseline each)")
-        lines.append(_head(slowdowns["header"]))
+        lines += _heads(slowdowns)
         lines.append(
             f"  {'slowdown':<8} {'knob':<40} {'measured e2e p95 ratio [95%]':<30} "
             f"{'detected e2e p95':<17} {'any objective':<14}"
@@ -463,6 +501,13 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--slow10", default="", help="knob change of the ~10%% slowdown")
     parser.add_argument("--slow25", default="", help="knob change of the ~25%% slowdown")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="start no night or repetition that would end past this many seconds of the "
+        "phase (its average so far as the estimate); run the phase again to resume",
+    )
     parser.add_argument("--fresh", action="store_true", help="forget this phase's stored runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
