@@ -211,7 +211,7 @@ def render(record: Mapping[str, Any]) -> str:
         f"study {record['study']} trial {record['trial']} (picked: highest goodput/$ on its "
         f"front; study measured {record['trial_metrics']}); experiment {record['experiment']}",
         f"workload: {record['workload']}; SLA e2e {record['sla_e2e_s']} s; {record['rounds']} "
-        "interleaved rounds, one run per arm per round",
+        f"interleaved rounds ({len(record['runs']['default'])} ran), one run per arm per round",
         "",
     ]
     for arm, what in record["arms"].items():
@@ -279,6 +279,12 @@ def main() -> None:
     parser.add_argument("--trial", type=int, default=None, help="this trial, not the best")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--arm", action="append", default=[], help="NAME=knob=value,...")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="start no round that would end past this many seconds (last round as estimate)",
+    )
     parser.add_argument("--report", action="store_true", help="only render the stored json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -325,7 +331,13 @@ def main() -> None:
     }
     limits = PoolLimits(max_replicas=len(specs), max_memory_gib=18)
     with ReplicaPool(limits, log_dir=REPO / "out" / "tuned_vs_default" / "logs") as pool:
+        last_round_s = 0.0
         for round_ in range(args.rounds):
+            elapsed = time.monotonic() - started
+            if round_ and elapsed + last_round_s > args.budget_s:
+                print(f"stopping after {round_} rounds ({elapsed:.0f} s of --budget-s)")
+                break
+            round_started = time.monotonic()
             for name, spec in specs.items():
                 metrics = execute_run(spec, pool).metrics_dict()
                 record["runs"][name].append(metrics)
@@ -336,6 +348,7 @@ def main() -> None:
                     flush=True,
                 )
                 REPORT_JSON.write_text(json.dumps(record, indent=2) + "\n")
+            last_round_s = time.monotonic() - round_started
     record["header"]["wall_s"] = round(time.monotonic() - started, 1)
     record["header"]["load_avg_end"] = list(os.getloadavg())
     REPORT_JSON.write_text(json.dumps(record, indent=2) + "\n")
