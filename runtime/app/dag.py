@@ -712,6 +712,24 @@ class App(BaseModel):
             for node_id in stage.node_ids
         }
 
+    def rest_of_path(self) -> dict[str, float]:
+        """Each node's critical path still to run once it has ended, in calls: the critical
+        path's cost minus that of the longest chain ending with it (the costs and chains of
+        deadline_shares, so ``rest = total * (1 - share)``). The first of three sequential
+        calls has 2 left, the last 0; a loop's nodes count from the loop's end, as their
+        shares do. SLA-aware admission judges a call by its request's deadline less the rest
+        (runtime.engine.client.CallBudget).
+        """
+        chains = self._longest_chains(
+            {node.id: CODE_NODE_COST for node in self.nodes if node.kind == "code"}
+        )
+        total = _best(chains[stage.id] for stage in self.stages)[0]
+        return {
+            node_id: max(total - chains[stage.id][0], 0.0)
+            for stage in self.stages
+            for node_id in stage.node_ids
+        }
+
     def _longest_chains(self, costs: Mapping[str, float]) -> dict[str, tuple[float, list[str]]]:
         """For each stage, the most expensive chain of nodes ending with it: (cost, node ids).
 

@@ -47,6 +47,8 @@ from runtime.metrics import RequestOutcome
 logger = logging.getLogger(__name__)
 
 AnyNode = LlmNode | CodeNode | ApiNode
+#: Failures of a call the router refused before any engine saw it.
+_ROUTER_REFUSALS = (CallFailure.SHED, CallFailure.QUEUE_FULL, CallFailure.NO_ENDPOINT)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class _Context:
     http: httpx.AsyncClient | None
     sla_e2e_s: float | None = None
     deadline_shares: Mapping[str, float] = field(default_factory=dict)
+    rest_of_path: Mapping[str, float] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=256)
@@ -190,6 +193,8 @@ class _RequestRun:
     ended_at: dict[str, float] = field(default_factory=dict)
     spans: list[Span] = field(default_factory=list)
     start_s: float = 0.0
+    committed: bool = False
+    """An LLM call of the request ran on an engine: admission sheds none of its later calls."""
 
     def call_deadline_s(self, node_id: str) -> float | None:
         """When this node's call should finish: its share of the request's SLA."""
@@ -354,8 +359,16 @@ class _RequestRun:
         messages.append({"role": "user", "content": render(node.prompt, lookup)})
         schema = json_schema(node.output_fields) if node.structured_output else None
         model = self.ctx.models[node.model]
-        with call_deadline(self.call_deadline_s(node.id)):
+        request_deadline = None if self.ctx.sla_e2e_s is None else self.start_s + self.ctx.sla_e2e_s
+        with call_deadline(
+            self.call_deadline_s(node.id),
+            request_deadline_s=request_deadline,
+            rest_calls=self.ctx.rest_of_path.get(node.id, 0.0),
+            committed=self.committed,
+        ):
             record = await self.ctx.backend.chat(model, messages, node.sampling.params(schema))
+        if record.failure not in _ROUTER_REFUSALS:  # it ran on an engine: the request is in
+            self.committed = True
         measured = _measured(record)
         if record.failure is not None:  # failed: error and failure are set together
             raise _StepError(str(record.error), record.failure, measured)
@@ -508,7 +521,7 @@ async def _open_context(
         http = await stack.enter_async_context(httpx.AsyncClient())
     return _Context(
         app, backend, models, OutputFormat(fmt or app.format), node_timeout_s, http,
-        sla_e2e_s, app.deadline_shares(),
+        sla_e2e_s, app.deadline_shares(), app.rest_of_path(),
     )  # fmt: skip
 
 

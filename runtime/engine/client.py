@@ -139,23 +139,63 @@ class SamplingParams:
         return body
 
 
-_CALL_DEADLINE: ContextVar[float | None] = ContextVar("fmtune_call_deadline", default=None)
+@dataclass(frozen=True)
+class CallBudget:
+    """When a call should finish, and what its request still has to do after it.
+
+    Attributes:
+        deadline_s: The call's own deadline (absolute, time.monotonic()): its share of the
+            request's SLA along the critical path.
+        request_deadline_s: The deadline of the whole request the call belongs to (None: the
+            call is a request of its own).
+        rest_calls: The request's critical path still to run once this call has ended, in
+            calls (App.rest_of_path: an LLM or API node counts 1, a code node 0.1): SLA-aware
+            admission judges the request, so a call that overruns its share is still
+            admitted while the request as a whole can make its deadline.
+        committed: An earlier call of the request already ran on an engine: the request was
+            admitted then, and admission does not shed it now (that would waste the work).
+    """
+
+    deadline_s: float | None
+    request_deadline_s: float | None = None
+    rest_calls: float = 0.0
+    committed: bool = False
+
+
+_CALL_BUDGET: ContextVar[CallBudget | None] = ContextVar("fmtune_call_budget", default=None)
 
 
 @contextlib.contextmanager
-def call_deadline(deadline_s: float | None) -> Iterator[None]:
+def call_deadline(
+    deadline_s: float | None,
+    *,
+    request_deadline_s: float | None = None,
+    rest_calls: float = 0.0,
+    committed: bool = False,
+) -> Iterator[None]:
     """Calls made inside this block (and tasks it starts) must finish by this absolute
-    time.monotonic() deadline; SLA-aware routing reads it through `current_call_deadline`."""
-    token = _CALL_DEADLINE.set(deadline_s)
+    time.monotonic() deadline, within a request due by ``request_deadline_s`` with
+    ``rest_calls`` calls of critical path after them, ``committed`` once an earlier call of
+    the request ran (`CallBudget`); SLA-aware routing reads
+    it through `current_call_budget`."""
+    if rest_calls < 0:
+        raise ValueError(f"rest_calls must be >= 0, got {rest_calls}")
+    token = _CALL_BUDGET.set(CallBudget(deadline_s, request_deadline_s, rest_calls, committed))
     try:
         yield
     finally:
-        _CALL_DEADLINE.reset(token)
+        _CALL_BUDGET.reset(token)
+
+
+def current_call_budget() -> CallBudget | None:
+    """The budget set by the innermost `call_deadline` block, if any."""
+    return _CALL_BUDGET.get()
 
 
 def current_call_deadline() -> float | None:
     """The deadline set by the innermost `call_deadline` block, if any."""
-    return _CALL_DEADLINE.get()
+    budget = _CALL_BUDGET.get()
+    return None if budget is None else budget.deadline_s
 
 
 class ChatBackend(Protocol):

@@ -95,6 +95,16 @@ class CallDemand:
     expected to generate (learned per model key and max_tokens; None: ``max_tokens``), and
     ``cautious_tokens`` the length admission assumes for its own deadline (a quantile of the
     lengths seen; None: ``expected_tokens``).
+
+    A call of a request with more to do after it also carries ``request_deadline_s``, the
+    request's own deadline, and ``rest_calls``, the request's critical path after this call
+    in calls (runtime.engine.client.CallBudget). Admission then judges the request: the call
+    must end by the request's deadline less the rest, predicted as ``rest_calls`` calls like
+    this one on the same replica (:meth:`judged_deadline`), whatever its own share says; a
+    tight first call of a request with slack to come is not shed for its share alone.
+    ``committed``: an earlier call of its request already ran on an engine; the request was
+    admitted with its first call, and shedding it now would waste that work, so admission
+    never sheds it (it may run late).
     """
 
     model: str
@@ -104,11 +114,22 @@ class CallDemand:
     now_s: float
     expected_tokens: float | None = None
     cautious_tokens: float | None = None
+    request_deadline_s: float | None = None
+    rest_calls: float = 0.0
+    committed: bool = False
 
     @property
     def output_tokens(self) -> float:
         """Output tokens the predictions assume: the expected count, else the cap."""
         return self.max_tokens if self.expected_tokens is None else self.expected_tokens
+
+    def judged_deadline(self, rest_s: float) -> float:
+        """The deadline admission judges the call by, with ``rest_s`` seconds predicted for
+        the rest of its request: the request's deadline less the rest, or the call's own
+        deadline when it carries no request deadline."""
+        if self.request_deadline_s is None:
+            return self.deadline_s
+        return self.request_deadline_s - rest_s
 
 
 @dataclass(frozen=True)
@@ -351,6 +372,9 @@ class Assessment:
             this call and miss them with it.
         delay_s: The most seconds it delays a call already there; computed only when some
             call there would miss its deadline with it (0 otherwise).
+        deadline_s: The deadline the call was judged by (:meth:`CallDemand.judged_deadline`
+            with the rest of its request predicted on this replica): the deadline the router
+            protects for it once it runs there.
     """
 
     replica_id: str
@@ -359,6 +383,7 @@ class Assessment:
     late_s: float
     endangered: int
     delay_s: float
+    deadline_s: float = math.inf
 
     @property
     def keeps_promises(self) -> bool:
@@ -373,8 +398,10 @@ def assess(
     against its deadline and those of the calls already there, with ``ctx.confidence``.
 
     The call's own completion is checked as predicted for ``call.cautious_tokens`` output
-    tokens (:func:`given_length`), then padded. A call already there is *endangered* when
-    its padded finish meets its deadline without
+    tokens (:func:`given_length`), then padded, against its judged deadline (its request's
+    deadline less the rest of the request predicted as ``rest_calls`` calls of the predicted
+    duration; its own deadline without a request deadline). A call already there is
+    *endangered* when its padded finish meets the deadline it was judged by without
     the new call and misses it with the new call; calls already expected to miss do not
     count (the new call does not make them late). With ``protect`` False the calls already
     there are not checked (cheaper, for policies that only log the prediction).
@@ -410,13 +437,15 @@ def assess(
         cautious = given_length(
             result.completion_s, result.first_token_s, call.output_tokens, call.cautious_tokens
         )
+    deadline = call.judged_deadline(call.rest_calls * result.completion_s)
     return Assessment(
         replica_id=replica.replica_id,
         predicted_s=result.completion_s,
         first_token_s=result.first_token_s,
-        late_s=now + cautious * pad - call.deadline_s,
+        late_s=now + cautious * pad - deadline,
         endangered=endangered,
         delay_s=delay,
+        deadline_s=deadline,
     )
 
 
@@ -591,12 +620,18 @@ def admit(call: CallDemand, best: Assessment, tolerance_s: float = 0.0) -> Admis
     """Admit a call only where it keeps what admission promises: shed it early otherwise.
 
     ``best`` is the call's assessment on the replica the policy chose (sla_aware's choice is
-    the best there is). The call is shed when its padded completion overruns its deadline by
-    more than ``tolerance_s``, or when it would push a call already admitted there past that
-    call's deadline (both with the assessment's confidence), before it takes any capacity.
+    the best there is). The call is shed when its padded completion overruns its (judged)
+    deadline by more than ``tolerance_s``, or when it would push a call already admitted
+    there past that call's deadline (both with the assessment's confidence), before it takes
+    any capacity. A call of a committed request (:class:`CallDemand`) is always admitted:
+    a request is shed at its first call or not at all.
     """
     if tolerance_s < 0:
         raise ValueError(f"shed_tolerance_s must be >= 0, got {tolerance_s}")
+    if call.committed:
+        return AdmissionDecision(
+            True, "admitted: its request was admitted with an earlier call that ran"
+        )
     if best.late_s > tolerance_s:
         return AdmissionDecision(
             False,
@@ -667,11 +702,13 @@ class SlackQueue(Generic[T]):
         latest_start, _, deadline, predicted, item = heapq.heappop(self._heap)
         return QueueEntry(item, deadline, predicted, latest_start - now_s)
 
-    def drop_expired(self, now_s: float) -> list[T]:
-        """Remove and return (earliest deadline first) the items whose deadline has passed."""
-        expired = [e for e in self._heap if e[2] < now_s]
+    def drop_expired(self, now_s: float, keep: Callable[[T], bool] | None = None) -> list[T]:
+        """Remove and return (earliest deadline first) the items whose deadline has passed,
+        except those ``keep`` says to keep (calls of requests already committed)."""
+        expired = [e for e in self._heap if e[2] < now_s and (keep is None or not keep(e[4]))]
         if expired:
-            self._heap = [e for e in self._heap if e[2] >= now_s]
+            gone = {id(e) for e in expired}
+            self._heap = [e for e in self._heap if id(e) not in gone]
             heapq.heapify(self._heap)
         return [e[4] for e in sorted(expired, key=lambda e: (e[2], e[1]))]
 

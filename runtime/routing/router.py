@@ -24,7 +24,11 @@ call it builds snapshots of the replicas (its own outstanding counters plus the 
 A call the router refuses comes back as a failed CallRecord whose `failure` says why (SHED,
 QUEUE_FULL, NO_ENDPOINT), so the executor and the run read the kind, never the message.
 Deadlines come from `client.call_deadline()`, which the executor sets for every call from
-the request's end-to-end SLA split along the app's critical path.
+the request's end-to-end SLA split along the app's critical path, with the request's own
+deadline and the critical path left after the call: admission judges the request (the call
+must end by the request's deadline less the rest, predicted like this call), and a call of a
+request that already ran a call is never shed (a request is shed at its first call or not
+at all, so no engine work is thrown away).
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from runtime.engine.client import (
     CallRecord,
     EngineClient,
     SamplingParams,
-    current_call_deadline,
+    current_call_budget,
 )
 from runtime.engine.replica import Replica, parse_metrics
 from runtime.routing.policies import (
+    Assessment,
     CallDemand,
     QueueFull,
     ReplicaSnapshot,
@@ -138,6 +143,9 @@ class Sent:
     """Its predicted first token, seconds after sent_s."""
     correction: float
     """The replica's correction factor the prediction was made with."""
+    deadline_s: float
+    """The deadline it was judged by when sent (`Assessment.deadline_s`): the one admission
+    protects for it from later calls."""
     first_token_s: float | None = None
     """When its first token arrived (the router's clock)."""
 
@@ -148,7 +156,7 @@ class Sent:
             expected_tokens=self.demand.output_tokens,
             sent_s=self.sent_s,
             first_token_s=self.first_token_s,
-            deadline_s=self.demand.deadline_s,
+            deadline_s=self.deadline_s,
         )
 
 
@@ -165,6 +173,8 @@ class _Waiter:
     future: asyncio.Future[None]
     released: bool = False
     """Let go to take a free slot (counted in `Router._released` until it is picked)."""
+    committed: bool = False
+    """A call of a request already committed (`CallDemand.committed`): never shed."""
 
 
 @dataclass
@@ -425,13 +435,14 @@ class Router:
 
     def _wake(self, model_key: str) -> None:
         """Release waiting calls, least slack first, while the model has room. With the
-        sla_aware policy (admission control) calls whose deadline passed while queued are shed;
-        the other policies let them run late (an SLA miss, not an error)."""
+        sla_aware policy (admission control) calls whose deadline passed while queued are shed
+        (but for calls of committed requests); the other policies let them run late (an SLA
+        miss, not an error)."""
         queue = self._queues.get(model_key)
         if queue is None:
             return
         if self.config.policy == "sla_aware":
-            for waiter in queue.drop_expired(self.clock()):
+            for waiter in queue.drop_expired(self.clock(), keep=lambda w: w.committed):
                 if not waiter.future.done():
                     waiter.future.set_exception(TimeoutError("deadline passed while queued"))
         while len(queue) and (self._has_room(model_key) or self._unservable(model_key)):
@@ -444,9 +455,11 @@ class Router:
         self.stats.queue_depth[model_key] = len(queue)
 
     def demand(self, model_key: str, messages: list[dict[str, str]], max_tokens: int) -> CallDemand:
-        """What a call asks of a replica, with its deadline (from `call_deadline`)."""
+        """What a call asks of a replica, with its deadline, its request's and the rest of
+        its request (from `call_deadline`)."""
         now = self.clock()
-        deadline = current_call_deadline()
+        budget = current_call_budget()
+        deadline = budget.deadline_s if budget is not None else None
         return CallDemand(
             model=model_key,
             prompt_tokens=estimate_prompt_tokens(messages),
@@ -454,6 +467,9 @@ class Router:
             deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
             now_s=now,
             expected_tokens=self.lengths.expected(model_key, max_tokens),
+            request_deadline_s=budget.request_deadline_s if budget is not None else None,
+            rest_calls=budget.rest_calls if budget is not None else 0.0,
+            committed=budget.committed if budget is not None else False,
         )
 
     def step_model(self, endpoint: Endpoint) -> StepModel:
@@ -479,12 +495,13 @@ class Router:
             arrivals=self.traffic.expected(model_key, now, len(healthy)),
         )
 
-    def _admission(self, model_key: str, demand: CallDemand, arriving: bool) -> float | None:
+    def _admission(self, model_key: str, demand: CallDemand, arriving: bool) -> Assessment | None:
         """Assess the call on the best replica (the sla_aware choice, whatever the policy). On
         arrival, note whether it is out of reach even at the median (the strain, and the
         autoscaler's `RouterStats.out_of_reach`). With sla_aware: shed it (Rejected, SHED)
-        unless it keeps its promises there, and return its predicted completion there; None
-        with other policies, which never shed."""
+        unless it keeps its promises there, and return its assessment there (its predicted
+        completion and the deadline it was judged by); None with other policies, which never
+        shed."""
         candidates = [e.snapshot() for e in self.healthy(model_key)]
         if not candidates:
             return None
@@ -497,7 +514,7 @@ class Router:
             return None
         if arriving:
             median = tracker.confidence(fresh.now_s, 0.5)
-            missing = fresh.now_s + best.predicted_s * median > fresh.deadline_s
+            missing = fresh.now_s + best.predicted_s * median > best.deadline_s
             tracker.arrived(missing)
             self.stats.out_of_reach.append((fresh.now_s, model_key, missing))
         if self.config.policy != "sla_aware":
@@ -507,7 +524,7 @@ class Router:
             self.stats.shed += 1
             logger.debug("call of %s %s", model_key, verdict.reason)
             raise Rejected(CallFailure.SHED, verdict.reason)
-        return decision.assessment.predicted_s
+        return best
 
     async def admit(self, model_key: str, demand: CallDemand) -> None:
         """Shed a call that cannot make its deadline, or wait (least slack first) while every
@@ -518,13 +535,18 @@ class Router:
             raise Rejected(
                 CallFailure.NO_ENDPOINT, f"no healthy endpoint serves model key '{model_key}'"
             )
-        predicted = self._admission(model_key, demand, arriving=True)
+        assessed = self._admission(model_key, demand, arriving=True)
         if self._has_room(model_key):
             return
-        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), committed=demand.committed)
         queue = self._queues[model_key]
+        # the queue orders and expires it by the deadline it was judged by (its request's
+        # deadline less the rest, for a call of a longer request)
+        deadline, predicted = demand.deadline_s, 0.0
+        if assessed is not None:
+            deadline, predicted = assessed.deadline_s, assessed.predicted_s
         try:
-            queue.push(waiter, demand.deadline_s, predicted or 0.0)
+            queue.push(waiter, deadline, predicted)
         except QueueFull as full:
             self.stats.queue_rejected += 1
             raise Rejected(CallFailure.QUEUE_FULL, f"queue full: {full}") from None
@@ -559,12 +581,14 @@ class Router:
             raise Rejected(CallFailure.NO_ENDPOINT, decision.reason)
         self.stats.routed += 1
         self.traffic.sent(model_key, now, demand.prompt_tokens, demand.output_tokens)
+        assessment = decision.assessment
         endpoint.in_flight[id(demand)] = Sent(
             demand,
             now,
             decision.predicted_s,
-            decision.assessment.first_token_s if decision.assessment else 0.0,
+            assessment.first_token_s if assessment else 0.0,
             self.predictions.correction(endpoint.endpoint_id, now),
+            assessment.deadline_s if assessment else demand.deadline_s,
         )
         endpoint.calls += 1
         endpoint.outstanding += 1

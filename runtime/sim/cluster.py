@@ -57,6 +57,7 @@ from runtime.app.dag import App, LlmNode, Stage
 from runtime.engine.config import EngineConfig
 from runtime.metrics import CostModel, RequestOutcome, RunMetrics, summarize
 from runtime.routing.policies import (
+    Assessment,
     CallDemand,
     QueueFull,
     ReplicaSnapshot,
@@ -601,6 +602,8 @@ class _Request:
     error: str | None = None
     shed: bool = False
     sla_s: float = 0.0
+    committed: bool = False
+    """A call of it was sent to a replica: admission sheds none of its later calls."""
     deps_left: dict[str, int] = field(default_factory=dict)
     stages_left: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
@@ -637,6 +640,9 @@ class _Node:
     predicted_s: float | None = None
     predicted_first_token_s: float = 0.0
     correction: float = 1.0
+    judged_deadline_s: float | None = None
+    """The deadline it was judged by when sent (Assessment.deadline_s; its request's
+    deadline less the rest of the request): the one admission protects for it."""
 
     def in_flight(self) -> InFlightCall:
         """What the router's predictions read of this call while it is on a replica."""
@@ -647,7 +653,7 @@ class _Node:
             expected_tokens=demand.output_tokens,
             sent_s=self.sent_s,
             first_token_s=self.first_token_s,
-            deadline_s=demand.deadline_s,
+            deadline_s=_deadline(self),
         )
 
 
@@ -662,6 +668,7 @@ class _Simulation:
         self._seq = itertools.count()
         self.events = 0
         self.shares = spec.app.deadline_shares()
+        self.rest = spec.app.rest_of_path()
         self.stage_of = {stage.id: stage for stage in spec.app.stages}
         self.dependents: dict[str, list[str]] = {stage.id: [] for stage in spec.app.stages}
         for stage in spec.app.stages:
@@ -880,28 +887,34 @@ class _Simulation:
             deadline_s=request.start_s + request.sla_s * self.shares.get(run.node_id, 1.0),
             now_s=now,
             expected_tokens=self.lengths.expected(key, max_tokens),
+            request_deadline_s=request.start_s + request.sla_s,
+            rest_calls=self.rest.get(run.node_id, 0.0),
+            committed=request.committed,
         )
         if self.spec.oracle:
             self._oracle_route(run)
             return
-        predicted = self._admission(run)
-        if predicted is False:
+        assessed = self._admission(run)
+        if assessed is False:
             return
         endpoints = self.endpoints[key]
         if any(e.outstanding < e.max_num_seqs for e in endpoints):
             self._pick(run)
             return
+        deadline, predicted = run.demand.deadline_s, 0.0
+        if isinstance(assessed, Assessment):  # judged by its request's deadline less the rest
+            deadline, predicted = assessed.deadline_s, assessed.predicted_s
         try:
-            self.queues[key].push(run, run.demand.deadline_s, predicted or 0.0)
+            self.queues[key].push(run, deadline, predicted)
         except QueueFull as full:
             self.router_stats.queue_rejected += 1
             self._fail(run, f"queue full: {full}")
             return
         run.queued = True
 
-    def _admission(self, run: _Node) -> float | bool | None:
+    def _admission(self, run: _Node) -> Assessment | bool | None:
         """Router._admission: with sla_aware, shed the call (False) unless it keeps its
-        promises on the replica the policy picks (its predicted completion there)."""
+        promises on the replica the policy picks (its assessment there)."""
         if not self.sla_aware:
             return None
         assert run.demand is not None
@@ -916,13 +929,13 @@ class _Simulation:
             return None
         best = decision.assessment
         median = self.predictions.confidence(self.now, 0.5)
-        self.predictions.arrived(self.now + best.predicted_s * median > demand.deadline_s)
+        self.predictions.arrived(self.now + best.predicted_s * median > best.deadline_s)
         verdict = admit(demand, best, self.spec.router.shed_tolerance_s)
         if not verdict.admit:
             self.router_stats.shed += 1
             self._fail(run, verdict.reason, shed=True)
             return False
-        return decision.assessment.predicted_s
+        return best
 
     def _context(self, key: str) -> RouteContext:
         endpoints = self.endpoints[key]
@@ -953,7 +966,9 @@ class _Simulation:
         )
         self.counter += 1
         endpoint = next(e for e in endpoints if e.endpoint_id == decision.replica_id)
-        first = decision.assessment.first_token_s if decision.assessment else 0.0
+        assessment = decision.assessment
+        first = assessment.first_token_s if assessment else 0.0
+        run.judged_deadline_s = assessment.deadline_s if assessment else None
         self._send(run, endpoint, decision.predicted_s, first)
 
     def _send(
@@ -973,6 +988,7 @@ class _Simulation:
         endpoint.outstanding_decode_tokens += demand.max_tokens
         run.endpoint = endpoint
         run.sent_s = self.now
+        run.request.committed = True
         run.predicted_s = predicted_s
         run.predicted_first_token_s = predicted_first_token_s
         run.correction = self.predictions.correction(endpoint.endpoint_id, self.now)
@@ -1019,7 +1035,7 @@ class _Simulation:
         if not len(queue):
             return
         if self.sla_aware:
-            for run in queue.drop_expired(self.now):
+            for run in queue.drop_expired(self.now, keep=lambda r: r.demand.committed):
                 if not run.done and run.request.end_s is None:
                     self.router_stats.shed += 1
                     self._fail(run, "shed: deadline passed while queued", shed=True)
@@ -1060,7 +1076,7 @@ class _Simulation:
             if missing:
                 without = self._what_if(endpoint, None)
                 endangered = sum(1 for other in missing if without[other] <= _deadline(other))
-            late = finish - demand.deadline_s
+            late = finish - demand.judged_deadline(demand.rest_calls * (finish - self.now))
             key = (
                 late > 0 or endangered > 0,
                 endangered,
@@ -1072,7 +1088,7 @@ class _Simulation:
                 best = (key, endpoint, finish)
         assert best is not None
         (refused, endangered, late, _, _), endpoint, finish = best
-        if refused:
+        if refused and not demand.committed:
             self.router_stats.shed += 1
             reason = (
                 f"shed by the oracle: it would push {endangered} admitted call(s) past their "
@@ -1083,6 +1099,7 @@ class _Simulation:
             self._fail(run, reason, shed=True)
             return
         self.counter += 1
+        run.judged_deadline_s = demand.judged_deadline(demand.rest_calls * (finish - self.now))
         # it predicted with the true output length: nothing to redo for the real one
         self._send(run, endpoint, finish - self.now, finish - self.now)
 
@@ -1338,8 +1355,10 @@ class _Simulation:
 
 
 def _deadline(run: _Node) -> float:
-    """A routed call's deadline."""
+    """A routed call's deadline: the one it was judged by when sent, else its own."""
     assert run.demand is not None
+    if run.judged_deadline_s is not None:
+        return run.judged_deadline_s
     return run.demand.deadline_s
 
 

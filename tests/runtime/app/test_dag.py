@@ -478,6 +478,8 @@ def test_deadline_shares_follow_the_critical_path() -> None:
 def test_deadline_shares_are_proportional_to_the_chain_ending_at_each_node() -> None:
     shares = _diamond().deadline_shares()
     assert shares == pytest.approx({"a": 1 / 4, "b": 2 / 4, "c": 2 / 4, "c2": 3 / 4, "d": 1.0})
+    # the rest of the critical path after each node: the total less its chain (4 x (1 - share))
+    assert _diamond().rest_of_path() == pytest.approx({"a": 3, "b": 2, "c": 2, "c2": 1, "d": 0})
     assert all(0.0 < share <= 1.0 for share in shares.values())
     path = _diamond().critical_path()
     assert shares[path[-1]] == 1.0  # the last node of the critical path gets the whole budget

@@ -15,7 +15,14 @@ import pytest
 
 from runtime.app.dag import App, app_from_dict
 from runtime.app.executor import RequestResult, Span, run_request, run_requests, to_outcome
-from runtime.engine.client import CallFailure, CallRecord, SamplingParams, current_call_deadline
+from runtime.engine.client import (
+    CallBudget,
+    CallFailure,
+    CallRecord,
+    SamplingParams,
+    current_call_budget,
+    current_call_deadline,
+)
 from runtime.errors import ConfigError
 
 MODELS = {"llm": "served-llm"}
@@ -46,6 +53,7 @@ class FakeBackend:
         self.delay_s = delay_s
         self.calls: list[tuple[str, str, SamplingParams]] = []
         self.deadlines: list[float | None] = []
+        self.budgets: list[CallBudget | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -55,6 +63,7 @@ class FakeBackend:
         prompt = messages[-1]["content"]
         self.calls.append((model, prompt, sampling))
         self.deadlines.append(current_call_deadline())
+        self.budgets.append(current_call_budget())
         reply = self.respond(prompt, sampling)
         if isinstance(reply, str):
             reply = Reply(reply)
@@ -627,6 +636,15 @@ async def test_calls_get_their_share_of_the_sla_along_the_critical_path() -> Non
     assert result.ok
     offsets = [deadline - result.start_s for deadline in backend.deadlines]  # type: ignore[operator]
     assert offsets == pytest.approx([10.0, 20.0, 30.0])
+    # each call also carries its request's deadline, what the request has left after it, and
+    # whether an earlier call of the request ran (then admission does not shed it)
+    budgets = [b for b in backend.budgets if b is not None]
+    assert [b.request_deadline_s - result.start_s for b in budgets] == pytest.approx([30.0] * 3)  # type: ignore[operator]
+    assert [(b.rest_calls, b.committed) for b in budgets] == [
+        (2.0, False),
+        (1.0, True),
+        (0.0, True),
+    ]
     backend_without = FakeBackend(by_pattern([]), delay_s=0.01)
     await run_request(app, {"article": "x"}, backend_without, {"llm": "m"})
     assert backend_without.deadlines == [None, None, None]

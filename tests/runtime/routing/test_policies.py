@@ -326,6 +326,30 @@ def test_sla_aware_goes_where_it_endangers_no_one_and_sheds_when_nowhere() -> No
     assert nowhere.assessment is not None and not admit(c, nowhere.assessment).admit
 
 
+def test_admission_judges_a_dag_call_by_its_request_less_the_rest_of_the_request() -> None:
+    ctx = RouteContext(models={"a": FAST})  # the call alone: 0.2 s (prefill 0.1 s + 10 steps)
+    first = CallDemand("m", 100, 11, deadline_s=0.15, now_s=0.0, expected_tokens=11)
+    assert not admit(first, assess(snap("a"), first, ctx)).admit  # its share alone: shed
+    # two more calls like it after it: 3 x 0.2 s = 0.6 s fits the request's 0.65 s
+    request = replace(first, request_deadline_s=0.65, rest_calls=2.0)
+    assessment = assess(snap("a"), request, ctx)
+    assert assessment.deadline_s == pytest.approx(0.65 - 0.4)  # the rest: 2 x 0.2 s
+    assert assessment.late_s == pytest.approx(-0.05)
+    assert admit(request, assessment).admit
+    hopeless = replace(request, request_deadline_s=0.55)  # 0.6 s needed, 0.55 s left
+    verdict = admit(hopeless, assess(snap("a"), hopeless, ctx))
+    assert not verdict.admit and "misses the deadline with confidence by 0.050s" in verdict.reason
+
+
+def test_a_call_of_a_committed_request_is_never_shed() -> None:
+    ctx = RouteContext(models={"a": FAST})
+    late = CallDemand("m", 100, 11, deadline_s=0.0, now_s=0.0, request_deadline_s=0.1)
+    assert not admit(late, assess(snap("a"), late, ctx)).admit
+    committed = replace(late, committed=True)
+    verdict = admit(committed, assess(snap("a"), committed, ctx))
+    assert verdict.admit and "earlier call" in verdict.reason
+
+
 def test_admission_rejects_a_negative_tolerance() -> None:
     c = call()
     with pytest.raises(ValueError, match="shed_tolerance_s must be >= 0"):
@@ -370,3 +394,7 @@ def test_slack_queue_drops_expired_items() -> None:
     assert len(q) == 2
     assert q.drop_expired(now_s=2.5) == []
     assert [q.pop(2.5).item for _ in range(2)] == ["c", "d"]
+    for name, deadline in [("kept", 1.0), ("gone", 1.0)]:
+        q.push(name, deadline, 0.5)
+    assert q.drop_expired(now_s=2.5, keep=lambda item: item == "kept") == ["gone"]
+    assert q.pop(2.5).item == "kept"

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
 from runtime.engine.client import (
     CallFailure,
@@ -422,4 +423,30 @@ async def test_every_policy_notes_the_calls_it_predicts_out_of_reach() -> None:
             assert (await router.chat("llm", USER, SamplingParams(max_tokens=6))).ok  # no shed
     assert [out for _, _, out in router.stats.out_of_reach] == [False, True]
     assert {key for _, key, _ in router.stats.out_of_reach} == {"llm"}
+    await router.aclose()
+
+
+async def test_a_dag_call_is_judged_by_its_request_and_a_committed_one_is_never_shed() -> None:
+    router = Router(
+        [endpoint("a", delay_s=0.2)], RouterConfig(policy="sla_aware"), profiles={"llm": STEADY}
+    )
+    now = router.clock()
+    sampling = SamplingParams(max_tokens=6)  # 0.24 s predicted
+
+    async def call(deadline: float, **budget: float | bool) -> CallRecord:
+        with call_deadline(deadline, **budget):  # type: ignore[arg-type]
+            return await router.chat("llm", USER, sampling)
+
+    # its own share (0.1 s) is out of reach, its request (5 s, 2 calls after it) is not
+    task = asyncio.create_task(call(now + 0.1, request_deadline_s=now + 5.0, rest_calls=2.0))
+    await asyncio.sleep(0.05)
+    sent = next(iter(router.endpoints[0].in_flight.values()))
+    assert sent.predicted_s is not None
+    # protected from later calls by the deadline it was judged by: the request's less the rest
+    assert sent.deadline_s == pytest.approx(now + 5.0 - 2 * sent.predicted_s)
+    assert (await task).ok
+    assert (await call(now - 1.0, request_deadline_s=now - 1.0)).failure is CallFailure.SHED
+    # an earlier call of its request ran: the request was admitted then, this one runs late
+    assert (await call(now - 1.0, request_deadline_s=now - 1.0, committed=True)).ok
+    assert router.stats.shed == 1
     await router.aclose()
