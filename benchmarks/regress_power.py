@@ -233,7 +233,9 @@ def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
     """Base and candidates interleaved on hot replicas (two at a time: the base and the
     candidate under test), `rounds` single-repeat runs each."""
     started, meta = time.monotonic(), header()
-    results: list[dict[str, Any]] = []
+    stored = record.get("calibration") or {}
+    results: list[dict[str, Any]] = list(stored.get("results", []))
+    headers = [*stored.get("headers", []), meta]
     with make_pool(2) as pool:
         for candidate in args.candidate:
             knobs = parse_knobs(candidate)
@@ -251,12 +253,15 @@ def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
                     "ratio": ratio,
                     "low": low,
                     "high": high,
+                    "rounds": args.rounds,
+                    "invocation": len(headers) - 1,
                 }
             )
             print(f"{candidate}: e2e p95 ratio {ratio:.3f} [{low:.3f}, {high:.3f}]", flush=True)
-            record["calibration"] = {"headers": [meta], "rounds": args.rounds, "results": results}
+            record["calibration"] = {"headers": headers, "results": results}
             save_record(record)
-    record["calibration"]["headers"] = [finish(meta, started)]
+    headers[-1] = finish(meta, started)
+    record["calibration"] = {"headers": headers, "results": results}
 
 
 def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
@@ -391,14 +396,16 @@ def render(record: Mapping[str, Any]) -> str:
     calibration = record.get("calibration")
     if calibration:
         lines.append(
-            f"calibration: e2e p95 of each candidate / base, {calibration['rounds']} "
-            "interleaved single-repeat runs each"
+            "calibration: e2e p95 of each candidate / base, interleaved single-repeat runs "
+            "(rounds each), by invocation"
         )
-        lines += _heads(calibration)
-        for row in calibration["results"]:
-            lines.append(
-                f"  {row['candidate']:<45} {_fmt_ratio(row['ratio'], row['low'], row['high'])}"
-            )
+        heads = _heads(calibration)
+        for index, head in enumerate(heads):
+            lines.append(head)
+            for row in calibration["results"]:
+                if row.get("invocation", 0) == index:
+                    ratio = _fmt_ratio(row["ratio"], row["low"], row["high"])
+                    lines.append(f"    {row['candidate']:<45} {ratio}  ({row['rounds']} rounds)")
         lines.append("")
     nights = record.get("nights")
     if nights:
