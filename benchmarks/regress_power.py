@@ -234,8 +234,12 @@ def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
     candidate under test), `rounds` single-repeat runs each."""
     started, meta = time.monotonic(), header()
     stored = record.get("calibration") or {}
-    results: list[dict[str, Any]] = list(stored.get("results", []))
-    headers = [*stored.get("headers", []), meta]
+    results: list[dict[str, Any]] = [
+        {"rounds": stored.get("rounds"), "invocation": 0, **row}  # rows of a one-header record
+        for row in stored.get("results", [])
+    ]
+    earlier = stored.get("headers") or ([stored["header"]] if "header" in stored else [])
+    headers = [*earlier, meta]
     with make_pool(2) as pool:
         for candidate in args.candidate:
             knobs = parse_knobs(candidate)
