@@ -384,7 +384,8 @@ def _head(meta: Mapping[str, Any]) -> str:
 
 def _heads(phase: Mapping[str, Any]) -> list[str]:
     """One header line per invocation that ran the phase (a resumed phase has several)."""
-    return [_head(meta) for meta in phase.get("headers", [])]
+    metas = phase.get("headers") or ([phase["header"]] if "header" in phase else [])
+    return [_head(meta) for meta in metas]
 
 
 def render(record: Mapping[str, Any]) -> str:
@@ -409,7 +410,8 @@ def render(record: Mapping[str, Any]) -> str:
             for row in calibration["results"]:
                 if row.get("invocation", 0) == index:
                     ratio = _fmt_ratio(row["ratio"], row["low"], row["high"])
-                    lines.append(f"    {row['candidate']:<45} {ratio}  ({row['rounds']} rounds)")
+                    rounds = row.get("rounds", calibration.get("rounds"))
+                    lines.append(f"    {row['candidate']:<45} {ratio}  ({rounds} rounds)")
         lines.append("")
     nights = record.get("nights")
     if nights:
