@@ -164,7 +164,7 @@ def default_storage_url(out_dir: Path) -> str:
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An optuna storage with heartbeats, so dead workers' trials are failed and re-queued."""
     if url.startswith(("sqlite:", "postgresql:", "postgresql+", "mysql:", "mysql+")):
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
             grace_period=HEARTBEAT_GRACE_S,
@@ -173,7 +173,31 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             ),
             engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
         )
+        if url.startswith("sqlite"):
+            _write_ahead_log(storage)
+        return storage
     return optuna.storages.get_storage(url)
+
+
+def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
+    """SQLite in write-ahead-log mode with NORMAL sync on every connection of the storage.
+
+    optuna commits once per parameter, attribute and tell (dozens per trial); in SQLite's
+    default rollback journal each commit syncs the file to disk, which on this machine made a
+    simulated study spend more time committing than simulating. A WAL commit does not sync
+    (the log is synced at checkpoints): a crashed worker still loses nothing committed (only a
+    power cut can lose the last commits), and readers (export, other workers) keep working.
+    """
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # connections opened while optuna created its tables
 
 
 # --- counting ---------------------------------------------------------------------------

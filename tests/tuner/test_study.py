@@ -46,6 +46,7 @@ from tuner.study import (
     budget_used,
     counted,
     knob_identity,
+    make_storage,
     summarize_study,
     worker_id,
 )
@@ -820,6 +821,17 @@ def test_load_study_names_the_studies_there(tmp_path: Path) -> None:
     runner(tmp_path, experiment(tmp_path), Evaluation())
     with pytest.raises(ConfigError, match=f"study must be one of \\['{STUDY}'\\].*got 'nope'"):
         load_study("nope", storage_url(tmp_path))
+
+
+def test_a_sqlite_study_commits_through_a_write_ahead_log(tmp_path: Path) -> None:
+    """optuna commits dozens of times per trial; without WAL each commit syncs the file."""
+    storage = make_storage(storage_url(tmp_path))
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    optuna.create_study(study_name=STUDY, storage=storage).optimize(lambda t: 1.0, n_trials=2)
+    assert len(optuna.load_study(study_name=STUDY, storage=storage_url(tmp_path)).trials) == 2
 
 
 def test_a_dead_workers_trial_is_failed_requeued_and_not_counted(
