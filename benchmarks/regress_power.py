@@ -241,7 +241,9 @@ def phase_calibrate(args: argparse.Namespace, record: dict[str, Any]) -> None:
     earlier = stored.get("headers") or ([stored["header"]] if "header" in stored else [])
     headers = [*earlier, meta]
     with make_pool(2) as pool:
-        for candidate in args.candidate:
+        for index, candidate in enumerate(args.candidate):
+            if not within_budget(args, started, index):
+                break
             knobs = parse_knobs(candidate)
             base_values: list[float] = []
             cand_values: list[float] = []
