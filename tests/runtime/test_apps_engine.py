@@ -15,7 +15,8 @@ from tuner.cli import app as fmtune_cli
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"workload.num_requests": 4, "workload.arrivals.users": 2}
+# no warm-ups: the replica is hot and the test checks the apps' answers, not the latency
+SMALL = {"workload.num_requests": 4, "workload.arrivals.users": 2, "workload.warmup_requests": 0}
 
 
 def test_an_init_folder_and_the_arithmetic_app_run_on_the_hot_replica(

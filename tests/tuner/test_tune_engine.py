@@ -1,9 +1,11 @@
 """Real studies through the CLI on the shared hot replica (cluster 'endpoints'): tracking,
-Pareto outputs, export, and SIGKILL + --resume with no trial lost or duplicated."""
+Pareto outputs, export, SIGKILL + --resume with no trial lost or duplicated, and a user's own
+app folder (tests/data/sentiment) through `fmtune run` and `fmtune tune`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from fastapi import FastAPI, Request
@@ -23,17 +26,21 @@ from fastapi.responses import Response, StreamingResponse
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
+from typer.testing import CliRunner
 
 from runtime.deployment import load_deployment
 from runtime.engine.replica import Replica
+from runtime.run import load_run_spec
 from tests.runtime.fake_openai import LoopbackServer
 from tests.tuner.study_peek import peek_study
+from tuner.cli import app as fmtune_cli
 from tuner.pareto import duplicate_of
 from tuner.study import ATTR_FAILURE, ATTR_NOT_COUNTED
 
 pytestmark = pytest.mark.engine
 REPO = Path(__file__).resolve().parents[2]
 FMTUNE = [sys.executable, "-m", "tuner.cli"]
+SENTIMENT = REPO / "tests" / "data" / "sentiment"
 
 
 def write_experiment(tmp_path: Path, url: str, trials: int, requests: int) -> Path:
@@ -43,7 +50,12 @@ def write_experiment(tmp_path: Path, url: str, trials: int, requests: int) -> Pa
     )
     data: dict[str, Any] = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
     data["name"] = "endpoint-study"
-    data["workload"] = {"arrivals": {"kind": "closed", "users": 2}, "num_requests": requests}
+    # no warm-ups: the replica is hot and these tests check the study, not the measurement
+    data["workload"] = {
+        "arrivals": {"kind": "closed", "users": 2},
+        "num_requests": requests,
+        "warmup_requests": 0,
+    }
     data["deployment"]["cluster"] = "endpoints"
     data["deployment"]["models"]["llm"]["endpoints"] = [url]
     data["tune"].update(search_space=str(space), trials=trials, sampler="random", population_size=2)
@@ -201,3 +213,39 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(
         filter_string=f"tags.`fmtune.trial` = '{killed_number}'",
     )
     assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_an_app_in_the_public_format_runs_and_tunes_through_the_cli(
+    hot_replica: Replica, tmp_path: Path
+) -> None:
+    """tests/data/sentiment is written only in the public app format (app.yaml, a CSV dataset,
+    a code node's file, a built-in scorer) and shipped nowhere: `fmtune run` measures its
+    code-node variant and a 2-trial `fmtune tune` searches its variants and prompt knob, both on
+    the hot replica (its experiment declares the hot replica's engine)."""
+    experiment = SENTIMENT / "experiment.yaml"
+    assert load_run_spec(experiment).deployment.models["llm"].engine == hot_replica.config
+    on_hot = ["--set", "deployment.cluster=endpoints",
+              "--set", f"deployment.models.llm.endpoints=[{hot_replica.base_url}]"]  # fmt: skip
+    cli = CliRunner()
+    ran = cli.invoke(
+        fmtune_cli,
+        ["run", str(experiment), *on_hot, "--set", "app.architecture=free_text",
+         "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_requests"] == 4 and metrics["error_rate"] == 0.0
+    assert metrics["llm_calls_per_request"] == 1.0 and metrics["score_errors"] == 0
+    assert 0.0 <= metrics["quality"] <= 1.0 and metrics["quality_ci95"] is not None
+    trace = pd.read_parquet(tmp_path / "run" / "trace.parquet")
+    assert set(trace["node_id"]) == {"opinion", "read"}  # the app's own code node ran
+
+    tuned = cli.invoke(
+        fmtune_cli,
+        ["tune", str(experiment), *on_hot, "--trials", "2", "--out", str(tmp_path / "tune")],
+    )
+    assert tuned.exit_code == 0, tuned.output
+    study = optuna.load_study(study_name="sentiment", storage=f"sqlite:///{tmp_path}/tune/study.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(set(t.params) == {"app.architecture", "app.prompt"} for t in study.trials)
+    assert (tmp_path / "tune" / "pareto.csv").stat().st_size > 0
