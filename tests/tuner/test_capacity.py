@@ -9,6 +9,7 @@ empty fmtune home, so nothing starts an engine or reads a tokenizer.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,31 @@ def test_a_simulated_study_searches_capacity_without_confirming_it(tmp_path: Pat
         detail = trial.user_attrs[ATTR_METRICS]["capacity"]
         assert detail["confirmed"] is False and detail["confirmed_probes"] == []
         assert trial.user_attrs[ATTR_METRICS]["max_goodput_rps"] == detail["simulated_rps"] > 0
+
+
+@pytest.mark.usefixtures("stored_profile")
+def test_fmtune_run_with_capacity_shows_and_writes_both_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fmtune run` with `capacity` set: the run, the simulated search, one confirmation on
+    the run's pool (execute_run is the test double here: no replica starts)."""
+    from typer.testing import CliRunner
+
+    from tuner.cli import app
+
+    real = RatedRuns(capacity_rps=1e9)
+    monkeypatch.setattr("runtime.run.execute_run", lambda spec, _pool, **_kw: real(spec))
+    path = capacity_experiment(tmp_path, {"target": 0.95, "num_requests": 24})
+    out = tmp_path / "run"
+    done = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_goodput_rps"] == metrics["capacity"]["simulated_rps"] > 0
+    assert metrics["cost_per_1k_at_capacity_usd"] > 0
+    assert "max_goodput_rps" in done.stdout and "Capacity: " in done.stdout
+    kinds = [s.workload.arrivals.kind for s in real.specs]
+    assert kinds == ["closed", "poisson"]  # the run, then its confirmation
+    bad = CliRunner().invoke(app, ["run", str(path), "--set", "capacity.target=2"])
+    assert bad.exit_code == 2
+    (line,) = bad.stderr.strip().splitlines()
+    assert "capacity.target: Input should be less than or equal to 1" in line
