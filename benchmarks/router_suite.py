@@ -20,7 +20,10 @@ arrival). The single-class SLA is 4x the idle e2e p50 (a request alone in the de
 Every load runs the same seeded arrivals and request shapes through each policy: round_robin,
 least_outstanding, power_of_two, sla_aware, and the simulator's oracle (each call goes where
 a what-if copy of the true replicas finishes it soonest while it and every admitted call
-meet their deadlines, else it is shed: perfect knowledge of service times, the upper bound).
+meet their deadlines, else it is shed: perfect knowledge of service times, the upper bound). The
+router's expected output lengths start from a calibration trace's (each node's answers in the
+60 requests of the idle run, `SimSpec.output_lengths`), as a deployment's would from its app's
+earlier runs, instead of from max_tokens.
 Each cell is the mean over --seeds seeds (arrivals and sizes); the noise column is half the
 range of SLA attainment over the seeds.
 
@@ -213,8 +216,10 @@ def spec_for(
     policy: str,
     seed: int,
     sla_s: float,
+    output_lengths: dict[str, tuple[int, ...]] | None = None,
 ) -> SimSpec:
-    """The simulated experiment (rate None: one user, one request at a time)."""
+    """The simulated experiment (rate None: one user, one request at a time); the router's
+    output lengths start from ``output_lengths`` (a calibration trace's, by node)."""
     engines = tuple(
         EngineConfig(model=MODEL, max_num_seqs=seqs, block_size=128, max_model_len=2048)
         for seqs in scenario.seqs
@@ -237,12 +242,24 @@ def spec_for(
         prices=CostModel(price_per_replica_hour_usd={"llm": 0.0832}),
         seed=seed,
         oracle=policy == "oracle",
+        output_lengths=output_lengths or {},
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Capacity and the idle e2e
 # --------------------------------------------------------------------------------------------
+
+
+def calibration_lengths(app: App) -> dict[str, tuple[int, ...]]:
+    """Each LLM node's output lengths in a calibration trace (the 60 requests of the idle
+    run, seeds apart from every measured run's): what a deployment knows of its app before
+    it serves, and what the router's expected lengths start from."""
+    lengths: dict[str, list[int]] = {}
+    for shape in request_shapes(app, 60, seed=1):
+        for node_id, calls in shape.calls.items():
+            lengths.setdefault(node_id, []).extend(c.completion_tokens for c in calls)
+    return {node_id: tuple(values) for node_id, values in lengths.items()}
 
 
 def idle_e2e_s(scenario: Scenario, profile: StepTimeProfile, app: App) -> float:
@@ -332,7 +349,7 @@ def run_cell(
         )
         spec = spec_for(
             scenario, profile, app, shapes, rate_rps=rate, policy=policy, seed=seed,
-            sla_s=NO_DEADLINE_S,
+            sla_s=NO_DEADLINE_S, output_lengths=calibration_lengths(app),
         )  # fmt: skip
         began = time.process_time()
         result = simulate(spec)

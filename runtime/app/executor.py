@@ -365,6 +365,7 @@ class _RequestRun:
             request_deadline_s=request_deadline,
             rest_calls=self.ctx.rest_of_path.get(node.id, 0.0),
             committed=self.committed,
+            node_id=node.id,
         ):
             record = await self.ctx.backend.chat(model, messages, node.sampling.params(schema))
         if record.failure not in _ROUTER_REFUSALS:  # it ran on an engine: the request is in

@@ -154,12 +154,15 @@ class CallBudget:
             admitted while the request as a whole can make its deadline.
         committed: An earlier call of the request already ran on an engine: the request was
             admitted then, and admission does not shed it now (that would waste the work).
+        node_id: The app node the call comes from ("" if none): the router learns output
+            lengths per node.
     """
 
     deadline_s: float | None
     request_deadline_s: float | None = None
     rest_calls: float = 0.0
     committed: bool = False
+    node_id: str = ""
 
 
 _CALL_BUDGET: ContextVar[CallBudget | None] = ContextVar("fmtune_call_budget", default=None)
@@ -172,15 +175,17 @@ def call_deadline(
     request_deadline_s: float | None = None,
     rest_calls: float = 0.0,
     committed: bool = False,
+    node_id: str = "",
 ) -> Iterator[None]:
     """Calls made inside this block (and tasks it starts) must finish by this absolute
     time.monotonic() deadline, within a request due by ``request_deadline_s`` with
     ``rest_calls`` calls of critical path after them, ``committed`` once an earlier call of
-    the request ran (`CallBudget`); SLA-aware routing reads
+    the request ran, from app node ``node_id`` (`CallBudget`); SLA-aware routing reads
     it through `current_call_budget`."""
     if rest_calls < 0:
         raise ValueError(f"rest_calls must be >= 0, got {rest_calls}")
-    token = _CALL_BUDGET.set(CallBudget(deadline_s, request_deadline_s, rest_calls, committed))
+    budget = CallBudget(deadline_s, request_deadline_s, rest_calls, committed, node_id)
+    token = _CALL_BUDGET.set(budget)
     try:
         yield
     finally:

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +34,6 @@ from runtime.routing.prediction import (
     StepModel,
     finish_offsets,
     forecast,
-    given_length,
     progress,
 )
 
@@ -92,9 +91,9 @@ class CallDemand:
 
     ``deadline_s`` and ``now_s`` are absolute times on the same clock (the dispatch loop's
     monotonic clock); ``max_tokens`` caps the output, ``expected_tokens`` is what the call is
-    expected to generate (learned per model key and max_tokens; None: ``max_tokens``), and
-    ``cautious_tokens`` the length admission assumes for its own deadline (a quantile of the
-    lengths seen; None: ``expected_tokens``).
+    expected to generate (learned per model key, max_tokens and ``kind``, the app node the
+    call comes from; None: ``max_tokens``). Admission judges it at that length: the
+    confidence it pads with covers the length's uncertainty too.
 
     A call of a request with more to do after it also carries ``request_deadline_s``, the
     request's own deadline, and ``rest_calls``, the request's critical path after this call
@@ -113,7 +112,7 @@ class CallDemand:
     deadline_s: float
     now_s: float
     expected_tokens: float | None = None
-    cautious_tokens: float | None = None
+    kind: str = ""
     request_deadline_s: float | None = None
     rest_calls: float = 0.0
     committed: bool = False
@@ -365,9 +364,9 @@ class Assessment:
         replica_id: The replica.
         predicted_s: Seconds from now until the call completes there (corrected).
         first_token_s: Seconds from now until its first token there (corrected).
-        late_s: How far the padded completion (for the cautious output length, times the
-            confidence) overruns the deadline, seconds; <= 0 when the call is expected to
-            meet it with confidence.
+        late_s: How far the padded completion (times the confidence) overruns the deadline
+            it is judged by, seconds; <= 0 when the call is expected to meet it with
+            confidence.
         endangered: Calls already there that meet their deadlines with confidence without
             this call and miss them with it.
         delay_s: The most seconds it delays a call already there; computed only when some
@@ -375,6 +374,9 @@ class Assessment:
         deadline_s: The deadline the call was judged by (:meth:`CallDemand.judged_deadline`
             with the rest of its request predicted on this replica): the deadline the router
             protects for it once it runs there.
+        alone_s: Seconds the call would take there with nothing else on the replica, by
+            the replica's step-time model before correction (its service time: how fast the
+            replica is for it).
     """
 
     replica_id: str
@@ -384,6 +386,7 @@ class Assessment:
     endangered: int
     delay_s: float
     deadline_s: float = math.inf
+    alone_s: float = 0.0
 
     @property
     def keeps_promises(self) -> bool:
@@ -397,11 +400,10 @@ def assess(
     """Predict ``call`` on ``replica`` (runtime.routing.prediction.forecast) and check it
     against its deadline and those of the calls already there, with ``ctx.confidence``.
 
-    The call's own completion is checked as predicted for ``call.cautious_tokens`` output
-    tokens (:func:`given_length`), then padded, against its judged deadline (its request's
-    deadline less the rest of the request predicted as ``rest_calls`` calls of the predicted
-    duration; its own deadline without a request deadline). A call already there is
-    *endangered* when its padded finish meets the deadline it was judged by without
+    The call's own completion is checked as predicted, padded, against its judged deadline
+    (its request's deadline less the rest of the request predicted as ``rest_calls`` calls
+    of the predicted duration; its own deadline without a request deadline). A call already
+    there is *endangered* when its padded finish meets the deadline it was judged by without
     the new call and misses it with the new call; calls already expected to miss do not
     count (the new call does not make them late). With ``protect`` False the calls already
     there are not checked (cheaper, for policies that only log the prediction).
@@ -432,20 +434,19 @@ def assess(
             1 for i in missing if now + without[i] * pad <= replica.calls[i].deadline_s
         )
         delay = max(w - wo for w, wo in zip(result.finish_with_s, without, strict=True))
-    cautious = result.completion_s
-    if call.cautious_tokens is not None:
-        cautious = given_length(
-            result.completion_s, result.first_token_s, call.output_tokens, call.cautious_tokens
-        )
     deadline = call.judged_deadline(call.rest_calls * result.completion_s)
+    # the replica's own speed, without the correction learned from noisy single calls
+    speed = replace(model, correction=1.0)
+    alone = forecast((), new, speed, seqs, budget, 0, False, None).completion_s
     return Assessment(
         replica_id=replica.replica_id,
         predicted_s=result.completion_s,
         first_token_s=result.first_token_s,
-        late_s=now + cautious * pad - deadline,
+        late_s=now + result.completion_s * pad - deadline,
         endangered=endangered,
         delay_s=delay,
         deadline_s=deadline,
+        alone_s=alone,
     )
 
 
@@ -554,26 +555,36 @@ def power_of_two(
 def sla_aware(
     replicas: Sequence[ReplicaSnapshot], call: CallDemand, ctx: RouteContext
 ) -> RouteDecision:
-    """Route to a replica where the call keeps its promises, and finishes soonest there.
+    """Route to a replica where the call keeps its promises, the least loaded of them.
 
     Each healthy replica of the model is assessed (:func:`assess`): the call's completion
-    predicted by the step-time model, padded by ``ctx.confidence``, against its deadline, and
-    the calls already there that it would push past theirs. Among the replicas where it meets
-    its deadline and endangers no one, the one with the earliest predicted completion (the
-    most slack) wins, ties broken by id. When there is none, the least bad one is chosen
-    (fewest endangered calls, then least late): admission control (:func:`admit`) then sheds
-    the call.
+    predicted by the step-time model, padded by ``ctx.confidence``, against the deadline it
+    is judged by, and the calls already there that it would push past theirs. Among the
+    replicas where it meets its deadline and endangers no one, the one with the shortest
+    expected delay wins: ``(outstanding + 1) * alone_s / max_num_seqs``, the calls there
+    with this one over the replica's rate for it (``max_num_seqs`` calls at a time, each
+    taking about its service time alone), then the earliest predicted completion, then the
+    id. The predictions decide where a call must not go, the exact counts where it goes:
+    choosing the earliest predicted completion among replicas that all keep the promise
+    placed calls by noisy predictions (the lengths of the calls in flight are guesses) and
+    met fewer deadlines than least_outstanding at 0.95 load in benchmarks/router_suite.py;
+    on equal replicas this is least_outstanding, on a fast and a slow one it weighs the
+    calls by the speed. When no replica keeps the promises, the least bad one is
+    chosen (fewest endangered calls, then least late): admission control (:func:`admit`)
+    then sheds the call.
     """
     cands = _candidates(replicas, call.model)
     if not cands:
         return _none(call)
     assessed = [assess(r, call, ctx) for r in cands]
+    slots = {r.replica_id: (r.outstanding_requests + 1) / max(r.max_num_seqs, 1) for r in cands}
     best = min(
         assessed,
         key=lambda a: (
             not a.keeps_promises,
             a.endangered,
             max(a.late_s, 0.0),
+            slots[a.replica_id] * a.alone_s,
             a.predicted_s,
             a.replica_id,
         ),
@@ -727,9 +738,10 @@ class RouterConfig(BaseModel):
         default="sla_aware",
         description="Routing policy: 'round_robin' cycles over healthy replicas, "
         "'least_outstanding' picks the one with the fewest calls in flight, 'power_of_two' "
-        "the less loaded of two drawn at random, 'sla_aware' the one where the call's "
-        "predicted completion is earliest among those where it meets its deadline without "
-        "pushing admitted calls past theirs, and sheds the call when there is none.",
+        "the less loaded of two drawn at random, 'sla_aware' the shortest expected delay "
+        "((outstanding + 1) x the call's time alone there / max_num_seqs) among those where "
+        "the call's predicted completion meets its deadline without pushing admitted calls "
+        "past theirs, and sheds the call when there is none.",
     )
     queue_capacity: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=1024,

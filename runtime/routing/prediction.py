@@ -19,8 +19,9 @@ order, each with its prompt, its expected output and whether its first token has
   completion: a per-replica correction factor (an EWMA of measured / predicted in log space,
   so the model's bias is learned online), the median and p90 of the relative error, and the
   confidence ratio admission pads predictions with (a quantile of measured / predicted).
-- :class:`OutputLengths` learns how many tokens calls really generate (the mean per model key
-  and ``max_tokens``): ``max_tokens`` is only a cap.
+- :class:`OutputLengths` learns how many tokens calls really generate (the mean per model key,
+  ``max_tokens`` and app node, optionally started from a trace's lengths): ``max_tokens`` is
+  only a cap.
 
 What the model leaves out, stated once: prefix-cache hits (a prompt counts in full until its
 first token arrives), KV-cache exhaustion and preemption, speculative decoding, and calls
@@ -448,12 +449,13 @@ class PredictionTracker:
       (e-folding over the same time): a bias learned in an overload must not shed calls
       for good.
     - ``confidence(now, level)``: the ``level`` quantile (default :attr:`level`) of measured
-      / predicted given the real length over the last ``window`` calls measured within
-      CONFIDENCE_HORIZON_S of ``now`` (within [1, CONFIDENCE_LIMIT]; PRIOR_CONFIDENCE with
-      fewer than MIN_SAMPLES such calls). Admission multiplies a prediction by it: at level
-      0.9, nine predictions in ten padded so turned out long enough. The uncertainty of the
-      output length is the other half of admission's margin
-      (:meth:`OutputLengths.quantile`).
+      / predicted (the prediction the router acted on, at the expected output length) over
+      the last ``window`` calls measured within CONFIDENCE_HORIZON_S of ``now`` (within [1,
+      CONFIDENCE_LIMIT]; PRIOR_CONFIDENCE with fewer than MIN_SAMPLES such calls). Admission
+      multiplies a prediction by it: at level 0.9, nine predictions in ten padded so turned
+      out long enough. The output length's uncertainty and the model's are in this one
+      margin: padding a quantile of the length with a quantile of the error given the length
+      stacked two p90s (about a p99), and shed calls that would have made it.
     - :attr:`level`: between the median and ``quantile``, by the *strain*: an EWMA (weight
       STRAIN_ALPHA) over arrivals of whether a call was out of reach even at the median
       (:meth:`arrived`), full ``quantile`` from STRAIN_FULL on. A call admitted at the
@@ -507,7 +509,7 @@ class PredictionTracker:
         updated = previous + CORRECTION_ALPHA * (raw - previous)
         self._log_ratio[error.replica_id] = min(max(updated, -limit), limit)
         self._updated[error.replica_id] = now_s
-        self._ratios.append((now_s, error.measured_s / basis))
+        self._ratios.append((now_s, error.measured_s / error.predicted_s))
         model_relative = error.model_relative
         if model_relative is not None:
             self._model_errors.append(model_relative)
@@ -553,16 +555,18 @@ class PredictionTracker:
 
 
 class OutputLengths:
-    """Mean tokens generated per (model key, max_tokens), learned from finished calls.
+    """Mean tokens generated per kind of call, learned from finished calls.
 
-    ``max_tokens`` is a cap; most answers stop earlier. Until a call of that kind has
-    finished, ``expected`` is ``max_tokens`` (the pessimistic side). The mean starts as
-    LENGTH_PRIOR_CALLS calls of ``max_tokens`` tokens (the first answers to finish are the
-    short ones: alone they would make every expectation too short); each call then weighs
-    ``1 / calls so far`` (a plain mean) until that falls to ``alpha``, then ``alpha`` (an
-    EWMA: lengths may drift with the traffic). ``quantile`` reads the last LENGTH_WINDOW
-    lengths (``max_tokens`` until MIN_SAMPLES calls finished): the length admission assumes
-    for a call's own deadline.
+    A kind is a model key, a ``max_tokens`` and the app node the call comes from (``kind``;
+    "" when the caller names none): one node's answers (an e-mail address) can be much
+    shorter than another's under the same cap. ``max_tokens`` is a cap; most answers stop
+    earlier. Until a call of that kind has finished, ``expected`` is ``max_tokens`` (the
+    pessimistic side), unless lengths from a trace were given (:meth:`seed`). The mean
+    starts as LENGTH_PRIOR_CALLS calls of ``max_tokens`` tokens (the first answers to finish
+    are the short ones: alone they would make every expectation too short); each call then
+    weighs ``1 / calls so far`` (a plain mean) until that falls to ``alpha``, then ``alpha``
+    (an EWMA: lengths may drift with the traffic). ``quantile`` reads the last LENGTH_WINDOW
+    lengths (``max_tokens`` until MIN_SAMPLES calls finished).
     """
 
     def __init__(self, alpha: float = LENGTH_ALPHA) -> None:
@@ -570,33 +574,46 @@ class OutputLengths:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
-        self._means: dict[tuple[str, int], float] = {}
-        self._counts: dict[tuple[str, int], int] = {}
-        self._recent: dict[tuple[str, int], deque[int]] = {}
+        self._means: dict[tuple[str, int, str], float] = {}
+        self._counts: dict[tuple[str, int, str], int] = {}
+        self._recent: dict[tuple[str, int, str], deque[int]] = {}
 
-    def expected(self, model: str, max_tokens: int) -> float:
-        """Tokens a call of this model key and max_tokens is expected to generate."""
-        return min(self._means.get((model, max_tokens), float(max_tokens)), float(max_tokens))
+    def expected(self, model: str, max_tokens: int, kind: str = "") -> float:
+        """Tokens a call of this model key, max_tokens and kind is expected to generate."""
+        mean = self._means.get((model, max_tokens, kind), float(max_tokens))
+        return min(mean, float(max_tokens))
 
-    def quantile(self, model: str, max_tokens: int, level: float) -> float:
+    def quantile(self, model: str, max_tokens: int, level: float, kind: str = "") -> float:
         """The ``level`` quantile of the recent lengths of this kind of call (``max_tokens``
         while fewer than MIN_SAMPLES have finished)."""
-        recent = self._recent.get((model, max_tokens))
+        recent = self._recent.get((model, max_tokens, kind))
         if recent is None or len(recent) < MIN_SAMPLES:
             return float(max_tokens)
         return min(quantile(list(recent), level), float(max_tokens))
 
-    def observe(self, model: str, max_tokens: int, completion_tokens: int) -> None:
+    def observe(self, model: str, max_tokens: int, completion_tokens: int, kind: str = "") -> None:
         """A call of this kind generated ``completion_tokens`` tokens."""
         if completion_tokens < 1:
             return
-        key = (model, max_tokens)
+        key = (model, max_tokens, kind)
         self._recent.setdefault(key, deque(maxlen=LENGTH_WINDOW)).append(completion_tokens)
         count = self._counts.get(key, LENGTH_PRIOR_CALLS) + 1
         self._counts[key] = count
         previous = self._means.get(key, float(max_tokens))
         weight = max(self.alpha, 1.0 / count)
         self._means[key] = previous + weight * (float(completion_tokens) - previous)
+
+    def seed(self, model: str, max_tokens: int, lengths: Sequence[int], kind: str = "") -> None:
+        """Start this kind from the lengths of a trace (a calibration run, an earlier run of
+        the app) instead of from ``max_tokens``: as if those calls had finished, so the first
+        calls after a start are not judged at the cap. Lengths below 1 are ignored."""
+        usable = [int(n) for n in lengths if n >= 1][-LENGTH_WINDOW:]
+        if not usable:
+            return
+        key = (model, max_tokens, kind)
+        self._recent[key] = deque(usable, maxlen=LENGTH_WINDOW)
+        self._counts[key] = len(usable)
+        self._means[key] = min(statistics.fmean(usable), float(max_tokens))
 
 
 @dataclass(frozen=True)

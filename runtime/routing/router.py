@@ -299,6 +299,14 @@ class Router:
         """Note that a request finished (at end_s, default now) and whether it met its SLA."""
         self.stats.outcomes.append((self.clock() if end_s is None else end_s, met_sla))
 
+    def seed_lengths(
+        self, model_key: str, max_tokens: int, lengths: list[int], node_id: str = ""
+    ) -> None:
+        """Start the output lengths of calls of this model key, max_tokens and app node from
+        a trace's (`OutputLengths.seed`): the first calls after a start are then predicted
+        at the lengths the app really produces, not at the cap."""
+        self.lengths.seed(model_key, max_tokens, lengths, node_id)
+
     def model_keys(self) -> list[str]:
         """Model keys with at least one endpoint."""
         return sorted({endpoint.model_key for endpoint in self.endpoints})
@@ -460,13 +468,15 @@ class Router:
         now = self.clock()
         budget = current_call_budget()
         deadline = budget.deadline_s if budget is not None else None
+        kind = budget.node_id if budget is not None else ""
         return CallDemand(
             model=model_key,
             prompt_tokens=estimate_prompt_tokens(messages),
             max_tokens=max_tokens,
             deadline_s=deadline if deadline is not None else now + self.default_deadline_s,
             now_s=now,
-            expected_tokens=self.lengths.expected(model_key, max_tokens),
+            expected_tokens=self.lengths.expected(model_key, max_tokens, kind),
+            kind=kind,
             request_deadline_s=budget.request_deadline_s if budget is not None else None,
             rest_calls=budget.rest_calls if budget is not None else 0.0,
             committed=budget.committed if budget is not None else False,
@@ -506,8 +516,7 @@ class Router:
         if not candidates:
             return None
         tracker = self.predictions
-        cautious = self.lengths.quantile(model_key, demand.max_tokens, tracker.level)
-        fresh = replace(demand, now_s=self.clock(), cautious_tokens=cautious)
+        fresh = replace(demand, now_s=self.clock())
         decision = sla_aware(candidates, fresh, self._context(model_key))
         best = decision.assessment
         if best is None:
@@ -515,7 +524,8 @@ class Router:
         if arriving:
             median = tracker.confidence(fresh.now_s, 0.5)
             missing = fresh.now_s + best.predicted_s * median > best.deadline_s
-            tracker.arrived(missing)
+            if not demand.committed:  # the strain counts admission decisions, one per request
+                tracker.arrived(missing)
             self.stats.out_of_reach.append((fresh.now_s, model_key, missing))
         if self.config.policy != "sla_aware":
             return None
@@ -651,7 +661,7 @@ class Router:
         self.speeds.observe(
             endpoint.endpoint_id, ttft_s, demand.prompt_tokens, gaps_s, running_at_start
         )
-        self.lengths.observe(demand.model, demand.max_tokens, completion_tokens)
+        self.lengths.observe(demand.model, demand.max_tokens, completion_tokens, demand.kind)
         sent = endpoint.in_flight.get(id(demand))
         if sent is None or sent.predicted_s is None:
             return

@@ -361,6 +361,12 @@ class SimSpec(BaseModel):
         description="Route and admit with perfect knowledge of service times instead of "
         "router.policy (see the module docstring): the upper bound of a router benchmark.",
     )
+    output_lengths: dict[str, tuple[int, ...]] = Field(
+        default_factory=dict,
+        description="Output tokens of each LLM node's calls in a trace of the app (a "
+        "calibration run; by node id): the router's output lengths start from them "
+        "(Router.seed_lengths) instead of from max_tokens. Empty: learned from the run alone.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SimSpec:
@@ -689,6 +695,10 @@ class _Simulation:
         self.sla_aware = config.policy == "sla_aware" and not spec.oracle
         self.predictions = PredictionTracker(config.admission_quantile, config.prediction_window)
         self.lengths = OutputLengths()
+        for node in spec.app.nodes:
+            if isinstance(node, LlmNode) and node.id in spec.output_lengths:
+                lengths = spec.output_lengths[node.id]
+                self.lengths.seed(node.model, node.sampling.max_tokens, lengths, node.id)
         self.traffic = Traffic()
         self.counter = 0
         self.router_stats = RouterCounters()
@@ -886,7 +896,8 @@ class _Simulation:
             max_tokens=max_tokens,
             deadline_s=request.start_s + request.sla_s * self.shares.get(run.node_id, 1.0),
             now_s=now,
-            expected_tokens=self.lengths.expected(key, max_tokens),
+            expected_tokens=self.lengths.expected(key, max_tokens, run.node_id),
+            kind=run.node_id,
             request_deadline_s=request.start_s + request.sla_s,
             rest_calls=self.rest.get(run.node_id, 0.0),
             committed=request.committed,
@@ -912,15 +923,14 @@ class _Simulation:
             return
         run.queued = True
 
-    def _admission(self, run: _Node) -> Assessment | bool | None:
+    def _admission(self, run: _Node, arriving: bool = True) -> Assessment | bool | None:
         """Router._admission: with sla_aware, shed the call (False) unless it keeps its
-        promises on the replica the policy picks (its assessment there)."""
+        promises on the replica the policy picks (its assessment there); on arrival, a call
+        of a request not yet committed counts towards the strain."""
         if not self.sla_aware:
             return None
         assert run.demand is not None
-        tracker = self.predictions
-        cautious = self.lengths.quantile(run.demand.model, run.demand.max_tokens, tracker.level)
-        demand = replace(run.demand, now_s=self.now, cautious_tokens=cautious)
+        demand = replace(run.demand, now_s=self.now)
         endpoints = self.endpoints[demand.model]
         decision = self.policy(
             [e.snapshot() for e in endpoints], demand, self._context(demand.model)
@@ -928,8 +938,9 @@ class _Simulation:
         if decision.assessment is None:
             return None
         best = decision.assessment
-        median = self.predictions.confidence(self.now, 0.5)
-        self.predictions.arrived(self.now + best.predicted_s * median > best.deadline_s)
+        if arriving and not demand.committed:
+            median = self.predictions.confidence(self.now, 0.5)
+            self.predictions.arrived(self.now + best.predicted_s * median > best.deadline_s)
         verdict = admit(demand, best, self.spec.router.shed_tolerance_s)
         if not verdict.admit:
             self.router_stats.shed += 1
@@ -1045,7 +1056,7 @@ class _Simulation:
             if run.done or run.request.end_s is not None:
                 continue
             run.queued = False
-            if self._admission(run) is not False:
+            if self._admission(run, arriving=False) is not False:
                 self._pick(run)
 
     def _refresh(self, _: None) -> None:
@@ -1234,7 +1245,9 @@ class _Simulation:
             self._first_token(run)
         demand = run.demand
         assert demand is not None
-        self.lengths.observe(demand.model, demand.max_tokens, engine_request.num_output)
+        self.lengths.observe(
+            demand.model, demand.max_tokens, engine_request.num_output, demand.kind
+        )
         if run.predicted_s is not None:  # Router.observe: the prediction against the measure
             error = PredictionError(
                 endpoint.endpoint_id,

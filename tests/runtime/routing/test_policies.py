@@ -153,6 +153,22 @@ def test_sla_aware_prefers_fast_replica_where_least_outstanding_picks_the_slow_o
     assert assess(replicas[1], c, ctx).predicted_s < assess(replicas[0], c, ctx).predicted_s
 
 
+def test_sla_aware_balances_equal_replicas_by_their_calls_not_by_guessed_lengths() -> None:
+    # a's two calls are guessed to end within two tokens, b's one call in 80: the earliest
+    # predicted completion is on a, but the guesses are guesses; b holds fewer calls
+    replicas = [
+        snap("a", outstanding_requests=2, calls=(running(1, 99.0), running(1, 99.0))),
+        snap("b", outstanding_requests=1, calls=(running(80, 99.0),)),
+    ]
+    ctx = RouteContext(models={"a": FAST, "b": FAST})
+    c = call()
+    assert assess(replicas[0], c, ctx).predicted_s < assess(replicas[1], c, ctx).predicted_s
+    assert sla_aware(replicas, c, ctx).replica_id == "b"
+    # where it would miss its deadline on b, it goes to a
+    hurried = call(deadline=assess(replicas[0], c, ctx).predicted_s * 1.01)
+    assert sla_aware(replicas, hurried, ctx).replica_id == "a"
+
+
 def test_a_replica_without_a_model_predicts_with_the_default_speed() -> None:
     prior = SpeedEstimate(prefill_s_per_token=0.001, decode_s_per_token=0.02, overhead_s=0.05)
     ctx = RouteContext(default_speed=prior)
@@ -281,16 +297,16 @@ def test_admission_sheds_a_call_that_meets_its_deadline_only_without_the_padding
     assert admit(c, padded, tolerance_s=0.05).admit
 
 
-def test_admission_checks_the_own_deadline_at_the_cautious_output_length() -> None:
+def test_admission_judges_a_call_at_its_expected_output_length() -> None:
     ctx = RouteContext(models={"a": FAST})
     # expected 11 tokens: 0.1 s of prefill and 10 decode steps (0.2 s); 21 tokens: 0.3 s
     typical = CallDemand("m", 100, 64, deadline_s=0.25, now_s=0.0, expected_tokens=11)
     assert admit(typical, assess(snap("a"), typical, ctx)).admit
-    cautious = replace(typical, cautious_tokens=21)
-    assessment = assess(snap("a"), cautious, ctx)
-    assert assessment.predicted_s == pytest.approx(0.2)  # routing reads the expected length
+    longer = replace(typical, expected_tokens=21)
+    assessment = assess(snap("a"), longer, ctx)
+    assert assessment.predicted_s == pytest.approx(0.3)
     assert assessment.late_s == pytest.approx(0.05)
-    assert not admit(cautious, assessment).admit
+    assert not admit(longer, assessment).admit
 
 
 def test_admission_protects_a_running_call_it_would_push_past_its_deadline() -> None:

@@ -242,3 +242,30 @@ def test_output_length_quantiles_once_enough_calls_finished() -> None:
         lengths.observe("m", 64, tokens)
     assert lengths.quantile("m", 64, 0.5) == pytest.approx((MIN_SAMPLES + 1) / 2)
     assert lengths.quantile("m", 64, 1.0) == MIN_SAMPLES
+
+
+def test_output_lengths_are_learned_per_app_node_and_start_from_a_trace() -> None:
+    lengths = OutputLengths()
+    for _ in range(50):
+        lengths.observe("m", 96, 10, kind="ask_email")
+        lengths.observe("m", 96, 80, kind="ask_address")
+    assert (
+        lengths.expected("m", 96, "ask_email") < 20 < 70 < lengths.expected("m", 96, "ask_address")
+    )
+    assert lengths.expected("m", 96) == 96  # a call naming no node learns apart
+    lengths.seed("m", 96, [20, 40, 0, 300], kind="ask_name")  # 0 ignored, 300 over the cap
+    assert lengths.expected("m", 96, "ask_name") == 96  # the mean of 20, 40, 300 capped
+    lengths.seed("m", 96, [20, 40] * MIN_SAMPLES, kind="ask_name")
+    assert lengths.expected("m", 96, "ask_name") == pytest.approx(30)
+    assert lengths.quantile("m", 96, 0.5, kind="ask_name") == pytest.approx(30)
+    lengths.observe("m", 96, 40, kind="ask_name")  # as after 40 calls: weight alpha (0.1)
+    assert lengths.expected("m", 96, "ask_name") == pytest.approx(31)
+
+
+def test_the_confidence_pads_for_the_output_length_the_prediction_assumed() -> None:
+    tracker = PredictionTracker(quantile=0.9, window=MIN_SAMPLES)
+    for _ in range(MIN_SAMPLES):  # exact given the real length, twice as long as predicted
+        tracker.record(PredictionError("a", 1.0, 2.0, given_length_s=2.0), now_s=0.0)
+    assert tracker.correction("a") == 1.0  # the model is right: nothing to correct
+    assert tracker.confidence(0.0, 0.5) == pytest.approx(2.0)  # admission's margin: the length
+    assert tracker.model_error_quantiles() == (0.0, 0.0)
