@@ -45,7 +45,7 @@ def _row(app: str, variant: str, metrics: dict[str, Any]) -> str:
         f"{cell('llm_calls_per_request', '{:.2f}'):>10}"
         f"{cell('e2e_p50_s', '{:.2f}'):>11}{cell('e2e_p95_s', '{:.2f}'):>11}"
         f"{cell('quality', '{:.3f}'):>9}{shown_ci:>17}{cell('error_rate', '{:.2f}'):>8}"
-        f"{metrics.get('score_errors', 0):>8}{cell('run_wall_s', '{:.0f}'):>7}"
+        f"{metrics.get('score_errors', 0):>9}{cell('run_wall_s', '{:.0f}'):>7}"
     )
 
 
@@ -118,7 +118,7 @@ def main() -> None:
     print(
         f"{'app':<12}{'variant':<14}{'requests':>9}{'calls/req':>10}"
         f"{'e2e p50 s':>11}{'e2e p95 s':>11}"
-        f"{'quality':>9}{'quality 95% CI':>17}{'errors':>8}{'unscored':>8}{'wall s':>7}"
+        f"{'quality':>9}{'quality 95% CI':>17}{'errors':>8}{'unscored':>9}{'wall s':>7}"
     )
     print("\n".join(lines))
     if args.json:
