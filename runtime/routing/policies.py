@@ -758,8 +758,8 @@ class RouterConfig(BaseModel):
         description="Confidence of the SLA-aware policy's promises when capacity is short: "
         "a call is admitted only if its predicted completion, multiplied by this quantile "
         "of measured / predicted over the last prediction_window calls (at least 1), meets "
-        "its deadline, and it pushes no admitted call past its own. While calls rarely "
-        "arrive out of reach the level eases towards the median (admitting a call with "
+        "its deadline, and it pushes no admitted call past its own. While requests rarely "
+        "find every replica full the level eases towards the median (admitting a call with "
         "capacity to spare takes nothing from others); see PredictionTracker.level.",
     )
     prediction_window: Annotated[int, Field(ge=1, le=100_000)] = Field(

@@ -507,8 +507,9 @@ class Router:
 
     def _admission(self, model_key: str, demand: CallDemand, arriving: bool) -> Assessment | None:
         """Assess the call on the best replica (the sla_aware choice, whatever the policy). On
-        arrival, note whether it is out of reach even at the median (the strain, and the
-        autoscaler's `RouterStats.out_of_reach`). With sla_aware: shed it (Rejected, SHED)
+        arrival, note whether it is out of reach even at the median (the autoscaler's
+        `RouterStats.out_of_reach`) and, for a new request, whether every replica was full
+        (the strain, `PredictionTracker.level`). With sla_aware: shed it (Rejected, SHED)
         unless it keeps its promises there, and return its assessment there (its predicted
         completion and the deadline it was judged by); None with other policies, which never
         shed."""
@@ -525,7 +526,7 @@ class Router:
             median = tracker.confidence(fresh.now_s, 0.5)
             missing = fresh.now_s + best.predicted_s * median > best.deadline_s
             if not demand.committed:  # the strain counts admission decisions, one per request
-                tracker.arrived(missing)
+                tracker.arrived(not self._has_room(model_key))
             self.stats.out_of_reach.append((fresh.now_s, model_key, missing))
         if self.config.policy != "sla_aware":
             return None

@@ -938,9 +938,8 @@ class _Simulation:
         if decision.assessment is None:
             return None
         best = decision.assessment
-        if arriving and not demand.committed:
-            median = self.predictions.confidence(self.now, 0.5)
-            self.predictions.arrived(self.now + best.predicted_s * median > best.deadline_s)
+        if arriving and not demand.committed:  # Router._admission: the strain
+            self.predictions.arrived(not any(e.outstanding < e.max_num_seqs for e in endpoints))
         verdict = admit(demand, best, self.spec.router.shed_tolerance_s)
         if not verdict.admit:
             self.router_stats.shed += 1

@@ -222,13 +222,16 @@ def test_the_correction_fades_back_to_one_without_new_calls() -> None:
 
 def test_the_level_rises_from_the_median_with_the_strain() -> None:
     tracker = PredictionTracker(quantile=0.9)
-    assert tracker.level == 0.5  # nothing out of reach: admit at the median
+    assert tracker.level == 0.5  # slots to spare: admit at the median
     for _ in range(200):
-        tracker.arrived(out_of_reach=True)
-    assert tracker.level == pytest.approx(0.9)
+        tracker.arrived(full=True)
+    assert tracker.level == pytest.approx(0.9, abs=1e-3)
     for _ in range(200):
-        tracker.arrived(out_of_reach=False)
+        tracker.arrived(full=False)
     assert tracker.level < 0.51
+    for _ in range(14):  # half the recent requests found every replica full
+        tracker.arrived(full=True)
+    assert tracker.level == pytest.approx(0.5 + 0.4 * tracker.strain) and 0.6 < tracker.level < 0.8
     for ratio in [1.0] * 10 + [2.0] * 10:
         tracker.record(PredictionError("a", 1.0, ratio))
     assert tracker.confidence(level=0.5) == pytest.approx(1.5)
