@@ -21,24 +21,29 @@ the whole table is rendered again into reports/regress_power.txt after each phas
 - ``nights``: the unchanged deployment: a baseline run, then ``--nights`` nights back to
   back on the same hot replica, each compared with the baseline; a night with any objective
   regressed is a false alarm (improved verdicts are counted too).
-- ``slowdowns``: ``--repetitions`` times: a fresh baseline on the base config, then the
-  deployment with each slowdown's knob (``--slow10``, ``--slow25``) compared with it, as
-  after an edited DEPLOY.yaml; detected when the latency objective (e2e_p95_s) regressed.
-  The slowdown itself is measured separately from the same runs: the ratio of the medians
-  of all slowed repeats and all base repeats of the phase, with its bootstrap interval.
+- ``slowdown`` (once per ``--level``, with its ``--knob``): a baseline of the base config
+  (3 repeats), then the deployment with the knob changed measured ``--repetitions`` times,
+  each compared with that baseline, as `fmtune regress` does after an edited DEPLOY.yaml;
+  detected when the latency objective (e2e_p95_s) regressed. The repetitions share the one
+  baseline (a nightly regress compares with one stored baseline too). A closing run of the
+  base config gives the drift, and the slowdown is measured separately from the same
+  invocation: the median of all slowed repeats over that of all base repeats, with its
+  bootstrap interval.
 - ``report``: render the table from the json only.
 
 Besides the counts, the table gives what `tuner.regress.simulate_verdicts` predicts for the
 noise the nights measured (coefficient of variation between repeats) and the slowdowns'
 measured ratios.
 
-Usage (each engine phase takes about 4-9 minutes):
+Usage (each engine phase stops starting runs past --budget-s, 600 s; run it again to
+resume from the json):
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/regress_power.py --phase calibrate \\
-        --candidate engine.max_num_batched_tokens=32 --candidate engine.max_num_batched_tokens=16
+        --candidate engine.max_num_batched_tokens=32 --candidate engine.max_num_seqs=2
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/regress_power.py --phase nights
-    flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/regress_power.py \\
-        --phase slowdowns --slow10 engine.max_num_batched_tokens=32 \\
-        --slow25 engine.max_num_batched_tokens=16
+    flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/regress_power.py --phase slowdown \\
+        --level 10% --knob engine.max_num_seqs=4,engine.max_num_batched_tokens=8
+    flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/regress_power.py --phase slowdown \\
+        --level 25% --knob engine.max_num_seqs=2
     .venv/bin/python benchmarks/regress_power.py --phase report
 """
 
@@ -304,45 +309,49 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
     record["nights"] = {"headers": headers, "baseline": base_metrics, "nights": nights}
 
 
-def phase_slowdowns(args: argparse.Namespace, record: dict[str, Any]) -> None:
-    """`repetitions` times: a fresh baseline of the base config, then each slowed config
-    measured by regress against it (order of the slowed configs alternating)."""
+def phase_slowdown(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """One slowdown level: a baseline of the base config (3 repeats), then `repetitions`
+    measurements of the slowed config, each compared with that baseline by `measure_all` as
+    after an edited DEPLOY.yaml, then the base config once more (the drift, and with the
+    baseline the base side of the separately measured slowdown)."""
     started, meta = time.monotonic(), header()
-    levels = {"10%": args.slow10, "25%": args.slow25}
-    stored = record.get("slowdowns") or {}
-    if stored.get("knobs") not in (None, levels):
-        stored = {}  # other knobs: start over
+    level, knob = args.level, args.knob
+    levels = record.setdefault("slowdowns", {})
+    stored = levels.get(level) or {}
+    if stored.get("knob") not in (None, knob):
+        stored = {}  # another knob: start over
     reps: list[dict[str, Any]] = list(stored.get("repetitions", []))
     headers = [*stored.get("headers", []), meta]
-    with make_pool(3) as pool:
-        while len(reps) < args.repetitions and within_budget(args, started, len(reps)):
+    entry: dict[str, Any] = {"knob": knob, "headers": headers, "repetitions": reps}
+    with make_pool(2) as pool:
+        base_metrics = stored.get("baseline")
+        if base_metrics is None:
             base_metrics = measure(pool, spec_of(repeats=3))
-            order = list(levels) if len(reps) % 2 == 0 else list(reversed(levels))
-            rep: dict[str, Any] = {
-                "base_values": base_metrics["repeat_values"],
-                "levels": {},
-                "invocation": len(headers) - 1,
-            }
-            for level in order:
-                slowed = spec_of(parse_knobs(levels[level]))
-                baseline = baseline_of(f"slowed {level}", slowed, base_metrics)
-                (result,) = measure_all([baseline], lambda spec: measure(pool, spec))
-                assert result.metrics is not None
-                rep["levels"][level] = {
+        entry["baseline"] = base_metrics
+        baseline = baseline_of(f"slowed {level}", spec_of(parse_knobs(knob)), base_metrics)
+        while len(reps) < args.repetitions and within_budget(args, started, len(reps) + 1):
+            (result,) = measure_all([baseline], lambda spec: measure(pool, spec))
+            assert result.metrics is not None
+            reps.append(
+                {
                     "verdict": result.verdict,
                     "comparisons": comparison_rows(result),
                     "values": result.metrics.get("repeat_values", {}),
+                    "invocation": len(headers) - 1,
                 }
-                print(
-                    f"repetition {len(reps) + 1}, {level} ({levels[level]}): "
-                    + ", ".join(c.line() for c in result.comparisons),
-                    flush=True,
-                )
-            reps.append(rep)
-            record["slowdowns"] = {"headers": headers, "knobs": levels, "repetitions": reps}
+            )
+            print(
+                f"{level} ({knob}) repetition {len(reps)}: "
+                + ", ".join(c.line() for c in result.comparisons),
+                flush=True,
+            )
+            levels[level] = entry
             save_record(record)
+        if within_budget(args, started, len(reps) + 1):
+            closing = measure(pool, spec_of(repeats=3))
+            entry["closing_base_values"] = closing.get("repeat_values", {})
     headers[-1] = finish(meta, started)
-    record["slowdowns"] = {"headers": headers, "knobs": levels, "repetitions": reps}
+    levels[level] = entry
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,46 +464,56 @@ def render(record: Mapping[str, Any]) -> str:
         lines.append("")
     slowdowns = record.get("slowdowns")
     if slowdowns:
-        reps = slowdowns["repetitions"]
-        lines.append(f"(b) real slowdowns, {len(reps)} repetitions each (fresh baseline each)")
-        lines += _heads(slowdowns)
         lines.append(
-            f"  {'slowdown':<8} {'knob':<40} {'measured e2e p95 ratio [95%]':<30} "
-            f"{'detected e2e p95':<17} {'any objective':<14}"
+            "(b) real slowdowns: per level, one baseline of the base config (3 repeats), then "
+            "the slowed config measured 5 times, each compared with it by measure_all"
         )
-        base_all = [v for rep in reps for v in rep["base_values"].get(LATENCY, [])]
-        for level, knob in slowdowns["knobs"].items():
-            mine = [rep["levels"][level] for rep in reps if level in rep["levels"]]
+        lines.append(
+            "    measured slowdown: median e2e p95 of all slowed repeats / of the base repeats "
+            "of the same invocation (baseline and a closing base run), 95% bootstrap interval"
+        )
+        table: list[str] = []
+        for level, entry in slowdowns.items():
+            lines.append(f"  level {level}: {entry['knob']}")
+            lines += ["  " + head for head in _heads(entry)]
+            mine = entry["repetitions"]
+            base_runs = [entry["baseline"].get("repeat_values", {})]
+            if entry.get("closing_base_values"):
+                base_runs.append(entry["closing_base_values"])
+            base_all = [v for run in base_runs for v in run.get(LATENCY, [])]
             slowed_all = [v for m in mine for v in m["values"].get(LATENCY, [])]
             measured = ratio_of_medians(base_all, slowed_all) if base_all and slowed_all else None
             shown = _fmt_ratio(*measured) if measured else "n/a"
             hits = sum(m["comparisons"][LATENCY]["verdict"] == "regressed" for m in mine)
             anyhit = sum(m["verdict"] == "regressed" for m in mine)
-            lines.append(
-                f"  {level:<8} {knob:<40} {shown:<30} {hits}/{len(mine):<15} {anyhit}/{len(mine)}"
+            detected = f"{hits}/{len(mine)}"
+            table.append(
+                f"  {level:<6} {entry['knob']:<54} {shown:<26} {detected:<11} {anyhit}/{len(mine)}"
             )
             per_rep = ", ".join(
                 f"{m['comparisons'][LATENCY]['ratio']:.3f}"
                 for m in mine
                 if m["comparisons"][LATENCY]["ratio"] is not None
             )
-            lines.append(f"  {'':<8} per repetition: e2e p95 ratio {per_rep}")
-            cv = noise_cv(
-                [rep["base_values"] for rep in reps] + [m["values"] for m in mine], LATENCY
-            )
+            table.append(f"  {'':<6} each repetition's e2e p95 ratio: {per_rep}")
+            if len(base_runs) > 1:
+                drift = ratio_of_medians(base_runs[0][LATENCY], base_runs[1][LATENCY])
+                table.append(f"  {'':<6} base drift (closing / baseline): {_fmt_ratio(*drift)}")
+            cv = noise_cv([*base_runs, *(m["values"] for m in mine)], LATENCY)
             if measured and cv is not None:
                 sim = simulate_verdicts(
-                    shift=measured[0],
-                    noise_cv=cv,
-                    n_baseline=3,
-                    n_current=3,
-                    threshold=0.10,
-                    nights=400,
+                    shift=measured[0], noise_cv=cv, n_baseline=3, n_current=3,
+                    threshold=0.10, nights=400,
+                )  # fmt: skip
+                table.append(
+                    f"  {'':<6} simulate_verdicts at shift {measured[0]:.3f}, CV {cv:.1%}: "
+                    f"detection {sim['regressed']:.0%}"
                 )
-                lines.append(
-                    f"  {'':<8} simulate_verdicts at shift {measured[0]:.3f}, CV "
-                    f"{cv:.1%}: detection {sim['regressed']:.0%}"
-                )
+        lines.append(
+            f"  {'level':<6} {'knob':<54} {'measured slowdown [95%]':<26} "
+            f"{'e2e p95 hit':<11} any objective"
+        )
+        lines += table
         lines.append("")
     return "\n".join(lines)
 
@@ -503,7 +522,7 @@ def main() -> None:
     """Run one phase, then print the whole table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--phase", choices=["calibrate", "nights", "slowdowns", "report"], required=True
+        "--phase", choices=["calibrate", "nights", "slowdown", "report"], required=True
     )
     parser.add_argument(
         "--candidate",
@@ -514,8 +533,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="calibration runs per config")
     parser.add_argument("--nights", type=int, default=10)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--slow10", default="", help="knob change of the ~10%% slowdown")
-    parser.add_argument("--slow25", default="", help="knob change of the ~25%% slowdown")
+    parser.add_argument("--level", default="", help="name of the slowdown, e.g. 10%%")
+    parser.add_argument("--knob", default="", help="the slowing knob change, e.g. engine.x=1")
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -528,7 +547,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     record = load_record()
     if args.fresh:
-        record.pop(args.phase, None)
+        record.pop({"slowdown": "slowdowns"}.get(args.phase, args.phase), None)
     if args.phase != "report":
         record["pinned_core"] = pin_replicas()
     if args.phase == "calibrate":
@@ -537,10 +556,10 @@ def main() -> None:
         phase_calibrate(args, record)
     elif args.phase == "nights":
         phase_nights(args, record)
-    elif args.phase == "slowdowns":
-        if not (args.slow10 and args.slow25):
-            parser.error("--phase slowdowns needs --slow10 and --slow25")
-        phase_slowdowns(args, record)
+    elif args.phase == "slowdown":
+        if not (args.level and args.knob):
+            parser.error("--phase slowdown needs --level and --knob")
+        phase_slowdown(args, record)
     if args.phase != "report":
         save_record(record)
     print(render(record))
