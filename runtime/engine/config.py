@@ -26,6 +26,8 @@ from runtime.errors import ConfigError
 Device = Literal["cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["fp8", "awq", "gptq", "bitsandbytes"]
+#: Precision of the KV cache; the fp8 ones store a key or value in one byte (see kv_cache_dtype).
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 SpeculativeMethod = Literal["ngram"]
 #: How a server command starts vLLM: ``python -m MODULE`` or the ``vllm serve`` console script.
 Launcher = Literal["module", "vllm"]
@@ -80,6 +82,18 @@ class EngineConfig(BaseModel):
             description="Weight quantization method; None serves the weights as they are. "
             "All listed methods need CUDA kernels.",
             json_schema_extra={"flag": "--quantization"},
+        ),
+    ] = None
+    kv_cache_dtype: Annotated[
+        KVCacheDType | None,
+        Field(
+            description="Precision the KV cache is stored in. 'fp8' (vLLM's name for "
+            "fp8_e4m3), 'fp8_e4m3' and 'fp8_e5m2' store one byte per value, half of bfloat16, "
+            "so a cache of the same kv_cache_space_gib holds twice the tokens; 'auto' is the "
+            "dtype's precision. vLLM's CPU build takes them where the CPU has AVX-512 or AMX "
+            "and the model's head size is a multiple of 32, and refuses to start otherwise "
+            "(tried here: docs/precision-cpu.md). None: vLLM's default ('auto').",
+            json_schema_extra={"flag": "--kv-cache-dtype"},
         ),
     ] = None
     block_size: Annotated[

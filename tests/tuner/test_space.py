@@ -113,6 +113,8 @@ def test_gpu_space_has_model_per_key() -> None:
     ]
     util = space.knobs["engine.gpu_memory_utilization"]
     assert isinstance(util, FloatKnob) and (util.low, util.high) == (0.5, 0.95)
+    # the GPU methods stay in the GPU space (each sample is validated on cuda below)
+    assert space.knobs["engine.quantization"].choices == ["none", "fp8", "awq", "gptq"]
 
 
 def test_conditional_knob_present_only_when_condition_holds() -> None:

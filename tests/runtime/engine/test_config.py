@@ -108,6 +108,29 @@ def test_unset_knobs_are_left_to_vllm() -> None:
     args = EngineConfig(model="m").cli_args()
     assert "--block-size" not in args and "--max-num-seqs" not in args
     assert "--speculative-config" not in args
+    assert "--kv-cache-dtype" not in args and "--quantization" not in args
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_kv_cache_dtype_renders_on_cpu_and_gpu(kv_cache_dtype: str) -> None:
+    for device in ("cpu", "cuda"):
+        args = EngineConfig(model="m", device=device, kv_cache_dtype=kv_cache_dtype).cli_args()
+        assert args[args.index("--kv-cache-dtype") + 1] == kv_cache_dtype
+
+
+def test_kv_cache_dtype_outside_its_choices_is_named() -> None:
+    assert "kv_cache_dtype: Input should be 'auto', 'fp8', 'fp8_e4m3' or 'fp8_e5m2'" in message(
+        kv_cache_dtype="int8"
+    )
+
+
+@pytest.mark.parametrize("method", ["fp8", "awq", "gptq"])
+def test_gpu_quantization_renders_on_cuda_and_is_refused_on_cpu(method: str) -> None:
+    args = EngineConfig(model="m", device="cuda", quantization=method).cli_args()
+    assert args[args.index("--quantization") + 1] == method
+    assert f"quantization '{method}' needs device 'cuda', got device 'cpu'" in message(
+        quantization=method
+    )
 
 
 def test_every_field_is_documented_and_says_how_it_reaches_vllm() -> None:
