@@ -28,12 +28,13 @@ from the first measured send to the last answer), e2e p95, quality; the median o
 and each arm's ratio to the default (ratio of medians with a 95% bootstrap interval;
 quality paired on the same examples, averaged over rounds).
 
-Usage (about 7-9 minutes with two arms and 3 rounds: a compiled default engine starts in
-about 90 s):
+Usage (replicas start in about 150 s for the compiled default, 55 s for an eager one; a
+round of three arms then takes about 70 s on the quickstart workload; an invocation starts
+no round past --budget-s, and --resume adds rounds to the json's):
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/tuned_vs_default.py \\
         [--study quickstart --storage sqlite:///out/quickstart/study.db] \\
         [--experiment experiments/quickstart.yaml] [--rounds 3] \\
-        [--arm tuned-bf16=engine.dtype=bfloat16]
+        [--arm tuned-bf16=engine.dtype=bfloat16] [--resume]
     .venv/bin/python benchmarks/tuned_vs_default.py --report   # the table from the json
 """
 
@@ -201,17 +202,23 @@ def ratios(record: Mapping[str, Any], arm: str) -> dict[str, list[float] | None]
 
 def render(record: Mapping[str, Any]) -> str:
     """The table from the json."""
-    meta = record["header"]
-    lines = [
-        "vLLM defaults vs the study's best deployment, interleaved (issue 12)",
-        f"ran {meta['date']} on {meta['host']} ({meta['cpus']} cpus, vLLM {meta['vllm']}), "
-        f"{meta.get('wall_s', '?')} s; load avg {meta['load_avg_start'][0]:.2f} -> "
-        f"{meta.get('load_avg_end', [float('nan')])[0]:.2f}; other vLLM servers at start: "
-        f"{meta['foreign_engines_at_start']}; replicas pinned to core {meta['pinned_core']}",
+    metas = record.get("headers") or [record["header"]]
+    lines = ["vLLM defaults vs the study's best deployment, interleaved (issue 12)"]
+    for meta in metas:
+        lines.append(
+            f"ran {meta['date']} on {meta['host']} ({meta['cpus']} cpus, vLLM {meta['vllm']}), "
+            f"{meta.get('wall_s', '?')} s, {meta.get('rounds_run', '?')} rounds; load avg "
+            f"{meta['load_avg_start'][0]:.2f} -> "
+            f"{meta.get('load_avg_end', [float('nan')])[0]:.2f}; other vLLM servers at start: "
+            f"{meta['foreign_engines_at_start']}; replicas pinned to core {meta['pinned_core']}"
+        )
+    if len(metas) > 1:
+        lines.append("(resumed: each invocation started its replicas afresh)")
+    lines += [
         f"study {record['study']} trial {record['trial']} (picked: highest goodput/$ on its "
         f"front; study measured {record['trial_metrics']}); experiment {record['experiment']}",
-        f"workload: {record['workload']}; SLA e2e {record['sla_e2e_s']} s; {record['rounds']} "
-        f"interleaved rounds ({len(record['runs']['default'])} ran), one run per arm per round",
+        f"workload: {record['workload']}; SLA e2e {record['sla_e2e_s']} s; "
+        f"{len(record['runs']['default'])} interleaved rounds, one run per arm per round",
         "",
     ]
     for arm, what in record["arms"].items():
@@ -277,13 +284,16 @@ def main() -> None:
     parser.add_argument("--storage", default=f"sqlite:///{REPO / 'out/quickstart/study.db'}")
     parser.add_argument("--experiment", type=Path, default=REPO / "experiments/quickstart.yaml")
     parser.add_argument("--trial", type=int, default=None, help="this trial, not the best")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in this invocation")
     parser.add_argument("--arm", action="append", default=[], help="NAME=knob=value,...")
     parser.add_argument(
         "--budget-s",
         type=float,
         default=600.0,
         help="start no round that would end past this many seconds (last round as estimate)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="add rounds to the json's (same trial and arms)"
     )
     parser.add_argument("--report", action="store_true", help="only render the stored json")
     args = parser.parse_args()
@@ -312,8 +322,9 @@ def main() -> None:
         if k in ("cost_per_1k_usd", "e2e_p95_s", "quality", "sla_attainment")
     }
     tuned = specs["tuned"]
+    meta = header(core)
     record: dict[str, Any] = {
-        "header": header(core),
+        "headers": [meta],
         "study": args.study,
         "trial": trial.number,
         "trial_params": trial.params,
@@ -325,22 +336,31 @@ def main() -> None:
         ),
         "workload": tuned.workload.model_dump(mode="json"),
         "sla_e2e_s": tuned.sla.e2e_s,
-        "rounds": args.rounds,
         "arms": {name: describe(s) for name, s in specs.items()},
         "runs": {name: [] for name in specs},
     }
+    if args.resume and REPORT_JSON.is_file():
+        earlier = json.loads(REPORT_JSON.read_text())
+        if earlier.get("trial") != trial.number or earlier.get("arms") != record["arms"]:
+            raise SystemExit(f"{REPORT_JSON}: another trial or other arms; run without --resume")
+        record["headers"] = [*(earlier.get("headers") or [earlier["header"]]), meta]
+        record["runs"] = earlier["runs"]
     limits = PoolLimits(max_replicas=len(specs), max_memory_gib=18)
     with ReplicaPool(limits, log_dir=REPO / "out" / "tuned_vs_default" / "logs") as pool:
         last_round_s = 0.0
+        meta["rounds_run"] = 0
         for round_ in range(args.rounds):
             elapsed = time.monotonic() - started
             if round_ and elapsed + last_round_s > args.budget_s:
                 print(f"stopping after {round_} rounds ({elapsed:.0f} s of --budget-s)")
                 break
             round_started = time.monotonic()
+            starts_s = 0.0  # the first round starts every replica: not in the next's estimate
             for name, spec in specs.items():
                 metrics = execute_run(spec, pool).metrics_dict()
                 record["runs"][name].append(metrics)
+                if round_ == 0:
+                    starts_s += float(metrics.get("replica_start_s") or 0.0)
                 print(
                     f"round {round_ + 1} {name}: goodput/$ {goodput_per_usd(metrics)}, "
                     f"e2e p95 {metrics.get('e2e_p95_s')}, quality {metrics.get('quality')}, "
@@ -348,9 +368,10 @@ def main() -> None:
                     flush=True,
                 )
                 REPORT_JSON.write_text(json.dumps(record, indent=2) + "\n")
-            last_round_s = time.monotonic() - round_started
-    record["header"]["wall_s"] = round(time.monotonic() - started, 1)
-    record["header"]["load_avg_end"] = list(os.getloadavg())
+            last_round_s = time.monotonic() - round_started - starts_s
+            meta["rounds_run"] = round_ + 1
+    meta["wall_s"] = round(time.monotonic() - started, 1)
+    meta["load_avg_end"] = list(os.getloadavg())
     REPORT_JSON.write_text(json.dumps(record, indent=2) + "\n")
     text = render(record)
     REPORT_TXT.write_text(text)
