@@ -773,6 +773,23 @@ def simulated(
     return lines, payload
 
 
+def engine_lane() -> str:
+    """Whether another process held the shared engine lane (/tmp/fmtune-engine.lock) when the
+    suite started: its replicas then competed for the cores the simulation ran on."""
+    import fcntl
+
+    path = Path("/tmp/fmtune-engine.lock")
+    if not path.exists():
+        return "engine lane: no lock file"
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return "engine lane: held by another process at start (contended)"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return "engine lane: free at start"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per cell.")
@@ -795,7 +812,8 @@ def main() -> None:
     load_avg = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = [
         f"router suite: {args.seeds} seeds x {args.requests} requests per cell, Python "
-        f"{platform.python_version()}, {os.cpu_count()} cores, load average {load_avg}",
+        f"{platform.python_version()}, {os.cpu_count()} cores, load average {load_avg}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {engine_lane()}",
         which,
     ]
     print("\n".join(lines), flush=True)
