@@ -112,6 +112,11 @@ def test_each_call_gets_its_share_of_the_sla_as_deadline() -> None:
     assert all("shed" in (o.error or "") for o in two.outcomes)
     one = simulate(make_spec(single_app(), requests=3, policy="sla_aware", sla_e2e_s=1.2))
     assert one.metrics.num_shed == 0 and one.metrics.sla_attainment == 1.0
+    # Admission judges the request: with 1.6 s the first call misses its share (0.8 s) but
+    # 0.8375 s and one more call like it (0.67 s) fit the request, so it is admitted, and the
+    # second call, of a request already committed, is not judged again.
+    judged = simulate(make_spec(sequential_app(), requests=3, policy="sla_aware", sla_e2e_s=1.6))
+    assert judged.metrics.num_shed == 0 and judged.metrics.sla_attainment == 1.0
 
 
 def test_a_loop_runs_the_rounds_its_shape_records() -> None:
