@@ -350,6 +350,7 @@ def phase_slowdown(args: argparse.Namespace, record: dict[str, Any]) -> None:
         if within_budget(args, started, len(reps) + 1):
             closing = measure(pool, spec_of(repeats=3))
             entry["closing_base_values"] = closing.get("repeat_values", {})
+            entry["closing_base"] = closing
     headers[-1] = finish(meta, started)
     levels[level] = entry
 
