@@ -69,7 +69,14 @@ from runtime.engine.pool import PoolLimits, ReplicaPool, available_cpu_cores, ch
 from runtime.run import RunSpec, execute_run
 from runtime.stats import ratio_of_medians
 from tuner.experiment import Experiment, load_experiment, run_spec_of
-from tuner.regress import BaselineDeployment, DeploymentResult, measure_all, simulate_verdicts
+from tuner.regress import (
+    BaselineDeployment,
+    DeploymentResult,
+    Measurement,
+    compare_deployment,
+    measure_all,
+    simulate_verdicts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "quickstart.yaml"
@@ -400,6 +407,46 @@ def _heads(phase: Mapping[str, Any]) -> list[str]:
     return [_head(meta) for meta in metas]
 
 
+def later_nights(record: Mapping[str, Any]) -> list[str]:
+    """The base config's runs in the slowdown invocations (each on a new engine process, later
+    than the nights) compared with the nights' baseline by `compare_deployment`, the rule
+    measure_all applies: more unchanged nights, as a nightly regress meets them."""
+    nights = record.get("nights") or {}
+    if "baseline" not in nights:
+        return []
+    base = experiment()
+    assert base.tune is not None
+    before = Measurement.from_metrics(nights["baseline"])
+    lines: list[str] = []
+    verdicts: list[str] = []
+    for level, entry in (record.get("slowdowns") or {}).items():
+        for label, metrics in (("baseline", entry.get("baseline")),
+                               ("closing", entry.get("closing_base"))):  # fmt: skip
+            if not metrics:
+                continue
+            comparisons = compare_deployment(
+                "unchanged", base.tune.objectives, base.tune.regress, before,
+                Measurement.from_metrics(metrics),
+            )  # fmt: skip
+            worst = {c.verdict for c in comparisons}
+            verdict = "regressed" if "regressed" in worst else (
+                "improved" if "improved" in worst else "unchanged")  # fmt: skip
+            verdicts.append(verdict)
+            latency = next(c for c in comparisons if c.metric == LATENCY)
+            lines.append(
+                f"    {level} invocation's {label} base run: {verdict} "
+                f"(e2e p95 {latency.ratio_text()})"
+            )
+    if not verdicts:
+        return []
+    head = (
+        f"  later nights (the base config's runs of the slowdown invocations, new engine "
+        f"processes, against the nights' baseline): regressed {verdicts.count('regressed')}/"
+        f"{len(verdicts)}, improved {verdicts.count('improved')}/{len(verdicts)}"
+    )
+    return [head, *lines]
+
+
 def render(record: Mapping[str, Any]) -> str:
     """The whole table from the json."""
     lines = [
@@ -462,6 +509,7 @@ def render(record: Mapping[str, Any]) -> str:
                 f"  e2e p95 noise between repeats: CV {cv:.1%}; simulate_verdicts "
                 f"at that CV predicts {sim['regressed']:.1%} regressed per night"
             )
+        lines += later_nights(record)
         lines.append("")
     slowdowns = record.get("slowdowns")
     if slowdowns:
