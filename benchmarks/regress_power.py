@@ -20,7 +20,9 @@ the whole table is rendered again into reports/regress_power.txt after each phas
   medians with a bootstrap interval): what picks the knobs of the next phase.
 - ``nights``: the unchanged deployment: a baseline run, then ``--nights`` nights back to
   back on the same hot replica, each compared with the baseline; a night with any objective
-  regressed is a false alarm (improved verdicts are counted too).
+  regressed is a false alarm (improved verdicts are counted too). The base config's runs
+  of the slowdown invocations (each a new engine process, later) are compared with the same
+  baseline by `compare_deployment` too: later nights, as a nightly regress meets them.
 - ``slowdown`` (once per ``--level``, with its ``--knob``): a baseline of the base config
   (3 repeats), then the deployment with the knob changed measured ``--repetitions`` times,
   each compared with that baseline, as `fmtune regress` does after an edited DEPLOY.yaml;
