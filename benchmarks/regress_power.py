@@ -612,8 +612,10 @@ def main() -> None:
             parser.error("--phase slowdown needs --level and --knob")
         phase_slowdown(args, record)
     if args.phase != "report":
-        save_record(record)
-    print(render(record))
+        save_record(record)  # the json only from an engine phase: report may run beside one
+    text = render(record)
+    REPORT_TXT.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
