@@ -721,6 +721,60 @@ def _html_table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def predictions_table(study: optuna.Study) -> pd.DataFrame:
+    """Per trial that measured a simulated prediction (a `multi` study's confirmations) and
+    per fidelity metric: the simulator's prediction, the measurement and the absolute error
+    in percent of the measurement (None where no relative error exists). No rows when no
+    trial carries a prediction."""
+    from tuner.study import ATTR_METRICS, ATTR_PREDICTED, ATTR_PREDICTION_ERRORS
+
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        errors = trial.user_attrs.get(ATTR_PREDICTION_ERRORS)
+        if not errors:
+            continue
+        predicted = trial.user_attrs.get(ATTR_PREDICTED) or {}
+        measured = trial.user_attrs.get(ATTR_METRICS) or {}
+        for metric, error in errors.items():
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "metric": metric,
+                    "predicted": predicted.get(metric),
+                    "measured": measured.get(metric),
+                    "error_pct": error,
+                }
+            )
+    return pd.DataFrame(rows, columns=["trial", "metric", "predicted", "measured", "error_pct"])
+
+
+def _predictions_html(predictions: pd.DataFrame) -> str:
+    """The predicted-vs-measured section: the median and worst error per metric, then every
+    confirmed trial's values. Empty without predictions."""
+    if predictions.empty:
+        return ""
+    trials = predictions["trial"].nunique()
+    errors = predictions.dropna(subset=["error_pct"]).groupby("metric", sort=False)["error_pct"]
+    summary = pd.DataFrame(
+        {"median error %": errors.median(), "worst error %": errors.max(), "trials": errors.size()}
+    ).reset_index()
+
+    def table(frame: pd.DataFrame) -> str:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+            for row in frame.itertuples(index=False, name=None)
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    return (
+        f"<h2>Predicted vs measured ({trials} confirmed trials)</h2>\n"
+        "<p>The simulator's prediction of each configuration the study measured, and its "
+        "absolute error in percent of the measurement.</p>\n"
+        f"{table(summary)}\n{table(predictions)}\n"
+    )
+
+
 def _link(url: str | None, text: str, title: str = "") -> str:
     """An escaped link (plain escaped text without a URL)."""
     if url is None:
@@ -812,6 +866,7 @@ def write_report_html(
     mlflow: MlflowLinks | None = None,
     notes: Sequence[str] = (),
     front_notes: Sequence[str] = (),
+    predictions: pd.DataFrame | None = None,
 ) -> Path:
     """report.html: summary, plots (embedded), front table and all trials; returns ``path``.
 
@@ -821,9 +876,10 @@ def write_report_html(
     the last section lists every trial, failed ones with their failure kind and reason.
     ``images`` are (caption, PNG) shown after the Pareto plot; ``notes`` are plain-text lines
     under the summary, ``front_notes`` under the front's heading (e.g. which front points are
-    indistinguishable, and by what rule). Self-contained: no external scripts, styles or
-    images (the links point at the bundles beside it and the MLflow UI). Every text is
-    escaped.
+    indistinguishable, and by what rule). ``predictions`` (a :func:`predictions_table`) adds
+    the predicted-vs-measured section of a `multi` study after the front. Self-contained: no
+    external scripts, styles or images (the links point at the bundles beside it and the
+    MLflow UI). Every text is escaped.
     """
     _check_objectives(table, objectives)
     report_dir = Path(path).resolve().parent
@@ -890,6 +946,7 @@ def write_report_html(
 <h2>Pareto front ({len(front)} trials)</h2>
 {front_notes_html}
 {front_html}
+{_predictions_html(predictions if predictions is not None else pd.DataFrame())}
 <h2>{html.escape(rest_title)}</h2>
 {rest_html}
 </body>
@@ -979,6 +1036,7 @@ def write_study_report(
         mlflow=mlflow,
         notes=notes,
         front_notes=[distinctions.note()] if distinctions.partners else [],
+        predictions=predictions_table(study),
     )
     return StudyReport(csv, pareto_png, parallel_png, hypervolume_png, page, trials)
 

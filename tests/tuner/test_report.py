@@ -20,6 +20,7 @@ from tuner.report import (
     hypervolume_history,
     pareto_figure,
     pareto_plot,
+    predictions_table,
     trials_table,
     write_pareto_csv,
     write_report_html,
@@ -301,6 +302,38 @@ def test_study_report_links_bundles_and_runs_and_lists_failures(tmp_path: Path) 
     assert "replica exited with code 1; &lt;script&gt;" in page
     assert '<tr class="failed"><td>2</td><td>FAIL</td>' in page
     assert '<tr class="infeasible"><td>3</td>' in page
+
+
+def test_a_multi_study_report_shows_predicted_against_measured(tmp_path: Path) -> None:
+    study, objectives = full_study()
+    confirmed = create_trial(
+        values=[1.5, 0.8, 2.0], params={"arch": "dag", "block": 30},
+        distributions={"arch": DIST["arch"], "block": DIST["block"]}, constraints={"sla": 0.0},
+        user_attrs={
+            "fmtune.metrics": {"e2e_p50_s": 8.0, "ttft_p50_s": 0.0},
+            "fmtune.predicted": {"e2e_p50_s": 10.0, "ttft_p50_s": 0.5},
+            "fmtune.prediction_errors": {"e2e_p50_s": 25.0, "ttft_p50_s": None},
+        },
+    )  # fmt: skip
+    study.add_trial(confirmed)
+    table = predictions_table(study)
+    assert table[["trial", "metric", "predicted", "measured"]].to_dict("records") == [
+        {"trial": 6, "metric": "e2e_p50_s", "predicted": 10.0, "measured": 8.0},
+        {"trial": 6, "metric": "ttft_p50_s", "predicted": 0.5, "measured": 0.0},
+    ]
+    assert table["error_pct"].iloc[0] == 25.0 and np.isnan(table["error_pct"].iloc[1])
+    page = write_study_report(study, objectives, tmp_path, summary={}).html.read_text()
+    assert "Predicted vs measured (1 confirmed trials)" in page
+    assert "<td>e2e_p50_s</td><td>25</td><td>25</td><td>1</td>" in page  # median, worst, n
+    assert "<td>6</td><td>e2e_p50_s</td><td>10</td><td>8</td><td>25</td>" in page
+    plain, _ = full_study()
+    assert predictions_table(plain).empty
+    assert (
+        "Predicted vs measured"
+        not in write_study_report(
+            plain, objectives, tmp_path / "plain", summary={}
+        ).html.read_text()
+    )
 
 
 def test_study_report_without_mlflow_shows_run_ids_and_says_how_to_export(
