@@ -166,6 +166,60 @@ def cost_per_1k_requests(
     return total / n_requests * 1000.0
 
 
+class ModelKeyUsage(BaseModel):
+    """What one model key of a deployment served and cost in a run (metrics.json's
+    `per_model_key`): a deployment with several keys says where its calls, money and memory
+    went, not only their totals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(ge=0, description="Replicas of the key that served the run.")
+    usd_per_replica_hour: float = Field(ge=0, description="The key's replica-hour price.")
+    llm_calls_per_request: float = Field(
+        ge=0, description="Mean LLM calls per measured request made to this key."
+    )
+    cost_per_1k_usd: float | None = Field(
+        default=None,
+        description="This key's share of cost_per_1k_usd (its busy replica-seconds times its "
+        "price, per 1000 requests; median over repeats). None without requests.",
+    )
+    peak_memory_gib: float | None = Field(
+        default=None,
+        description="Peak resident memory of the key's replicas together (None when the "
+        "run started none: external endpoints).",
+    )
+
+
+def model_key_usage(
+    calls_per_request: Mapping[str, float],
+    replicas: Mapping[str, int],
+    replica_seconds_by_repeat: Sequence[Mapping[str, float]],
+    prices: Mapping[str, float],
+    n_requests: int,
+    peak_memory_gib: Mapping[str, float] | None,
+) -> dict[str, ModelKeyUsage]:
+    """Each model key's calls, cost and memory in a run (see ModelKeyUsage).
+
+    calls_per_request: mean LLM calls per request by key (a key no call reached: 0).
+    replica_seconds_by_repeat: each repeat's busy replica-seconds by key (busy_replica_seconds).
+    prices: USD per replica-hour by key; n_requests: measured requests per repeat.
+    """
+    usage: dict[str, ModelKeyUsage] = {}
+    for key, count in replicas.items():
+        costs = [
+            cost_per_1k_requests({key: seconds[key]}, prices, 0, 0.0, n_requests)
+            for seconds in (replica_seconds_by_repeat if n_requests >= 1 else ())
+        ]
+        usage[key] = ModelKeyUsage(
+            replicas=count,
+            usd_per_replica_hour=prices[key],
+            llm_calls_per_request=float(calls_per_request.get(key, 0.0)),
+            cost_per_1k_usd=float(np.median(costs)) if costs else None,
+            peak_memory_gib=None if peak_memory_gib is None else peak_memory_gib.get(key),
+        )
+    return usage
+
+
 # --------------------------------------------------------------------------------------------
 # Run summary
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.app.dag import App, LlmNode
 from runtime.app.datasets import Example
 from runtime.app.executor import RequestResult, run_requests, to_outcome
 from runtime.app.scoring import Judge, Score, Scorer, score_all
@@ -35,12 +36,14 @@ from runtime.engine.sizing import DEFAULT_MACHINES, MachineType, cheapest_machin
 from runtime.errors import ConfigError, config_error
 from runtime.metrics import (
     CostModel,
+    ModelKeyUsage,
     RepeatedMetrics,
     RequestOutcome,
     RunMetrics,
     busy_replica_seconds,
     combine_repeats,
     example_quality,
+    model_key_usage,
     summarize,
 )
 from runtime.profiler import router_step_models
@@ -190,6 +193,8 @@ class RunResult:
     examples: list[int] = field(default_factory=list)
     """The dataset example each measured request carried, in request order (the same in
     every repeat, and in every run of the same workload and dataset)."""
+    per_model_key: dict[str, ModelKeyUsage] = field(default_factory=dict)
+    """Each model key's replicas, price, calls per request, cost share and memory peak."""
 
     def metrics_dict(self) -> dict[str, Any]:
         """metrics.json: the run metrics plus replica start times and router counters, and,
@@ -210,6 +215,10 @@ class RunResult:
         data["router_shed"] = self.router_stats.shed
         data["router_retried"] = self.router_stats.retried
         data["router_queue_rejected"] = self.router_stats.queue_rejected
+        if self.per_model_key:
+            data["per_model_key"] = {
+                key: usage.model_dump(mode="json") for key, usage in self.per_model_key.items()
+            }
         data.update(self.extra_metrics)
         return data
 
@@ -272,6 +281,18 @@ async def _score_runs(
         return await score(Judge(router, {key: key for key in scorer.model_keys}))
 
 
+def calls_by_model_key(results: Sequence[RequestResult], app: App) -> dict[str, float]:
+    """Mean LLM calls per request by the model key each call's node names (calls that ran;
+    a node skipped by its `when` made none). No requests: no calls."""
+    node_keys = {node.id: node.model for node in app.nodes if isinstance(node, LlmNode)}
+    counts = dict.fromkeys(sorted(set(node_keys.values())), 0)
+    for result in results:
+        for span in result.spans:
+            if span.kind == "llm" and not span.skipped and span.node_id in node_keys:
+                counts[node_keys[span.node_id]] += 1
+    return {key: count / len(results) if results else 0.0 for key, count in counts.items()}
+
+
 def _kind(failure: CallFailure | None) -> str | None:
     """A failure kind as the trace stores it: its plain string value."""
     return None if failure is None else failure.value
@@ -314,12 +335,19 @@ class _MemorySampler:
         self.endpoints = endpoints
         self.interval_s = interval_s
         self.peak_gib = 0.0
+        self.peak_gib_by_key: dict[str, float] = {}
+        """Peak of each model key's replicas together (keys with a started replica)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fmtune-memory", daemon=True)
 
     def _sample(self) -> None:
-        total = sum(e.replica.rss_bytes() for e in self.endpoints if e.replica is not None)
-        self.peak_gib = max(self.peak_gib, total / GIB)
+        by_key: dict[str, float] = {}
+        for e in self.endpoints:
+            if e.replica is not None:
+                by_key[e.model_key] = by_key.get(e.model_key, 0.0) + e.replica.rss_bytes() / GIB
+        self.peak_gib = max(self.peak_gib, sum(by_key.values()))
+        for key, gib in by_key.items():
+            self.peak_gib_by_key[key] = max(self.peak_gib_by_key.get(key, 0.0), gib)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -385,7 +413,9 @@ def execute_run(
     starts = {e.endpoint_id: float(e.replica.start_s or 0.0) for e in endpoints if e.replica}
     models = {key: key for key in keys}
 
-    async def drive() -> tuple[list[list[RequestResult]], list[float], RouterStats, float, float]:
+    async def drive() -> tuple[
+        list[list[RequestResult]], list[float], RouterStats, float, _MemorySampler
+    ]:
         router = Router(
             endpoints,
             spec.deployment.router,
@@ -434,9 +464,10 @@ def execute_run(
             queue_rejected=router.stats.queue_rejected - before.queue_rejected,
             retried=router.stats.retried - before.retried,
         )  # the warm-up's calls are not the run's
-        return runs, walls, stats, t0, memory.peak_gib
+        return runs, walls, stats, t0, memory
 
-    runs, walls, stats, t0, peak_gib = asyncio.run(drive())
+    runs, walls, stats, t0, memory = asyncio.run(drive())
+    peak_gib = memory.peak_gib
     scores = asyncio.run(_score_runs(application.scorer, runs, chosen, endpoints, spec))
 
     replicas = {
@@ -446,6 +477,7 @@ def execute_run(
     prices = spec.pricing.cost_model(spec.deployment)
     per_repeat: list[RunMetrics] = []
     repeat_outcomes: list[list[RequestOutcome]] = []
+    busy_by_repeat: list[dict[str, float]] = []
     frames: list[pd.DataFrame] = []
     for repeat, (results, wall) in enumerate(zip(runs, walls, strict=True)):
         qualities: list[float | None] = []
@@ -454,22 +486,32 @@ def execute_run(
             qualities.append(score.value)
             outcomes.append(to_outcome(result, score.value, score.error))  # shed by its kind
         repeat_outcomes.append(outcomes)
+        busy_by_repeat.append(busy_replica_seconds(outcomes, replicas))
         per_repeat.append(
             summarize(
                 outcomes,
                 wall_s=wall,
                 sla_e2e_s=spec.sla.e2e_s,
-                replica_seconds=busy_replica_seconds(outcomes, replicas),
+                replica_seconds=busy_by_repeat[-1],
                 prices=prices,
                 peak_memory_gib=peak_gib if starts else None,
             )
         )
         frames.append(_trace_frame(results, t0, qualities, repeat=repeat, examples=examples))
     repeated = combine_repeats(per_repeat, example_quality(repeat_outcomes))
+    measured = [result for results in runs for result in results]
+    per_key = model_key_usage(
+        calls_per_request=calls_by_model_key(measured, app),
+        replicas=replicas,
+        replica_seconds_by_repeat=busy_by_repeat,
+        prices=prices.price_per_replica_hour_usd,
+        n_requests=len(chosen),
+        peak_memory_gib=memory.peak_gib_by_key if starts else None,
+    )
     return RunResult(
         metrics=repeated.metrics,
         trace=pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0],
-        results=[result for results in runs for result in results],
+        results=measured,
         router_stats=stats,
         replica_start_s=starts,
         endpoints=[e.endpoint_id for e in endpoints],
@@ -477,6 +519,7 @@ def execute_run(
         sizing=sizing,
         repeated=repeated,
         examples=examples,
+        per_model_key=per_key,
     )
 
 

@@ -159,8 +159,9 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The loggable metrics of ``metrics``: numbers as floats, None and NaN left out.
 
     A two-element list (an interval such as ``quality_ci95``) becomes ``<name>_lo`` and
-    ``<name>_hi``; longer lists ``<name>_0``, ``<name>_1``, ...; strings and other values are
-    skipped (they are in metrics.json).
+    ``<name>_hi``; longer lists ``<name>_0``, ``<name>_1``, ...; a mapping's numbers become
+    ``<name>.<key>`` (``<name>.<key>.<inner>`` one level further: ``per_model_key.llm.
+    cost_per_1k_usd``); strings and other values are skipped (they are in metrics.json).
     """
     out: dict[str, float] = {}
 
@@ -181,7 +182,15 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             for suffix, item in zip(suffixes, value, strict=True):
                 add(f"{name}_{suffix}", item)
         elif isinstance(value, Mapping):
-            logger.debug("metric %r: a mapping, not logged", name)
+            # per_model_key.<key>.<metric>, capacity.<field>: numbers one level down are
+            # logged under dotted names; lists inside (a run's example indices) are not.
+            for key, item in value.items():
+                if isinstance(item, Mapping):
+                    for inner, number in item.items():
+                        if not isinstance(number, (list, tuple, Mapping)):
+                            add(f"{name}.{key}.{inner}", number)
+                elif not isinstance(item, (list, tuple)):
+                    add(f"{name}.{key}", item)
         else:
             add(name, value)
     return out

@@ -9,6 +9,7 @@ from runtime.metrics import (
     RequestOutcome,
     RunMetrics,
     cost_per_1k_requests,
+    model_key_usage,
     summarize,
 )
 
@@ -223,3 +224,25 @@ def test_example_quality_counts_failures_as_zero_and_needs_equal_repeats() -> No
     assert example_quality([[_ok(0, 1.0, quality=None)]]) is None
     with pytest.raises(ValueError, match="same requests"):
         example_quality([[_ok(0, 1.0)], [_ok(0, 1.0), _ok(1, 1.0)]])
+
+
+def test_each_model_key_gets_its_calls_cost_share_and_memory() -> None:
+    usage = model_key_usage(
+        calls_per_request={"big": 2.0},
+        replicas={"big": 1, "small": 2},
+        replica_seconds_by_repeat=[{"big": 36.0, "small": 72.0}, {"big": 72.0, "small": 144.0}],
+        prices={"big": 1.0, "small": 0.5},
+        n_requests=10,
+        peak_memory_gib={"big": 3.0, "small": 1.5},
+    )
+    # 36 s at 1 USD/h over 10 requests = 1.0 USD per 1000; the median of 1.0 and 2.0
+    assert usage["big"].cost_per_1k_usd == pytest.approx(1.5)
+    assert usage["small"].cost_per_1k_usd == pytest.approx(1.5)
+    assert (usage["big"].llm_calls_per_request, usage["small"].llm_calls_per_request) == (2.0, 0.0)
+    assert (usage["small"].replicas, usage["small"].usd_per_replica_hour) == (2, 0.5)
+    assert usage["big"].peak_memory_gib == 3.0
+
+
+def test_a_key_without_requests_or_replicas_started_has_no_cost_or_memory() -> None:
+    usage = model_key_usage({}, {"llm": 1}, [{"llm": 0.0}], {"llm": 1.0}, 0, None)
+    assert usage["llm"].cost_per_1k_usd is None and usage["llm"].peak_memory_gib is None

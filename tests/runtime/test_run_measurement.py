@@ -176,3 +176,29 @@ def test_cost_counts_the_replica_time_of_the_work_not_the_waiting(fake_pool: Any
         assert metrics.cost_per_1k_usd == pytest.approx(_busy_cost(result, repeat, 5))
     both = [_busy_cost(result, repeat, 5) for repeat in range(2)]
     assert result.metrics.cost_per_1k_usd == pytest.approx(statistics.median(both))
+
+
+def test_calls_cost_and_memory_are_reported_per_model_key(fake_pool: Any) -> None:
+    """Two model keys, the parallel variant's three ask nodes split 2 + 1 between them."""
+    spec = _spec(
+        **{
+            "app.architecture": "parallel",
+            "deployment.models.small": {"engine": {"model": "small-model"}, "replicas": 1},
+            "app.nodes": {"ask_email": {"model": "small"}},
+            "workload.warmup_requests": 0,
+        }
+    )
+    result = execute_run(spec, fake_pool)
+    usage = result.metrics_dict()["per_model_key"]
+
+    assert sorted(usage) == ["llm", "small"]
+    assert usage["llm"]["llm_calls_per_request"] == 2.0
+    assert usage["small"]["llm_calls_per_request"] == 1.0
+    engines = {replica.config.model: replica.engine for replica in fake_pool.started}
+    assert engines["small-model"].calls == 5  # no warm-ups: one ask_email per request
+    assert {key: u["replicas"] for key, u in usage.items()} == {"llm": 1, "small": 1}
+    # each key's share of the cost, which add up to the run's (one repeat, no API tokens)
+    shares = [u["cost_per_1k_usd"] for u in usage.values()]
+    assert all(share > 0 for share in shares)
+    assert sum(shares) == pytest.approx(result.metrics.cost_per_1k_usd)
+    assert all(u["peak_memory_gib"] is not None for u in usage.values())

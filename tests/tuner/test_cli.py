@@ -377,3 +377,31 @@ def test_an_interrupted_study_names_its_trial_and_the_command_that_continues_it(
     assert study.trials[0].user_attrs["fmtune.failure_kind"] == "interrupted"
     assert study.trials[1].params == study.trials[0].params
     assert (out / "report.html").exists()
+
+
+def test_fmtune_run_shows_each_model_key_of_a_deployment_with_several() -> None:
+    from rich.console import Console
+
+    from runtime.metrics import ModelKeyUsage
+    from tuner.cli.runtime_commands import per_model_key_table
+
+    usage = {
+        "small": ModelKeyUsage(
+            replicas=2, usd_per_replica_hour=0.0832, llm_calls_per_request=1.0,
+            cost_per_1k_usd=0.012, peak_memory_gib=1.5,
+        ),
+        "big": ModelKeyUsage(
+            replicas=1, usd_per_replica_hour=0.126, llm_calls_per_request=2.0,
+            cost_per_1k_usd=None, peak_memory_gib=None,
+        ),
+    }  # fmt: skip
+    console = Console(record=True, width=120)
+    console.print(per_model_key_table(usage))
+    lines = console.export_text().splitlines()
+    big = next(line for line in lines if "big" in line)
+    small = next(line for line in lines if "small" in line)
+    assert lines.index(big) < lines.index(small)  # sorted by key
+    assert [cell.strip() for cell in big.split("│")[2:7]] == ["1", "0.126", "2.00", "-", "-"]
+    assert [cell.strip() for cell in small.split("│")[2:7]] == [
+        "2", "0.0832", "1.00", "0.012", "1.50",
+    ]  # fmt: skip

@@ -33,6 +33,7 @@ from tuner.tracking import (
     TAG_TRUNCATED_PARAMS,
     TAG_VLLM_VERSION,
     StudyTracker,
+    _numeric_metrics,
     config_params,
     default_tracking_uri,
     machine_tags,
@@ -501,3 +502,20 @@ def test_front_runs_are_tagged_and_untagged_when_they_leave_it(uri: str) -> None
     assert {run.info.run_id for run in front} >= {runs[2], runs[3]}
     study.mark_pareto_front([])
     assert tagged() == set()
+
+
+def test_a_mapping_of_metrics_is_logged_under_dotted_names_without_its_lists() -> None:
+    logged = _numeric_metrics(
+        {
+            "per_model_key": {"llm": {"cost_per_1k_usd": 0.5, "peak_memory_gib": None}},
+            "capacity": {"found_rps": 1.25, "status": "found"},
+            "examples": {"index": [1, 2], "quality": [0.5, 1.0]},
+            "quality_ci95": [0.2, 0.8],
+        }
+    )
+    assert logged == {
+        "per_model_key.llm.cost_per_1k_usd": 0.5,
+        "capacity.found_rps": 1.25,
+        "quality_ci95_lo": 0.2,
+        "quality_ci95_hi": 0.8,
+    }

@@ -9,13 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tuner.cli.common import fail, set_option, user_errors, validated
 from tuner.cli.display import console, metrics_table, progress_bar
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from runtime.metrics import ModelKeyUsage
 
 logger = logging.getLogger(__name__)
 
@@ -335,10 +341,32 @@ def run(
     line = capacity_line(metrics)
     if line is not None:
         console.print(line, soft_wrap=True)
+    if len(result.per_model_key) > 1:
+        console.print(per_model_key_table(result.per_model_key))
     failed = [r.error for r in result.results if r.error]
     if failed:
         console.print(f"[yellow]{len(failed)} failed requests[/], first: {failed[0]}")
     console.print("wrote " + ", ".join(str(path) for path in paths))
+
+
+def per_model_key_table(usage: Mapping[str, ModelKeyUsage]) -> Table:
+    """Where a deployment of several model keys spent its calls, money and memory."""
+    from rich.table import Table
+
+    table = Table(title="per model key")
+    for column in ("model key", "replicas", "USD/replica-h", "calls/request", "cost/1k USD",
+                   "peak memory GiB"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "model key" else "right")
+    for key, row in sorted(usage.items()):
+        table.add_row(
+            key,
+            str(row.replicas),
+            f"{row.usd_per_replica_hour:.4g}",
+            f"{row.llm_calls_per_request:.2f}",
+            "-" if row.cost_per_1k_usd is None else f"{row.cost_per_1k_usd:.4g}",
+            "-" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.2f}",
+        )
+    return table
 
 
 # --- serve ------------------------------------------------------------------------------
