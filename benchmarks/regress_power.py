@@ -525,7 +525,7 @@ def render(record: Mapping[str, Any]) -> str:
         )
         table: list[str] = []
         for level, entry in slowdowns.items():
-            lines.append(f"  level {level}: {entry['knob']}")
+            lines.append(f"  target {level}: {entry['knob']}")
             lines += ["  " + head for head in _heads(entry)]
             mine = entry["repetitions"]
             base_runs = [entry["baseline"].get("repeat_values", {})]
@@ -561,7 +561,7 @@ def render(record: Mapping[str, Any]) -> str:
                     f"detection {sim['regressed']:.0%}"
                 )
         lines.append(
-            f"  {'level':<6} {'knob':<54} {'measured slowdown [95%]':<26} "
+            f"  {'target':<6} {'knob':<54} {'measured slowdown [95%]':<26} "
             f"{'e2e p95 hit':<11} any objective"
         )
         lines += table
