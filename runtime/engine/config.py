@@ -90,9 +90,10 @@ class EngineConfig(BaseModel):
             description="Precision the KV cache is stored in. 'fp8' (vLLM's name for "
             "fp8_e4m3), 'fp8_e4m3' and 'fp8_e5m2' store one byte per value, half of bfloat16, "
             "so a cache of the same kv_cache_space_gib holds twice the tokens; 'auto' is the "
-            "dtype's precision. vLLM's CPU build takes them where the CPU has AVX-512 or AMX "
-            "and the model's head size is a multiple of 32, and refuses to start otherwise "
-            "(tried here: docs/precision-cpu.md). None: vLLM's default ('auto').",
+            "dtype's precision. vLLM's CPU build lists all three for CPUs with AVX-512 or AMX "
+            "and head sizes that are multiples of 32, and refuses to start otherwise; 'fp8' ran "
+            "here, the explicit formats are not tried yet (docs/precision-cpu.md). "
+            "None: vLLM's default ('auto').",
             json_schema_extra={"flag": "--kv-cache-dtype"},
         ),
     ] = None
