@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
+from lane import foreign_engines
 
 from runtime.app.registry import application_names, get_application
 from runtime.engine.pool import PoolLimits, ReplicaPool
@@ -62,15 +62,6 @@ def _requests_per_app(values: list[str], apps: list[str]) -> dict[str, int | Non
     return counts
 
 
-def _other_engines() -> int:
-    """vLLM servers already running (someone else's): the cores are contended when > 0."""
-    count = 0
-    for process in psutil.process_iter(["cmdline"]):
-        if "vllm" in " ".join(process.info["cmdline"] or []) and process.pid != os.getpid():
-            count += 1
-    return count
-
-
 def main() -> None:
     """Run every (app, variant) and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,7 +84,7 @@ def main() -> None:
         f"app variants on the bundled model, one replica; {platform.machine()} "
         f"{os.cpu_count()} cores, load average {load} at the start, "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
-        f"{_other_engines()} other vLLM processes running at the start"
+        f"{foreign_engines()} other vLLM processes running at the start"
     )
     print(header, flush=True)
     rows: list[dict[str, Any]] = []

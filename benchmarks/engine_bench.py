@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+from lane import foreign_engines
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.models import CATALOG, is_prepared
@@ -65,15 +65,6 @@ def _probe(
         )
     )
     return result.metrics()
-
-
-def _other_engines() -> int:
-    """vLLM processes already running (someone else's): the cores are contended when > 0."""
-    count = 0
-    for process in psutil.process_iter(["cmdline"]):
-        if "vllm" in " ".join(process.info["cmdline"] or []) and process.pid != os.getpid():
-            count += 1
-    return count
 
 
 def bench_model(
@@ -161,7 +152,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "load_average": load,
         "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        "other_vllm_processes": _other_engines(),
+        "other_vllm_processes": foreign_engines(),
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
     }

@@ -37,13 +37,14 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from lane import foreign_engines
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_TXT = REPO / "reports" / "multifidelity.txt"
@@ -215,13 +216,10 @@ def render(record: Mapping[str, Any]) -> str:
 
 def header() -> dict[str, Any]:
     """When the arm started and how loaded the machine was."""
-    found = subprocess.run(
-        ["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True, check=False
-    )
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_avg_start": list(os.getloadavg()),
-        "foreign_engines_at_start": len(found.stdout.split()),
+        "foreign_engines_at_start": foreign_engines(),
     }
 
 

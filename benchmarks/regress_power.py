@@ -57,7 +57,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -66,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from lane import foreign_engines
 
 from runtime.engine.pool import PoolLimits, ReplicaPool, available_cpu_cores, choose_cpu_core
 from runtime.run import RunSpec, execute_run
@@ -151,14 +151,6 @@ def pin_replicas() -> str:
 # --------------------------------------------------------------------------------------------
 # The record
 # --------------------------------------------------------------------------------------------
-
-
-def foreign_engines() -> int:
-    """vLLM servers running that this process did not start (another engineer's)."""
-    found = subprocess.run(
-        ["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True, check=False
-    )
-    return len(found.stdout.split())
 
 
 def header() -> dict[str, Any]:

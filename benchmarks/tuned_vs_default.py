@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from typing import Any
 import numpy as np
 import optuna
 import yaml
+from lane import foreign_engines
 
 from runtime.engine.pool import PoolLimits, ReplicaPool, available_cpu_cores, choose_cpu_core
 from runtime.run import RunSpec, apply_overrides, execute_run
@@ -263,16 +263,13 @@ def header(core: str) -> dict[str, Any]:
     """Where and when it ran."""
     from tuner.tracking import machine_tags
 
-    found = subprocess.run(
-        ["pgrep", "-f", "vllm.entrypoints"], capture_output=True, text=True, check=False
-    )
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "vllm": machine_tags().get("fmtune.vllm_version", "?"),
         "load_avg_start": list(os.getloadavg()),
-        "foreign_engines_at_start": len(found.stdout.split()),
+        "foreign_engines_at_start": foreign_engines(),
         "pinned_core": core,
     }
 
