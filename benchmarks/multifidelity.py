@@ -139,7 +139,7 @@ def summarize_arm(
     """What the arm measured: its measured trials' values, its front, its minutes."""
     from optuna.trial import TrialState
 
-    from tuner.pareto import pareto_front
+    from tuner.pareto import ATTR_DUPLICATE_OF, pareto_front
     from tuner.study import ATTR_FIDELITY, ATTR_PREDICTION_ERRORS
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -153,7 +153,9 @@ def summarize_arm(
         "real_minutes": clock.seconds / 60,
         "real_runs": clock.runs,
         "measured_trials": len(measured),
-        "calibration_runs": clock.runs - len(measured),
+        # a trial that reused an earlier trial's result (same knobs) ran nothing
+        "calibration_runs": clock.runs
+        - sum(ATTR_DUPLICATE_OF not in t.user_attrs for t in measured),
         "wall_minutes": wall_s / 60,
         "measured_values": [list(t.values) for t in measured],
         "front_values": [list(t.values) for t in front],
