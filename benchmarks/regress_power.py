@@ -290,15 +290,7 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
         baseline = baseline_of("unchanged", spec_of(), base_metrics)
         while len(nights) < args.nights and within_budget(args, started, len(nights)):
             (result,) = measure_all([baseline], lambda spec: measure(pool, spec))
-            assert result.metrics is not None
-            nights.append(
-                {
-                    "verdict": result.verdict,
-                    "comparisons": comparison_rows(result),
-                    "values": result.metrics.get("repeat_values", {}),
-                    "invocation": len(headers) - 1,
-                }
-            )
+            nights.append(verdict_row(result, invocation=len(headers) - 1))
             print(
                 f"night {len(nights)}: {result.verdict}; "
                 + ", ".join(c.line() for c in result.comparisons),
@@ -308,6 +300,18 @@ def phase_nights(args: argparse.Namespace, record: dict[str, Any]) -> None:
             save_record(record)
     headers[-1] = finish(meta, started)
     record["nights"] = {"headers": headers, "baseline": base_metrics, "nights": nights}
+
+
+def verdict_row(result: DeploymentResult, invocation: int) -> dict[str, Any]:
+    """One night's or one repetition's record: the verdict, each objective's comparison, the
+    repeat values measured, and the invocation that measured them."""
+    assert result.metrics is not None
+    return {
+        "verdict": result.verdict,
+        "comparisons": comparison_rows(result),
+        "values": result.metrics.get("repeat_values", {}),
+        "invocation": invocation,
+    }
 
 
 def phase_slowdown(args: argparse.Namespace, record: dict[str, Any]) -> None:
@@ -332,15 +336,7 @@ def phase_slowdown(args: argparse.Namespace, record: dict[str, Any]) -> None:
         baseline = baseline_of(f"slowed {level}", spec_of(parse_knobs(knob)), base_metrics)
         while len(reps) < args.repetitions and within_budget(args, started, len(reps) + 1):
             (result,) = measure_all([baseline], lambda spec: measure(pool, spec))
-            assert result.metrics is not None
-            reps.append(
-                {
-                    "verdict": result.verdict,
-                    "comparisons": comparison_rows(result),
-                    "values": result.metrics.get("repeat_values", {}),
-                    "invocation": len(headers) - 1,
-                }
-            )
+            reps.append(verdict_row(result, invocation=len(headers) - 1))
             print(
                 f"{level} ({knob}) repetition {len(reps)}: "
                 + ", ".join(c.line() for c in result.comparisons),
