@@ -25,6 +25,12 @@ How a replica is measured (`measure_profile`):
 4. With ``contention_replicas`` >= 2, that many replicas decode the same probe at once: the
    median inter-token gap over the gap of one alone is the machine's contention factor.
 
+Before any replica starts, the machine's state is read (`runtime.engine.machine`): a machine
+whose load average says more than half its cores are busy, or where another vLLM server runs,
+is refused (`judge_machine`, `MachineBusy`) unless the caller allows it; the state (with the
+load at the end) and any doubt about the result (a busy machine allowed, a fit whose r2 is
+below `FIT_R2_FLOOR`) are stored in the profile.
+
 The live parts go through the runtime's own replica pool and client; the parsing and the
 rebuilding of step features are pure functions tested without an engine.
 """
@@ -35,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import platform
 import random
 import re
@@ -45,6 +50,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.deployment import Deployment
 from runtime.engine.client import CallRecord, EngineClient, SamplingParams
 from runtime.engine.config import EngineConfig
+from runtime.engine.machine import MachineState, load_1m, machine_state, usable_cores
 from runtime.engine.models import fmtune_home, resolve_model
 from runtime.engine.pool import PoolLimits, ReplicaFactory, ReplicaPool
 from runtime.engine.replica import GIB, Replica
@@ -63,6 +70,7 @@ from runtime.routing.prediction import StepModel
 from runtime.sim.steptime import (
     FEATURES,
     PROFILE_SCHEMA_VERSION,
+    FitReport,
     SpeculationProfile,
     StepFeatures,
     StepSample,
@@ -108,7 +116,7 @@ def machine_description() -> str:
     instructions (CPU) and memory, e.g. 'x86_64 2 cores AVX2 24 GiB'."""
     import psutil
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     flags = ""
     with contextlib.suppress(OSError):
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -245,12 +253,84 @@ def require_profile(engine: EngineConfig) -> StepTimeProfile:
     profile = find_profile(engine)
     if profile is None:
         key = ProfileKey.for_engine(engine)
-        knobs = f" --set dtype={engine.dtype}" if engine.dtype != "auto" else ""
         raise ConfigError(
             f"no step-time profile of model '{key.model}' ({key.dtype}) on '{key.hardware}' "
-            f"with vLLM {key.vllm_version}: run `fmtune profile {key.model}{knobs}` first"
+            f"with vLLM {key.vllm_version}: run `{profile_command(engine)}` first"
         )
     return profile
+
+
+def profile_command(engine: EngineConfig, *options: str) -> str:
+    """The `fmtune profile` command line that stores the profile of this engine's key."""
+    words = ["fmtune", "profile", engine.model]
+    if engine.dtype != "auto":
+        words += ["--set", f"dtype={engine.dtype}"]
+    if engine.quantization is not None:
+        words += ["--set", f"quantization={engine.quantization}"]
+    return " ".join([*words, *options])
+
+
+# --------------------------------------------------------------------------------------------
+# Is the machine quiet enough to measure, and is the fit good enough
+# --------------------------------------------------------------------------------------------
+
+#: A machine is busy for profiling when its 1-minute load average is above this share of its
+#: cores: more than half the cores computing for someone else on average over the last minute.
+#: A CPU replica's steps use every core it has, so other work slows them by about the share of
+#: the cores it takes; the float32 profile of the bundled model taken at load 5-9 on 2 cores
+#: (fit r2 0.45) is what this keeps out.
+BUSY_LOAD_SHARE = 0.5
+#: The fit r2 below which a stored profile carries a warning: of the bundled model's stored
+#: profiles on this 2-core machine (vLLM 0.32 CPU), the bfloat16 one fits its steps at r2 0.84,
+#: the float32 one taken at load 5-9 at 0.45. Below the floor the step times varied more than
+#: the step-time model explains.
+FIT_R2_FLOOR = 0.8
+
+
+@dataclass(frozen=True)
+class MachineVerdict:
+    """Whether a machine may be profiled: ``reasons`` says what made it busy (none: quiet)."""
+
+    reasons: tuple[str, ...]
+    seen: str
+    """What was seen, busy or not, in words (load, cores, limit, other vLLM servers)."""
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.reasons)
+
+
+def judge_machine(state: MachineState, busy_load_share: float = BUSY_LOAD_SHARE) -> MachineVerdict:
+    """The verdict on a machine's state at the start of a measurement (pure): busy when its
+    1-minute load average is above ``busy_load_share`` of its cores, or when a vLLM server
+    that is not the measurement's own runs (it competes for the same cores whenever it
+    serves, and its load is not yet in the minute's average when it only just started)."""
+    limit = busy_load_share * state.cores
+    servers = state.foreign_vllm_servers
+    plural = "" if servers == 1 else "s"
+    load = f"1-minute load average {state.load_1m_start:.2f} on {state.cores} cores"
+    seen = f"{load} (limit {limit:.2f}), {servers} other vLLM server{plural} running"
+    reasons = []
+    if state.load_1m_start > limit:
+        reasons.append(f"{load} (above {limit:.2f})")
+    if servers:
+        reasons.append(f"{servers} other vLLM server{plural} running")
+    return MachineVerdict(reasons=tuple(reasons), seen=seen)
+
+
+def fit_warning(report: FitReport | None, floor: float = FIT_R2_FLOOR) -> str | None:
+    """The warning a fit below the r2 floor gets (pure); None when it is at or above it, or
+    has no r2 (every step took the same time)."""
+    if report is None or report.r2 is None or report.r2 >= floor:
+        return None
+    return (
+        f"fit r2 {report.r2:.3f} is below the floor {floor:.2f}: step times varied more than "
+        "the step-time model explains (a busy machine, or a cost the model lacks)"
+    )
+
+
+class MachineBusy(ConfigError):
+    """The machine was judged busy before profiling and the caller did not allow it."""
 
 
 def list_profiles() -> list[tuple[Path, StepTimeProfile]]:
@@ -519,6 +599,8 @@ class ProfileMeasurements:
     speculation: SpeculationProfile | None = None
     spec_samples: list[StepSample] = field(default_factory=list)
     """Steps of the speculation phase (draft tokens among their features)."""
+    machine: MachineState | None = None
+    """The machine's state while measuring (load at start and end, other vLLM servers)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,6 +1000,7 @@ def build_profile(
             )  # fmt: skip
             per_token = int(derived)
     key = ProfileKey.for_engine(engine)
+    warnings = [line for line in (busy_warning(data.machine), fit_warning(report)) if line]
     return StepTimeProfile(
         model=key.model,
         dtype=key.dtype,
@@ -934,7 +1017,20 @@ def build_profile(
         memory_gib_without_kv=data.memory_gib_without_kv,
         contention=tuple(data.contention),
         engine=engine.knobs(),
+        measured_at=datetime.now(UTC),
+        machine=data.machine,
+        warnings=tuple(warnings),
     )
+
+
+def busy_warning(state: MachineState | None) -> str | None:
+    """The warning of a profile measured on a machine judged busy (allowed by its caller)."""
+    if state is None:
+        return None
+    verdict = judge_machine(state)
+    if not verdict.busy:
+        return None
+    return f"measured on a busy machine (allowed): {'; '.join(verdict.reasons)}"
 
 
 def measure_profile(
@@ -944,21 +1040,39 @@ def measure_profile(
     on_progress: ProgressCallback | None = None,
     log_dir: Path | None = None,
     pool: ReplicaPool | None = None,
+    allow_busy: bool = False,
 ) -> tuple[StepTimeProfile, ProfileMeasurements]:
     """Start replicas of ``engine``, measure them with the plan's probes, fit the profile.
 
     Every replica is stopped before this returns (also on errors and interrupts), unless
     ``pool`` is given: its replicas of ``engine`` (which must log their steps, as
     `profiler_pool`'s do) are used and stay up. Not saved: `profile_engine` stores it.
+
+    The machine is judged first (`judge_machine`; the pool's running replicas are the
+    measurement's own, not other servers): MachineBusy before anything starts when it is
+    busy, unless ``allow_busy`` (then the profile carries a warning saying so).
     """
     plan = plan or ProfilePlan()
     callback = on_progress or (lambda _progress: None)
+    own = [] if pool is None else [r.pid for r in pool.replicas() if r.pid is not None]
+    state = machine_state(own_pids=own)
+    verdict = judge_machine(state)
+    if verdict.busy:
+        if not allow_busy:
+            raise MachineBusy(
+                f"machine busy: {verdict.seen}; refusing to profile {engine.model} (its step "
+                f"times would come out slowed): wait until it is quiet, or run "
+                f"`{profile_command(engine, '--allow-busy')}` to measure anyway"
+            )
+        logger.warning("profiling %s on a busy machine (allowed): %s", engine.model, verdict.seen)
+        state = state.model_copy(update={"allowed_busy": True})
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if pool is None:
             pool = stack.enter_context(profiler_pool(engine, plan, log_dir))
         profiler = _Profiler(engine, plan, pool, callback)
         data = profiler.run()
+    data.machine = state.model_copy(update={"load_1m_end": load_1m()})
     profile = build_profile(engine, data, profiler.model_config)
     logger.info(
         "profiled %s in %.0fs: %d steps, fit r2 %s, median error %.1f%%",
@@ -1025,14 +1139,18 @@ def add_speculation(
     *,
     on_progress: ProgressCallback | None = None,
     log_dir: Path | None = None,
+    allow_busy: bool = False,
 ) -> tuple[StepTimeProfile, ProfileMeasurements]:
     """A stored profile completed with the n-gram drafter's rates and the cost of a draft
     token, measured on a replica of ``engine`` (which has speculation on): the stored
     coefficients predict each speculative step without its drafts, and the median of what
-    is left per draft token is ``spec_token_s``."""
+    is left per draft token is ``spec_token_s``. A busy machine is refused as in
+    `measure_profile`; allowed, its warning joins the stored profile's."""
     if engine.speculative_method is None:
         raise ConfigError("add_speculation needs an engine with speculative_method, got None")
-    _, data = measure_profile(engine, SPECULATION_PLAN, on_progress=on_progress, log_dir=log_dir)
+    _, data = measure_profile(
+        engine, SPECULATION_PLAN, on_progress=on_progress, log_dir=log_dir, allow_busy=allow_busy
+    )
     per_token = [
         (sample.duration_s - stored.coefficients.step_s(replace(sample.features, spec_tokens=0)))
         / sample.features.spec_tokens
@@ -1043,7 +1161,13 @@ def add_speculation(
         update={"spec_token_s": max(median_or(per_token, 0.0), 0.0)}
     )
     speculation = data.speculation or SpeculationProfile(proposal_rate=0.0, acceptance_rate=0.0)
-    updated = stored.model_copy(update={"coefficients": coefficients, "speculation": speculation})
+    warnings = stored.warnings
+    busy = busy_warning(data.machine)
+    if busy is not None:
+        warnings = (*warnings, f"speculation {busy}")
+    updated = stored.model_copy(
+        update={"coefficients": coefficients, "speculation": speculation, "warnings": warnings}
+    )
     return updated, data
 
 
@@ -1054,24 +1178,31 @@ def profile_engine(
     plan: ProfilePlan | None = None,
     on_progress: ProgressCallback | None = None,
     log_dir: Path | None = None,
+    allow_busy: bool = False,
 ) -> ProfileOutcome:
     """The stored profile of this engine's key, measured and stored first if there is none
     (or ``force``). A stored profile without speculation rates gets them measured (a short
-    session) when ``engine`` has speculation on."""
+    session) when ``engine`` has speculation on. Measuring on a busy machine raises
+    MachineBusy before any replica starts, unless ``allow_busy`` (`measure_profile`); a
+    stored profile is reused whatever the machine is doing."""
     path = profile_path(ProfileKey.for_engine(engine))
     if path.is_file() and not force:
         stored = load_profile(path)
         if engine.speculative_method is None or stored.speculation is not None:
             return ProfileOutcome(stored, path, reused=True, seconds=0.0)
         started = time.monotonic()  # speculation asked for and never measured: add it
-        updated, data = add_speculation(engine, stored, on_progress=on_progress, log_dir=log_dir)
+        updated, data = add_speculation(
+            engine, stored, on_progress=on_progress, log_dir=log_dir, allow_busy=allow_busy
+        )
         save_profile(updated, path)
         return ProfileOutcome(
             updated, path, reused=False, seconds=time.monotonic() - started, measurements=data
         )
     resolve_model(engine.model)  # a missing model fails before anything starts
     started = time.monotonic()
-    profile, data = measure_profile(engine, plan, on_progress=on_progress, log_dir=log_dir)
+    profile, data = measure_profile(
+        engine, plan, on_progress=on_progress, log_dir=log_dir, allow_busy=allow_busy
+    )
     save_profile(profile, path)
     write_steps(data.samples, steps_path(path))
     return ProfileOutcome(

@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.engine.config import EngineConfig
+from runtime.engine.machine import MachineState
 from runtime.engine.steptime import (
     FEATURES,
     StepFeatures,
@@ -62,7 +64,9 @@ __all__ = [
 
 #: One GiB as vLLM counts it (``GiB_bytes``): VLLM_CPU_KVCACHE_SPACE is in these units.
 GIB = 1 << 30
-#: Version of the profile file format; bumped when a field changes meaning.
+#: Version of the profile file format; bumped when a field changes meaning. A field added
+#: with a default that means "not recorded" (machine, measured_at, warnings) keeps it:
+#: files written before the field still load, and stay where the store looks for them.
 PROFILE_SCHEMA_VERSION = 1
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +181,24 @@ class StepTimeProfile(BaseModel):
         default_factory=dict,
         description="The engine knobs of the measured replica (EngineConfig.knobs()): what the "
         "profile was taken with beside its key (e.g. enforce_eager, block_size).",
+    )
+    measured_at: datetime | None = Field(
+        None,
+        description="When the measurement ended (UTC); None: not recorded (profiles stored "
+        "before it was).",
+    )
+    machine: MachineState | None = Field(
+        None,
+        description="The machine's state while it was measured: load average at start and "
+        "end, cores, vLLM servers of others running; None: not recorded (profiles stored "
+        "before it was).",
+    )
+    warnings: tuple[str, ...] = Field(
+        (),
+        description="Why the profile may not describe this machine's speed when quiet, as "
+        "found when it was measured (a busy machine measured anyway, a fit whose r2 is below "
+        "the profiler's floor). Empty: none found, or not checked (profiles stored before "
+        "these checks; `machine` is None then).",
     )
 
     @field_validator("contention")

@@ -1,26 +1,36 @@
 """The profiler's pure parts: vLLM's per-step log, the features of a probe's steps, the KV
-size, the profile built from measurements, and the store under the fmtune home."""
+size, the profile built from measurements, the store under the fmtune home, and the verdict on
+a busy machine (refused before any replica starts: the live parts are faked here)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
+from runtime.engine.machine import MachineState
 from runtime.errors import ConfigError
 from runtime.profiler import (
+    FIT_R2_FLOOR,
     Iteration,
+    MachineBusy,
     ProbeMismatch,
     ProbeRequest,
     ProfileKey,
     ProfileMeasurements,
     build_profile,
     find_profile,
+    fit_warning,
+    judge_machine,
     kv_bytes_per_token,
     list_profiles,
     logged_kv_cache_tokens,
+    measure_profile,
     parse_iterations,
     profile_engine,
     profile_path,
@@ -30,6 +40,7 @@ from runtime.profiler import (
     step_samples,
 )
 from runtime.sim.steptime import (
+    FitReport,
     SpeculationProfile,
     StepFeatures,
     StepSample,
@@ -282,3 +293,128 @@ def test_a_speculating_engine_completes_a_stored_profile_with_the_drafters_cost_
     assert find_profile(ENGINE) == outcome.profile  # stored under the same key
     assert profile_engine(speculating).reused and len(asked) == 1
     assert path.is_file()
+
+
+# --- a busy machine ---------------------------------------------------------------------------
+
+
+def state(load: float, cores: int = 2, servers: int = 0) -> MachineState:
+    return MachineState(cores=cores, load_1m_start=load, foreign_vllm_servers=servers)
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "reasons"),
+    [
+        (state(0.3), []),
+        (state(1.0), []),  # exactly half the cores: not above the limit
+        (state(1.01), ["1-minute load average 1.01 on 2 cores (above 1.00)"]),
+        (state(0.2, servers=1), ["1 other vLLM server running"]),
+        (state(7.9, cores=16), []),
+        (state(8.5, cores=16), ["1-minute load average 8.50 on 16 cores (above 8.00)"]),
+        (
+            state(5.2, servers=2),
+            ["1-minute load average 5.20 on 2 cores (above 1.00)", "2 other vLLM servers running"],
+        ),
+    ],
+)
+def test_a_machine_is_busy_above_half_its_cores_or_with_another_vllm_server(
+    snapshot: MachineState, reasons: list[str]
+) -> None:
+    verdict = judge_machine(snapshot)
+    assert list(verdict.reasons) == reasons and verdict.busy == bool(reasons)
+    assert f"{snapshot.load_1m_start:.2f} on {snapshot.cores} cores" in verdict.seen
+    assert f"{snapshot.foreign_vllm_servers} other vLLM server" in verdict.seen
+
+
+def test_a_fit_below_the_r2_floor_gets_a_warning() -> None:
+    def report(r2: float | None) -> FitReport:
+        return FitReport(samples=100, r2=r2, rmse_s=0.1, median_abs_pct_error=0.2)
+
+    assert FIT_R2_FLOOR == 0.8
+    warning = fit_warning(report(0.449))
+    assert warning is not None and "fit r2 0.449 is below the floor 0.80" in warning
+    assert fit_warning(report(0.8)) is None and fit_warning(report(0.95)) is None
+    assert fit_warning(report(None)) is None and fit_warning(None) is None
+
+
+def test_the_profile_records_the_machine_and_warns_of_a_poor_fit() -> None:
+    quiet = state(0.4).model_copy(update={"load_1m_end": 1.3})
+    profile = build_profile(ENGINE, measurements(machine=quiet), SMOLLM2_CONFIG)
+    assert profile.machine == quiet and profile.warnings == ()
+    assert profile.measured_at is not None and profile.measured_at.tzinfo is not None
+    good = measurements().samples
+    noisy = [
+        StepSample(s.features, d.duration_s) for s, d in zip(good, reversed(good), strict=True)
+    ]
+    busy = state(3.0, servers=1).model_copy(update={"load_1m_end": 3.5, "allowed_busy": True})
+    doubtful = build_profile(ENGINE, measurements(samples=noisy, machine=busy), SMOLLM2_CONFIG)
+    assert doubtful.fit is not None and doubtful.fit.r2 is not None and doubtful.fit.r2 < 0.8
+    assert [line.split(":")[0] for line in doubtful.warnings] == [
+        "measured on a busy machine (allowed)",
+        f"fit r2 {doubtful.fit.r2:.3f} is below the floor 0.80",
+    ]
+
+
+class _FakeProfiler:
+    """Stands for the live profiling session: measures nothing, returns `measurements()`."""
+
+    def __init__(self, engine: EngineConfig, plan: object, pool: object, progress: object) -> None:
+        self.model_config = SMOLLM2_CONFIG
+
+    def run(self) -> ProfileMeasurements:
+        return measurements()
+
+
+def fake_machine(
+    monkeypatch: pytest.MonkeyPatch, snapshot: MachineState, end_load: float = 2.5
+) -> list[list[int]]:
+    """The profiler sees ``snapshot`` at its start and ``end_load`` at its end, measures with
+    `_FakeProfiler` on a pool that starts nothing, and takes every model as prepared. Returns
+    the own pids it was asked to leave out of each snapshot."""
+    asked: list[list[int]] = []
+
+    def snapshot_of(own_pids: list[int]) -> MachineState:
+        asked.append(list(own_pids))
+        return snapshot
+
+    @contextlib.contextmanager
+    def no_pool(*_: object) -> Iterator[object]:
+        yield SimpleNamespace(replicas=list)
+
+    monkeypatch.setattr("runtime.profiler.machine_state", snapshot_of)
+    monkeypatch.setattr("runtime.profiler.load_1m", lambda: end_load)
+    monkeypatch.setattr("runtime.profiler.profiler_pool", no_pool)
+    monkeypatch.setattr("runtime.profiler._Profiler", _FakeProfiler)
+    monkeypatch.setattr("runtime.profiler.resolve_model", lambda name: Path(name))
+    return asked
+
+
+def test_a_busy_machine_is_refused_before_any_replica_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_machine(monkeypatch, state(3.0, servers=1))
+
+    def no_replicas(*_: object) -> None:
+        raise AssertionError("a replica pool was made on a busy machine")
+
+    monkeypatch.setattr("runtime.profiler.profiler_pool", no_replicas)
+    with pytest.raises(MachineBusy) as refused:
+        measure_profile(ENGINE)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("machine busy: 1-minute load average 3.00")
+    assert "1 other vLLM server running" in message
+    assert "`fmtune profile smollm2-135m --set dtype=float32 --allow-busy`" in message
+
+
+def test_allowed_on_a_busy_machine_the_profile_stores_the_load_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked = fake_machine(monkeypatch, state(3.0), end_load=2.5)
+    profile, data = measure_profile(ENGINE, allow_busy=True)
+    expected = state(3.0).model_copy(update={"load_1m_end": 2.5, "allowed_busy": True})
+    assert profile.machine == data.machine == expected
+    assert profile.warnings[0].startswith("measured on a busy machine (allowed): 1-minute load")
+    # a pool given by the caller: its running replicas are the profiler's own, not others'
+    pool = SimpleNamespace(replicas=lambda: [SimpleNamespace(pid=41), SimpleNamespace(pid=None)])
+    measure_profile(ENGINE, pool=pool, allow_busy=True)  # type: ignore[arg-type]
+    assert asked == [[], [41]]

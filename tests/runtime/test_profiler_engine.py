@@ -42,8 +42,15 @@ SHORT_PLAN = ProfilePlan(
 def test_a_fresh_profile_predicts_a_held_out_run(
     engine_pool: ReplicaPool, small_engine: EngineConfig, hot_replica: Replica
 ) -> None:
-    profile, data = measure_profile(small_engine, SHORT_PLAN, pool=engine_pool)
+    # allow_busy: `make test` runs this beside its other tests (and maybe another engineer's
+    # replica), so the machine is often busy by the profiler's rule; this test checks what the
+    # profile predicts within a loose tolerance, not that the machine was quiet. The hot
+    # replica is the pool's own and is not counted as another server.
+    profile, data = measure_profile(small_engine, SHORT_PLAN, pool=engine_pool, allow_busy=True)
     assert profile.fit is not None and profile.fit.samples >= 40, data.dropped_probes
+    assert profile.machine is not None and profile.machine.load_1m_end is not None
+    busy_warned = any(line.startswith("measured on a busy machine") for line in profile.warnings)
+    assert profile.machine.allowed_busy == busy_warned
     assert profile.coefficients.prefill_token_s > 0
     assert profile.kv_bytes_per_token == 30 * 3 * 128 * 4  # float32, the engine's own count
     assert hot_replica.running()  # the pool's replica served the probes and stays up

@@ -4,12 +4,14 @@ names its errors, and KV blocks are counted as vLLM's CPU worker counts them."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runtime.engine.config import EngineConfig
+from runtime.engine.machine import MachineState
 from runtime.errors import ConfigError
 from runtime.sim.steptime import (
     GIB,
@@ -180,6 +182,24 @@ def test_a_profile_round_trips_through_its_file(tmp_path: Path) -> None:
     path = save_profile(original, tmp_path / "profiles" / f"{original.key()}.json")
     assert load_profile(path) == original
     assert "/" not in original.key() and "smollm2-135m" in original.key()
+
+
+def test_a_profile_stored_before_the_machine_was_recorded_still_loads(tmp_path: Path) -> None:
+    data = profile().model_dump(mode="json")
+    for name in ("measured_at", "machine", "warnings"):  # what older profilers did not write
+        del data[name]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = load_profile(path)
+    assert old.machine is None and old.measured_at is None and old.warnings == ()
+    assert old.schema_version == 1 and old == profile()
+    recorded = profile(
+        machine=MachineState(cores=2, load_1m_start=5.2, load_1m_end=6.1, foreign_vllm_servers=1,
+                             allowed_busy=True),
+        measured_at=datetime(2026, 11, 29, 7, 50, tzinfo=UTC),
+        warnings=("measured on a busy machine (allowed): 1 other vLLM server running",),
+    )  # fmt: skip
+    assert load_profile(save_profile(recorded, tmp_path / "new.json")) == recorded
 
 
 def test_a_bad_profile_file_names_the_file_the_field_and_the_value(tmp_path: Path) -> None:
