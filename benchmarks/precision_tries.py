@@ -9,11 +9,12 @@ when it did not start. The server is stopped (its whole process group) before th
 exits, on SIGTERM too. One JSON line per try is appended to --out (docs/precision-cpu.md
 holds the table made of them).
 
-`int8-checkpoint SRC DST w8a8|w8a16` writes a compressed-tensors int8 checkpoint of a dense
-model folder with only torch, safetensors and compressed_tensors (llm-compressor is not
-installed): per-output-channel symmetric round-to-nearest int8 weights of every `*_proj`
-layer, bfloat16 scales, lm_head dense; `w8a8` is format int-quantized with dynamic per-token
-int8 activations, `w8a16` is pack-quantized (int8 weights packed into int32), weight-only.
+`int8-checkpoint SRC DST` writes the W8A8 int8 compressed-tensors checkpoint of a dense model
+folder (replacing DST) with runtime.engine.quantize, the writer behind the `int8` quantization
+knob (per-output-channel symmetric round-to-nearest int8 weights of every `*_proj` layer,
+dynamic per-token int8 activations). The 8-bit weight-only (W8A16, pack-quantized) writer of
+the try that failed (docs/precision-cpu.md, row 6) was dropped; it is in git history
+(commit ff376dc).
 
 Run tries under the engine lane, e.g.
   flock /tmp/fmtune-engine.lock timeout 300 .venv/bin/python benchmarks/precision_tries.py \
@@ -40,6 +41,7 @@ import httpx
 import psutil
 
 from runtime.engine.probe import run_probe
+from runtime.engine.quantize import write_w8a8_checkpoint
 
 PORT = 8790
 START_LIMIT_S = 150.0
@@ -141,70 +143,6 @@ def try_option(name: str, model: str, options: list[str], logs: Path) -> dict[st
         _stop(process)
 
 
-def int8_checkpoint(source: Path, target: Path, mode: str) -> str:
-    """Write the compressed-tensors int8 checkpoint of a dense folder; returns a summary."""
-    import torch
-    from compressed_tensors.compressors import pack_to_int32
-    from safetensors.torch import load_file, save_file
-
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.is_file() and item.name not in ("model.safetensors", "config.json"):
-            shutil.copy(item, target / item.name)
-    tensors: dict[str, torch.Tensor] = {}
-    layers = 0
-    for name, tensor in load_file(source / "model.safetensors").items():
-        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
-            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-            continue
-        weight = tensor.float()
-        scale = (weight.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
-        quantized = torch.round(weight / scale).clamp(-128, 127).to(torch.int8)
-        base = name.removesuffix(".weight")
-        if mode == "w8a8":
-            tensors[name] = quantized
-        else:
-            tensors[f"{base}.weight_packed"] = pack_to_int32(quantized, 8)
-            tensors[f"{base}.weight_shape"] = torch.tensor(list(quantized.shape), dtype=torch.int32)
-        tensors[f"{base}.weight_scale"] = scale.to(torch.bfloat16)
-        layers += 1
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    fmt = "int-quantized" if mode == "w8a8" else "pack-quantized"
-    activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token"}
-    group = {
-        "targets": ["Linear"],
-        "weights": {
-            "num_bits": 8,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "channel",
-            "dynamic": False,
-            "group_size": None,
-            "observer": "minmax",
-        },
-        "input_activations": {**activations, "dynamic": True, "observer": None}
-        if mode == "w8a8"
-        else None,
-        "output_activations": None,
-        "format": fmt,
-    }
-    config = json.loads((source / "config.json").read_text())
-    config["dtype"] = "bfloat16"
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
-        "ignore": ["lm_head"],
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-    }
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    return f"{target}: {layers} linear layers as {mode} ({fmt})"
-
-
 def main() -> None:
     """Run one try, or write one int8 checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,13 +152,15 @@ def main() -> None:
     one.add_argument("model")
     one.add_argument("--out", type=Path, default=Path("reports/precision_tries.jsonl"))
     one.add_argument("--logs", type=Path, default=Path("/tmp/precision_tries"))
-    checkpoint = commands.add_parser("int8-checkpoint", help="Write an int8 checkpoint.")
+    checkpoint = commands.add_parser("int8-checkpoint", help="Write a W8A8 int8 checkpoint.")
     checkpoint.add_argument("source", type=Path)
     checkpoint.add_argument("target", type=Path)
-    checkpoint.add_argument("mode", choices=["w8a8", "w8a16"])
     args, options = parser.parse_known_args()
     if args.command == "int8-checkpoint":
-        print(int8_checkpoint(args.source, args.target, args.mode))
+        if args.target.exists():
+            shutil.rmtree(args.target)
+        written = write_w8a8_checkpoint(args.source, args.target)
+        print(f"{written.folder}: {written.layers} linear layers in int8 (W8A8, int-quantized)")
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally`: stop the server
     record = try_option(args.name, args.model, options, args.logs)
