@@ -7,7 +7,8 @@ from a second hand-written list.
 Each field records how it reaches vLLM in its ``json_schema_extra``:
 
 - ``{"flag": "--block-size"}``: rendered as a command-line flag (booleans as
-  ``--flag`` / ``--no-flag``), omitted when the value is ``None`` (vLLM's own default).
+  ``--flag`` / ``--no-flag``), omitted when the value is ``None`` (vLLM's own default);
+  ``"values"`` maps a knob value to vLLM's name for it where the two differ.
 - ``{"env": "VLLM_CPU_KVCACHE_SPACE"}``: rendered as an environment variable of the server.
 - ``{"speculative": "method"}``: folded into vLLM's ``--speculative-config`` JSON.
 - ``{"fmtune": True}``: fmtune's own field, not passed to vLLM.
@@ -17,15 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime.errors import ConfigError
+from runtime.engine.quantize import COMPRESSED_TENSORS
+from runtime.errors import ConfigError, unknown_name_message
 
 Device = Literal["cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["fp8", "awq", "gptq", "bitsandbytes"]
+#: Weight quantization: 'int8' is fmtune's W8A8 int8 checkpoint (see the quantization field),
+#: the others are vLLM's GPU methods under vLLM's names.
+Quantization = Literal["int8", "fp8", "awq", "gptq", "bitsandbytes"]
 #: Precision of the KV cache; the fp8 ones store a key or value in one byte (see kv_cache_dtype).
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 SpeculativeMethod = Literal["ngram"]
@@ -40,6 +44,9 @@ CPU_BLOCK_SIZE_MULTIPLE = 32
 DEFAULT_CPU_KV_CACHE_GIB = 1
 #: Quantization methods whose kernels exist only in the CUDA build.
 GPU_ONLY_QUANTIZATION: frozenset[str] = frozenset({"fp8", "awq", "gptq", "bitsandbytes"})
+#: Quantization served from a checkpoint fmtune writes once, the quantized variant of the
+#: model folder (runtime.engine.models `served_model`), with vLLM's name for its method.
+CHECKPOINT_QUANTIZATION: dict[str, str] = {"int8": COMPRESSED_TENSORS}
 
 #: The module that starts vLLM's OpenAI-compatible server (the `vllm` console script is
 #: unusable with the vllm-cpu distribution, see shared/ENVIRONMENT.md).
@@ -80,8 +87,15 @@ class EngineConfig(BaseModel):
         Quantization | None,
         Field(
             description="Weight quantization method; None serves the weights as they are. "
-            "All listed methods need CUDA kernels.",
-            json_schema_extra={"flag": "--quantization"},
+            "'int8': W8A8, the decoder's linear weights in int8 (symmetric, one scale per "
+            "output channel, round to nearest) and their input activations quantized to int8 "
+            "per token at run time; the model is served from its int8 variant, a "
+            "compressed-tensors checkpoint prepared once beside it (`fmtune models prepare "
+            "NAME --quantization int8`, or when a replica first needs it) and rendered as "
+            "`--quantization compressed-tensors`; runs on this CPU (vLLM's "
+            "CPUInt8ScaledMMLinearKernel, docs/precision-cpu.md). 'fp8', 'awq', 'gptq' and "
+            "'bitsandbytes' are vLLM's GPU methods and need device 'cuda'.",
+            json_schema_extra={"flag": "--quantization", "values": CHECKPOINT_QUANTIZATION},
         ),
     ] = None
     kv_cache_dtype: Annotated[
@@ -219,6 +233,15 @@ class EngineConfig(BaseModel):
         ),
     ] = 0
 
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _known_quantization(cls, value: Any) -> Any:
+        """A misspelled method gets the closest valid name ('int9' -> 'int8')."""
+        methods = get_args(Quantization)
+        if isinstance(value, str) and value not in methods:
+            raise ValueError(unknown_name_message("quantization", value, methods))
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _cpu_defaults(cls, data: Any) -> Any:
@@ -313,7 +336,9 @@ class EngineConfig(BaseModel):
                 if isinstance(value, bool):
                     args.append(flag if value else "--no-" + flag.removeprefix("--"))
                 else:
-                    args.extend([flag, str(value)])
+                    vllm_names = extra.get("values") or {}
+                    assert isinstance(vllm_names, dict)
+                    args.extend([flag, str(vllm_names.get(value, value))])
             elif "speculative" in extra:
                 speculative[str(extra["speculative"])] = value
         if speculative:

@@ -11,6 +11,12 @@ home. Nothing is ever fetched from a model hub.
 Preparing is all-or-nothing: the work happens in a hidden folder next to the destination,
 which is renamed into place only once the folder loads and generates; a failed or interrupted
 preparation leaves no folder under the catalog name.
+
+A quantization served from a checkpoint (`CHECKPOINT_QUANTIZATION`: 'int8') is served from
+the model's variant folder, written once from the prepared folder by runtime.engine.quantize
+(`prepare_variant`, the same all-or-nothing way): `<home>/models/<name>-int8` beside a catalog
+model; for a local folder, under `<home>/models/variants/<path hash>/` (a user's folder is
+never written to). `served_model` is the folder a replica of an engine serves.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -30,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal, Protocol
 
+from runtime.engine.config import CHECKPOINT_QUANTIZATION
+from runtime.engine.quantize import write_w8a8_checkpoint
 from runtime.errors import ConfigError, FmtuneError, closest_name, unknown_name_message
 
 if TYPE_CHECKING:
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 PREPARED_MARKER = ".fmtune-prepared"
 #: Bytes copied at a time when joining chunks.
 COPY_BLOCK = 8 << 20
+#: Folder under the models folder holding the quantized variants of local model folders.
+LOCAL_VARIANTS = "variants"
 
 SaveDtype = Literal["float32", "bfloat16"]
 """Precision of a prepared folder's weights."""
@@ -93,6 +104,10 @@ class CatalogModel:
     prepared_bytes: int
     """Size of the prepared folder on disk, as measured when the entry was added (what
     `models list` shows before a model is prepared)."""
+    quantizable_params: int | None = None
+    """Parameters of the weights the int8 variant stores in one byte each (the decoder's
+    linear weights, runtime.engine.quantize `is_quantized_weight`), counted in the prepared
+    folder; sizes an int8 replica before its variant exists. None: unknown."""
 
     @property
     def requirements(self) -> list[str]:
@@ -123,6 +138,7 @@ CATALOG: dict[str, CatalogModel] = {
         gguf_bytes=98_362_432,
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         prepared_bytes=541_614_995,
+        quantizable_params=106_168_320,
     ),
     "qwen2.5-coder-0.5b-instruct": CatalogModel(
         name="qwen2.5-coder-0.5b-instruct",
@@ -137,6 +153,7 @@ CATALOG: dict[str, CatalogModel] = {
         gguf_bytes=491_400_064,
         gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         prepared_bytes=1_271_802_798,
+        quantizable_params=357_826_560,
     ),
     "qwen2.5-coder-1.5b-instruct": CatalogModel(
         name="qwen2.5-coder-1.5b-instruct",
@@ -151,6 +168,7 @@ CATALOG: dict[str, CatalogModel] = {
         gguf_bytes=1_117_320_768,
         gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         prepared_bytes=3_565_650_711,
+        quantizable_params=1_310_195_712,
     ),
 }
 
@@ -515,3 +533,91 @@ def prepare_model(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+# --- quantized variants -------------------------------------------------------------------
+
+
+def served_folder_name(name_or_path: str, quantization: str | None) -> str:
+    """Name of the folder vLLM serves for a model (catalog name or local folder) and a
+    quantization: the model's own name, with `-int8` appended for a quantization served from
+    a checkpoint variant (`CHECKPOINT_QUANTIZATION`). Exported bundles mount it by this name."""
+    if name_or_path in CATALOG:
+        base = name_or_path
+    else:
+        base = Path(name_or_path).expanduser().name or "model"
+    return f"{base}-{quantization}" if quantization in CHECKPOINT_QUANTIZATION else base
+
+
+def variant_dir(name_or_path: str, quantization: str) -> Path:
+    """Where the `quantization` variant of a model is prepared: beside a catalog model, or
+    for a local folder under `variants/<hash of its resolved path>/` of the models folder."""
+    name = served_folder_name(name_or_path, quantization)
+    if name_or_path in CATALOG:
+        return model_dir(name)
+    resolved = str(Path(name_or_path).expanduser().resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return fmtune_home() / "models" / LOCAL_VARIANTS / digest / name
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    """Whether a model folder already holds a quantized checkpoint (its config.json has a
+    quantization_config): it is served as it is, never quantized again."""
+    config = folder / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def prepare_variant(
+    name_or_path: str,
+    quantization: str,
+    force: bool = False,
+    on_progress: ProgressCallback = _no_progress,
+) -> Path:
+    """Write the `quantization` variant of a prepared model once (`variant_dir`); later calls
+    return the folder at once. Written in a hidden `.NAME.partial-*` folder renamed into place
+    when complete, under the variant's preparation lock (replicas starting together wait for
+    one writer)."""
+    if quantization not in CHECKPOINT_QUANTIZATION:
+        raise ConfigError(
+            unknown_name_message("checkpoint quantization", quantization, CHECKPOINT_QUANTIZATION)
+        )
+    source = resolve_model(name_or_path)
+    target = variant_dir(name_or_path, quantization)
+    if (target / PREPARED_MARKER).is_file() and not force:
+        return target
+    with _preparing(target.name, target.parent):
+        if (target / PREPARED_MARKER).is_file() and not force:
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            staged = scratch / "model"
+            on_progress(PrepareProgress("convert", 0, 1, f"{quantization} W8A8 checkpoint"))
+            logger.info("writing the %s checkpoint of %s into %s", quantization, source, target)
+            written = write_w8a8_checkpoint(source, staged)
+            (staged / PREPARED_MARKER).write_text(
+                f"source={source}\nquantization={quantization}\nint8_layers={written.layers}\n"
+            )
+            _swap_in(staged, target)
+            on_progress(PrepareProgress("convert", 1, 1, f"{written.layers} layers in int8"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def served_model(name_or_path: str, quantization: str | None, *, prepare: bool = True) -> Path:
+    """The folder vLLM serves for a model and an engine's quantization: the model's folder,
+    or its checkpoint variant for a quantization in `CHECKPOINT_QUANTIZATION` (written now
+    when missing and `prepare`, else a ConfigError saying how). A folder that is already
+    quantized is served as it is (vLLM checks its method against `--quantization`)."""
+    source = resolve_model(name_or_path)
+    if quantization not in CHECKPOINT_QUANTIZATION or is_quantized_folder(source):
+        return source
+    target = variant_dir(name_or_path, quantization)
+    if (target / PREPARED_MARKER).is_file():
+        return target
+    if not prepare:
+        raise ConfigError(
+            f"the {quantization} variant of model '{name_or_path}' is not prepared yet: run "
+            f"`fmtune models prepare {name_or_path} --quantization {quantization}`"
+        )
+    return prepare_variant(name_or_path, quantization)

@@ -30,7 +30,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.engine.config import EngineConfig
-from runtime.engine.models import resolve_model
+from runtime.engine.models import served_model
 from runtime.engine.reaper import group_alive
 from runtime.errors import EngineFailure
 
@@ -176,10 +176,11 @@ class Replica:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> Replica:
-        """Launch the server and block until it answers /v1/models (or raise)."""
+        """Launch the server and block until it answers /v1/models (or raise). A quantization
+        served from a checkpoint is served from the model's variant, written first if missing."""
         if self.process is not None:
             raise RuntimeError(f"replica {self.replica_id} was already started")
-        model_path = str(resolve_model(self.config.model))
+        model_path = str(served_model(self.config.model, self.config.quantization))
         self.port = free_port(self.host)
         self.start_s = None  # not serving until _wait_ready returns
         argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)

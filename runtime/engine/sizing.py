@@ -4,7 +4,9 @@ that gives it: the one sizing rule behind replica prices and exported resource r
 A replica's resident memory is three parts:
 
 - its weights as served: the model folder's stored weights, rescaled from the checkpoint's
-  float dtype to the engine's ``dtype`` (an already quantized checkpoint is served as stored);
+  float dtype to the engine's ``dtype`` (an already quantized checkpoint is served as stored;
+  with ``quantization: int8`` the decoder's linear weights count one byte each, the rest in
+  ``dtype``, or the int8 variant's folder as stored once it is prepared);
 - its KV cache: ``kv_cache_space_gib`` on CPU, counted whole (vLLM allocates it at start and
   fills it under load); on CUDA it lives in GPU memory and costs no host memory;
 - the runtime around them (API server, engine core and worker processes, torch, oneDNN),
@@ -26,8 +28,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.engine.config import EngineConfig
-from runtime.engine.models import CATALOG, folder_bytes, is_model_folder, is_prepared, model_dir
+from runtime.engine.config import CHECKPOINT_QUANTIZATION, EngineConfig
+from runtime.engine.models import (
+    CATALOG,
+    PREPARED_MARKER,
+    folder_bytes,
+    is_model_folder,
+    is_prepared,
+    model_dir,
+    variant_dir,
+)
+from runtime.engine.quantize import quantized_weight_bytes
 from runtime.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +54,9 @@ RUNTIME_MEMORY_GIB = 3.7
 REPLICA_CPU_CORES = 2
 #: Bytes per parameter of the float dtypes a checkpoint is stored or served in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Bytes per weight of an int8-quantized layer (its per-channel scales are not counted: one
+#: per output row, under 1% of the layer).
+INT8_BYTES = 1
 #: Files that hold a model folder's weights.
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
@@ -60,6 +74,9 @@ class StoredWeights:
     quantized: bool = False
     """Whether the checkpoint is already quantized (config.json has a quantization_config):
     it is served as stored, whatever the engine's dtype."""
+    quantizable_bytes: int | None = None
+    """Bytes, as stored, of the weights an int8 variant quantizes (the decoder's linear
+    weights); None when unknown, and then the whole checkpoint counts as quantizable."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +127,20 @@ DEFAULT_MACHINES: tuple[MachineType, ...] = (
 )
 
 
-def served_weights_bytes(stored: StoredWeights, dtype: str) -> int:
+def served_weights_bytes(stored: StoredWeights, dtype: str, quantization: str | None = None) -> int:
     """Bytes the weights take once loaded in `dtype` (an EngineConfig dtype; 'auto' keeps the
-    checkpoint's). Quantized checkpoints and unknown dtypes stay as stored."""
-    if stored.quantized or stored.dtype not in DTYPE_BYTES or dtype not in DTYPE_BYTES:
+    checkpoint's) and `quantization`: with 'int8' (a dense checkpoint served from its int8
+    variant) each quantizable weight counts one byte and the rest is rescaled to `dtype`.
+    Quantized checkpoints and unknown dtypes stay as stored."""
+    if stored.quantized or stored.dtype not in DTYPE_BYTES:
         return stored.bytes
-    return stored.bytes * DTYPE_BYTES[dtype] // DTYPE_BYTES[stored.dtype]
+    stored_width = DTYPE_BYTES[stored.dtype]
+    served_width = DTYPE_BYTES.get(dtype, stored_width)
+    quantized = 0
+    if quantization in CHECKPOINT_QUANTIZATION:
+        quantized = stored.bytes if stored.quantizable_bytes is None else stored.quantizable_bytes
+    dense = stored.bytes - quantized
+    return dense * served_width // stored_width + quantized * INT8_BYTES // stored_width
 
 
 def replica_resources(
@@ -124,7 +149,7 @@ def replica_resources(
     """What a replica of `engine` needs, given its model's stored weights (pure)."""
     on_cpu = engine.device == "cpu"
     return ReplicaResources(
-        weights_gib=served_weights_bytes(stored, engine.dtype) / GIB,
+        weights_gib=served_weights_bytes(stored, engine.dtype, engine.quantization) / GIB,
         kv_cache_gib=float(engine.kv_cache_space_gib or 0) if on_cpu else 0.0,
         runtime_gib=runtime_gib,
         cpu_cores=REPLICA_CPU_CORES,
@@ -141,22 +166,37 @@ def _folder_weights(folder: Path) -> StoredWeights:
             break
     config = json.loads((folder / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype")
+    quantized = "quantization_config" in config
     return StoredWeights(
         bytes=size or folder_bytes(folder),
         dtype=dtype if isinstance(dtype, str) else None,
-        quantized="quantization_config" in config,
+        quantized=quantized,
+        quantizable_bytes=None if quantized else quantized_weight_bytes(folder),
     )
 
 
-def stored_weights(model: str) -> StoredWeights:
+def stored_weights(model: str, quantization: str | None = None) -> StoredWeights:
     """The stored weights of a catalog name or local model folder: read from the folder when
-    it is here, else the catalog's measured size of the prepared folder; a model that is
-    neither (a hub name) counts no weights."""
+    it is here (from its prepared checkpoint variant for a `quantization` served from one),
+    else the catalog's measured size of the prepared folder; a model that is neither (a hub
+    name) counts no weights."""
+    if quantization in CHECKPOINT_QUANTIZATION and (
+        model in CATALOG or is_model_folder(Path(model).expanduser())
+    ):
+        variant = variant_dir(model, quantization)
+        if (variant / PREPARED_MARKER).is_file():
+            return _folder_weights(variant)
     if model in CATALOG:
         if is_prepared(model):
             return _folder_weights(model_dir(model))
         entry = CATALOG[model]
-        return StoredWeights(bytes=entry.prepared_bytes, dtype=entry.save_dtype)
+        width = DTYPE_BYTES[entry.save_dtype]
+        quantizable = entry.quantizable_params
+        return StoredWeights(
+            bytes=entry.prepared_bytes,
+            dtype=entry.save_dtype,
+            quantizable_bytes=None if quantizable is None else quantizable * width,
+        )
     folder = Path(model).expanduser()
     if is_model_folder(folder):
         return _folder_weights(folder)
@@ -166,7 +206,7 @@ def stored_weights(model: str) -> StoredWeights:
 
 def engine_resources(engine: EngineConfig) -> ReplicaResources:
     """What a replica of `engine` needs, its weights read from its model folder."""
-    return replica_resources(engine, stored_weights(engine.model))
+    return replica_resources(engine, stored_weights(engine.model, engine.quantization))
 
 
 def cheapest_machine(

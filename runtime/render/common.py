@@ -12,14 +12,14 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 from runtime.deployment import Deployment
 from runtime.engine.config import EngineConfig
-from runtime.engine.models import CATALOG
+from runtime.engine.models import served_folder_name
 from runtime.engine.sizing import ReplicaResources
 from runtime.errors import ConfigError
 
@@ -57,12 +57,10 @@ DNS_LABEL_MAX = 63
 
 
 def model_path_in_image(engine: EngineConfig) -> str:
-    """Where the engine's model folder is mounted in containers: ``/models/<name>``."""
-    if engine.model in CATALOG:
-        name = engine.model
-    else:
-        name = PurePosixPath(Path(engine.model).expanduser().as_posix()).name or "model"
-    return f"{MODELS_MOUNT}/{name}"
+    """Where the engine's model folder is mounted in containers: ``/models/<name>``, the
+    folder its replicas serve (``<name>-int8`` for the int8 variant, see
+    runtime.engine.models `served_folder_name`)."""
+    return f"{MODELS_MOUNT}/{served_folder_name(engine.model, engine.quantization)}"
 
 
 def model_folder_name(engine: EngineConfig) -> str:

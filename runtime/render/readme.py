@@ -12,7 +12,8 @@ from typing import Any
 
 from runtime.capacity import CAPACITY_DETAIL, capacity_line
 from runtime.deployment import Deployment
-from runtime.engine.models import CATALOG
+from runtime.engine.config import CHECKPOINT_QUANTIZATION
+from runtime.engine.models import CATALOG, served_folder_name
 from runtime.render.commands import container_argv, shell_command
 from runtime.render.common import (
     CPU_IMAGE_VARIABLE,
@@ -47,8 +48,15 @@ def bundle_readme(
     """The bundle's README: what it is, how to run each form, knobs and metrics (and the
     capacity in a sentence, when the metrics have runtime.capacity's)."""
     folders = sorted({model_folder_name(model.engine) for model in deployment.models.values()})
+    # (catalog name, the checkpoint quantization of its served variant or "")
     catalog = sorted(
-        {m.engine.model for m in deployment.models.values() if m.engine.model in CATALOG}
+        {
+            (m.engine.model, m.engine.quantization or "")
+            if m.engine.quantization in CHECKPOINT_QUANTIZATION
+            else (m.engine.model, "")
+            for m in deployment.models.values()
+            if m.engine.model in CATALOG
+        }
     )
     lines = [
         f"# {title or 'fmtune deployment bundle'}",
@@ -76,10 +84,14 @@ def bundle_readme(
             "Catalog models are prepared once with fmtune and copied:",
             "",
             "```bash",
-            *(f"fmtune models prepare {name}" for name in catalog),
             *(
-                f'cp -r "${{FMTUNE_HOME:-$HOME/.cache/fmtune}}/models/{name}" models/'
-                for name in catalog
+                f"fmtune models prepare {name}" + (f" --quantization {method}" if method else "")
+                for name, method in catalog
+            ),
+            *(
+                f'cp -r "${{FMTUNE_HOME:-$HOME/.cache/fmtune}}/models/'
+                f'{served_folder_name(name, method or None)}" models/'
+                for name, method in catalog
             ),
             "```",
         ]

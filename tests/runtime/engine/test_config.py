@@ -133,6 +133,25 @@ def test_gpu_quantization_renders_on_cuda_and_is_refused_on_cpu(method: str) -> 
     )
 
 
+def test_int8_is_valid_on_cpu_and_renders_vllms_compressed_tensors_name() -> None:
+    """int8 is served from a compressed-tensors checkpoint: vLLM's name for the method is
+    rendered, so vLLM refuses a folder that is not such a checkpoint."""
+    for device in ("cpu", "cuda"):
+        config = EngineConfig(model="smollm2-135m", device=device, quantization="int8")
+        args = config.cli_args()
+        assert args[args.index("--quantization") + 1] == "compressed-tensors"
+        assert config.knobs()["quantization"] == "int8"
+    dense = EngineConfig(model="smollm2-135m")
+    assert dense.with_knobs(quantization="int8").config_hash() != dense.config_hash()
+
+
+def test_a_misspelled_quantization_gets_the_closest_method() -> None:
+    assert message(quantization="int9") == (
+        "quantization: unknown quantization 'int9' (did you mean 'int8'?)"
+    )
+    assert "did you mean 'gptq'" in message(device="cuda", quantization="gtpq")
+
+
 def test_every_field_is_documented_and_says_how_it_reaches_vllm() -> None:
     for name, field in EngineConfig.model_fields.items():
         assert field.description, name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +34,14 @@ from runtime.engine.models import (
     fetch_gguf,
     fetch_verified_gguf,
     is_prepared,
+    is_quantized_folder,
     model_dir,
     prepare_model,
+    prepare_variant,
     resolve_model,
+    served_folder_name,
+    served_model,
+    variant_dir,
 )
 from runtime.engine.pool import ReplicaPool
 
@@ -381,3 +387,63 @@ async def test_a_qwen_replica_answers_a_chat(
     assert record.ok, record.error
     assert "42" in record.text
     assert record.finish_reason == "stop"  # the chat template's end of turn was produced
+
+
+# --- quantized variants --------------------------------------------------------------------
+
+
+def test_an_int8_variant_of_a_catalog_model_is_written_once_beside_it(
+    tiny_llama: Path, fmtune_home: Path
+) -> None:
+    shutil.copytree(tiny_llama, model_dir("smollm2-135m"))  # stands in for the prepared model
+    assert served_model("smollm2-135m", None) == model_dir("smollm2-135m")
+    with pytest.raises(ConfigError, match=r"run `fmtune models prepare smollm2-135m --quant"):
+        served_model("smollm2-135m", "int8", prepare=False)
+    folder = served_model("smollm2-135m", "int8")
+    assert (
+        folder
+        == fmtune_home / "models" / "smollm2-135m-int8"
+        == variant_dir("smollm2-135m", "int8")
+    )
+    assert (folder / PREPARED_MARKER).is_file() and is_quantized_folder(folder)
+    assert not is_quantized_folder(model_dir("smollm2-135m"))  # the source is untouched
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert served_model("smollm2-135m", "int8", prepare=False) == folder
+    assert prepare_variant("smollm2-135m", "int8") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written  # not written again
+    leftovers = [p.name for p in folder.parent.iterdir() if ".partial-" in p.name]
+    assert leftovers == []
+
+
+def test_a_local_folder_gets_its_variant_under_the_home_and_a_quantized_one_is_served_as_is(
+    tiny_llama: Path, fmtune_home: Path
+) -> None:
+    folder = served_model(str(tiny_llama), "int8")
+    assert folder.name == "tiny-llama-int8" == served_folder_name(str(tiny_llama), "int8")
+    assert folder.parent.parent == fmtune_home / "models" / "variants"
+    assert not any(p.name.endswith("-int8") for p in tiny_llama.parent.iterdir())
+    assert served_model(str(folder), "int8") == folder  # already int8: never quantized again
+    assert served_folder_name("smollm2-135m", None) == "smollm2-135m"
+    assert served_folder_name("smollm2-135m", "awq") == "smollm2-135m"  # a vLLM method
+
+
+def test_an_interrupted_variant_leaves_no_folder(
+    tiny_llama: Path, fmtune_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def half_written(source: Path, target: Path) -> None:
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(models, "write_w8a8_checkpoint", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        served_model(str(tiny_llama), "int8")
+    target = variant_dir(str(tiny_llama), "int8")
+    assert not target.exists()
+    assert [p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_only_checkpoint_quantization_has_a_variant(tiny_llama: Path, fmtune_home: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown checkpoint quantization 'fp8'; valid: int8"):
+        prepare_variant(str(tiny_llama), "fp8")
+    assert served_model(str(tiny_llama), "fp8") == tiny_llama.resolve()

@@ -170,7 +170,7 @@ def test_close_aborts_a_start_under_way_in_another_thread(
     close() for a whole cold start: close stops it, the starting thread fails fast."""
     never_ready = [sys.executable, "-c", "import time; time.sleep(120)"]
     monkeypatch.setattr(EngineConfig, "server_argv", lambda self, *args, **kwargs: never_ready)
-    monkeypatch.setattr(replica_module, "resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(replica_module, "served_model", lambda name, quantization: tmp_path)
     pool = ReplicaPool(ROOMY, log_dir=tmp_path, startup_timeout_s=300)
     failure: list[BaseException] = []
 

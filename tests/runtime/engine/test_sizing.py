@@ -9,6 +9,7 @@ import pytest
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.models import CATALOG
+from runtime.engine.quantize import quantized_weight_bytes
 from runtime.engine.sizing import (
     DEFAULT_MACHINES,
     GIB,
@@ -86,7 +87,57 @@ def test_stored_weights_are_read_from_a_model_folder(
 
 def test_an_unprepared_catalog_model_counts_its_measured_size(fmtune_home: Path) -> None:
     entry = CATALOG["qwen2.5-coder-1.5b-instruct"]
-    assert stored_weights(entry.name) == StoredWeights(entry.prepared_bytes, entry.save_dtype)
+    assert entry.quantizable_params is not None
+    assert stored_weights(entry.name) == StoredWeights(
+        entry.prepared_bytes, entry.save_dtype, quantizable_bytes=entry.quantizable_params * 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("stored", "dtype", "expected"),
+    [
+        # 3 GiB of float32 linear weights -> 0.75 GiB int8; 1 GiB of the rest -> 0.5 GiB bf16
+        (StoredWeights(4 * GIB, "float32", quantizable_bytes=3 * GIB), "bfloat16", 5 * GIB // 4),
+        (StoredWeights(4 * GIB, "float32", quantizable_bytes=3 * GIB), "float32", 7 * GIB // 4),
+        (StoredWeights(2 * GIB, "bfloat16", quantizable_bytes=GIB), "bfloat16", 3 * GIB // 2),
+        (StoredWeights(2 * GIB, "bfloat16"), "bfloat16", GIB),  # split unknown: all int8
+        (StoredWeights(GIB, "bfloat16", quantized=True), "bfloat16", GIB),  # the variant itself
+    ],
+)
+def test_int8_counts_one_byte_per_quantized_weight(
+    stored: StoredWeights, dtype: str, expected: int
+) -> None:
+    assert served_weights_bytes(stored, dtype, "int8") == expected
+    assert served_weights_bytes(stored, dtype, "awq") == served_weights_bytes(stored, dtype)
+
+
+def test_an_int8_replica_is_sized_from_its_variant_once_prepared(
+    fmtune_home: Path, tiny_llama: Path
+) -> None:
+    from runtime.engine.models import served_model
+
+    engine = EngineConfig(model=str(tiny_llama), quantization="int8")
+    folder_bytes = (tiny_llama / "model.safetensors").stat().st_size
+    linear = quantized_weight_bytes(tiny_llama)
+    assert linear is not None
+    before = engine_resources(engine).weights_gib * GIB
+    assert before == (folder_bytes - linear) // 2 + linear // 4  # float32: rest bf16, int8
+    assert before < engine_resources(engine.with_knobs(quantization=None)).weights_gib * GIB
+    variant = served_model(engine.model, "int8")
+    after = engine_resources(engine).weights_gib * GIB
+    assert after == (variant / "model.safetensors").stat().st_size  # as stored
+    assert after == pytest.approx(before, rel=0.05)  # the rule matched what was written
+
+
+def test_an_unprepared_catalog_model_in_int8_counts_its_linear_weights(
+    fmtune_home: Path,
+) -> None:
+    entry = CATALOG["smollm2-135m"]
+    assert entry.quantizable_params is not None
+    dense = stored_weights(entry.name).bytes - entry.quantizable_params * 4
+    expected = dense // 2 + entry.quantizable_params
+    engine = EngineConfig(model=entry.name, quantization="int8")
+    assert engine_resources(engine).weights_gib * GIB == expected
 
 
 def test_a_model_that_is_not_here_counts_no_weights() -> None:
