@@ -190,6 +190,33 @@ def test_models_prepare_of_an_unknown_name_is_one_line_and_exit_2(fmtune_home: P
     assert not (fmtune_home / "models").exists()
 
 
+def test_models_prepare_writes_the_int8_variant_after_the_model(
+    fmtune_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def prepare(name: str, force: bool, on_progress: object) -> Path:
+        calls.append(f"model {name}")
+        return fmtune_home / "models" / name
+
+    def variant(name: str, quantization: str, force: bool, on_progress: object) -> Path:
+        calls.append(f"{quantization} {name}")
+        return fmtune_home / "models" / f"{name}-{quantization}"
+
+    monkeypatch.setattr(runtime.engine.models, "prepare_model", prepare)
+    monkeypatch.setattr(runtime.engine.models, "prepare_variant", variant)
+    args = ["models", "prepare", "smollm2-135m", "--quantization", "int8"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert calls == ["model smollm2-135m", "int8 smollm2-135m"]
+    assert result.output.rstrip().endswith("smollm2-135m-int8")
+    bad = CliRunner().invoke(app, [*args[:-1], "int9"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: --quantization: unknown quantization 'int9' (did you mean 'int8'?)"
+    ]
+
+
 # --- `fmtune tune`: bad input, the front table, Ctrl-C and SIGTERM ------------------------
 
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

