@@ -21,8 +21,10 @@ of the arm's study; a multi study holds only confirmed, measured trials), with o
 point over both arms' measured trials (`tuner.pareto.reference_point`), the front's size,
 the real trials and calibration runs, real and wall minutes.
 
-Each arm is one engine-lane command (under ~12 minutes with the default 8-minute budget); the
-json keeps both, and the table is printed once both are there:
+Each arm is one engine-lane command (about 15 minutes with the default 14-minute budget: with
+an empty calibration cache the quickstart space's nine calibration runs take about 9 real
+minutes, so a budget under ~10 minutes leaves the multi arm nothing to confirm); the json keeps
+both, and the table is printed once both are there:
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/multifidelity.py --arm real
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/multifidelity.py --arm multi
     .venv/bin/python benchmarks/multifidelity.py --report
@@ -230,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", choices=ARMS, help="the arm to run (one engine-lane command)")
     parser.add_argument("--experiment", type=Path, default=REPO / "experiments/quickstart.yaml")
-    parser.add_argument("--minutes", type=float, default=8.0, help="real-engine minutes per arm")
+    parser.add_argument("--minutes", type=float, default=14.0, help="real-engine minutes per arm")
     parser.add_argument("--max-trials", type=int, default=60, help="stop an arm after N trials")
     parser.add_argument("--report", action="store_true", help="only render the stored json")
     args = parser.parse_args()
