@@ -93,7 +93,8 @@ class EngineConfig(BaseModel):
             "compressed-tensors checkpoint prepared once beside it (`fmtune models prepare "
             "NAME --quantization int8`, or when a replica first needs it) and rendered as "
             "`--quantization compressed-tensors`; runs on this CPU (vLLM's "
-            "CPUInt8ScaledMMLinearKernel, docs/precision-cpu.md). 'fp8', 'awq', 'gptq' and "
+            "CPUInt8ScaledMMLinearKernel, docs/precision-cpu.md) with dtype bfloat16, not "
+            "float32 (its kernel refuses float32 activations). 'fp8', 'awq', 'gptq' and "
             "'bitsandbytes' are vLLM's GPU methods and need device 'cuda'.",
             json_schema_extra={"flag": "--quantization", "values": CHECKPOINT_QUANTIZATION},
         ),
@@ -279,6 +280,11 @@ class EngineConfig(BaseModel):
             if self.quantization in GPU_ONLY_QUANTIZATION:
                 raise ValueError(
                     f"quantization '{self.quantization}' needs device 'cuda', got device 'cpu'"
+                )
+            if self.quantization == "int8" and self.dtype == "float32":
+                raise ValueError(
+                    "quantization 'int8' needs dtype bfloat16 on cpu (vLLM's CPU int8 kernel "
+                    "takes bfloat16 or half activations), got dtype 'float32'"
                 )
             if self.gpu_memory_utilization is not None:
                 raise ValueError(

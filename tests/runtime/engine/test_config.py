@@ -28,6 +28,11 @@ def message(**knobs: object) -> str:
             "max_num_seqs=64",
         ),
         ({"quantization": "awq"}, "quantization 'awq' needs device 'cuda', got device 'cpu'"),
+        (
+            {"quantization": "int8", "dtype": "float32"},
+            "quantization 'int8' needs dtype bfloat16 on cpu (vLLM's CPU int8 kernel takes "
+            "bfloat16 or half activations), got dtype 'float32'",
+        ),
         ({"tensor_parallel_size": 2}, "tensor_parallel_size must be 1 on cpu, got 2"),
         (
             {"num_speculative_tokens": 3},
