@@ -68,6 +68,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from lane import foreign_engines
 
 from runtime.app.application import AppKnobs
 from runtime.app.dag import App, LlmNode
@@ -774,20 +775,13 @@ def simulated(
 
 
 def engine_lane() -> str:
-    """Whether another process held the shared engine lane (/tmp/fmtune-engine.lock) when the
-    suite started: its replicas then competed for the cores the simulation ran on."""
-    import fcntl
-
-    path = Path("/tmp/fmtune-engine.lock")
-    if not path.exists():
-        return "engine lane: no lock file"
-    with path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return "engine lane: held by another process at start (contended)"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return "engine lane: free at start"
+    """How many vLLM servers were already running when the suite started: their replicas
+    compete for the cores the simulation and the real replicas run on. (The lane's lock
+    says nothing here: the real suite runs under it, so it is always held by its own
+    `flock` wrapper.)"""
+    others = foreign_engines()
+    state = "contended" if others else "free"
+    return f"engine lane: {state} at start (other vLLM servers running: {others})"
 
 
 def main() -> None:
