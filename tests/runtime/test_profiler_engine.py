@@ -1,13 +1,13 @@
 """A fresh profile of the session's hot replica predicts a run it never saw (real engine).
 
 The profile is measured with a short plan (random-token probes: a few prefills, three decode
-batch sizes, mixed steps, two chat calls for the overheads), then the extraction app runs for
-real on the same replica and is simulated with the profile and the run's own token counts.
-Tolerance: the simulated median end-to-end latency within 40% of the measured one, and the
-median time per output token within 40%. The machine is shared with other work, so step
-times drift by tens of percent between the profile and the run (reports/sim_fidelity.txt
-has the errors over many configurations); a model that missed a term (the decode cost, the
-prefill cost, the API overhead) would be off by far more.
+batch sizes at two context lengths, mixed steps, two chat calls for the overheads), then the
+extraction app runs for real on the same replica and is simulated with the profile and the
+run's own token counts. Tolerance: the simulated median end-to-end latency within 40% of the
+measured one, and the median time per output token within 40%. The machine is shared with
+other work, so step times drift by tens of percent between the profile and the run
+(reports/sim_fidelity.txt has the errors over many configurations); a model that missed a term
+(the decode cost, the prefill cost, the API overhead) would be off by far more.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ SHORT_PLAN = ProfilePlan(
     prefill_prompts=(32, 128, 384),
     batched_prefills=((4, 64),),
     decode_batches=(1, 4, 8),
-    decode_prompts=(96,),
+    # Two context lengths: with one, a decode step's cost per sequence and per context token
+    # grow together and the fit cannot tell them apart; it once put the whole decode cost on
+    # the context term (decode_seq_s 0.0) and missed the app's longer prompts by 58%.
+    decode_prompts=(32, 384),
     decode_tokens=16,
     prefix_probes=False,
     overhead_calls=2,
