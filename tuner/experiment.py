@@ -139,6 +139,13 @@ class TuneSpec(BaseModel):
         "study as infeasible and never reach the Pareto front.",
     )
     trials: int = Field(default=8, ge=1, le=100_000, description="Trials in the budget.")
+    timeout_min: float | None = Field(
+        default=None,
+        gt=0,
+        description="Wall-clock budget of one worker's run in minutes, as optuna's "
+        "`optimize(timeout=...)`: no trial starts after it has passed (the running one "
+        "finishes, so a run can overshoot by one trial). None: the trial budget alone.",
+    )
     sampler: str | None = Field(
         default=None,
         description="Search algorithm; default nsga2 with two or more objectives, tpe with one. "

@@ -289,6 +289,7 @@ class StudyRunner:
         # confirms, so this study's front, report and export hold measured trials only.
         self.fidelity: Literal["real", "sim"] = "sim" if tune.fidelity == "sim" else "real"
         self.simulator: SimEvaluator | None = None
+        self._started = time.monotonic()  # reset by each run(); read by _out_of_time
         if tune.fidelity == "sim":
             self.simulator = SimEvaluator(base=run_spec_of(experiment), evaluate_real=evaluate)
 
@@ -331,6 +332,7 @@ class StudyRunner:
     def run(self, trials: int | None = None) -> list[TrialReport]:
         """Evaluate trials until the study's budget of counted trials is used up."""
         budget = trials or self.tune.trials
+        self._started = time.monotonic()
         if self.tune.fidelity == "multi":
             return self._run_multi(budget)
         reports: list[TrialReport] = []
@@ -338,7 +340,7 @@ class StudyRunner:
             with contextlib.suppress(Exception):
                 optuna.storages.fail_stale_trials(self.study)
             done, running = budget_used(self.study)
-            if done + running >= budget:
+            if done + running >= budget or self._out_of_time():
                 break
             report = self._one_trial(budget)
             if report is not None:
@@ -346,6 +348,14 @@ class StudyRunner:
                 if self.events.on_trial_done is not None:
                     self.events.on_trial_done(report)
         return reports
+
+    def _out_of_time(self) -> bool:
+        """Whether this run's `timeout_min` has passed (then no further trial starts)."""
+        limit = self.tune.timeout_min
+        if limit is None or time.monotonic() - self._started < limit * 60:
+            return False
+        logger.info("the study's timeout of %g min has passed: no further trial starts", limit)
+        return True
 
     def _ask(self) -> tuple[optuna.trial.Trial, dict[str, Any]]:
         if self._driver is not None:
@@ -580,7 +590,8 @@ class StudyRunner:
         """The simulated study a `multi` study screens in: same storage, its name plus
         '.screen', trials in out/screen, not tracked in MLflow (its confirmed trials are)."""
         assert self.tune is not None
-        tune = self.tune.model_copy(update={"fidelity": "sim"})
+        # The timeout bounds this study's run, which checks it between rounds and confirmations.
+        tune = self.tune.model_copy(update={"fidelity": "sim", "timeout_min": None})
         return StudyRunner(
             self.experiment.model_copy(update={"tune": tune}),
             storage_url=self.storage_url,
@@ -600,7 +611,7 @@ class StudyRunner:
         idle_rounds = 0
         while True:
             done, running = budget_used(self.study)
-            if done + running >= budget or idle_rounds >= 2:
+            if done + running >= budget or idle_rounds >= 2 or self._out_of_time():
                 break
             screened, _ = budget_used(screen.study)
             screen.run(screened + self.tune.screen_trials)
@@ -615,6 +626,8 @@ class StudyRunner:
             ][: min(self.tune.confirm, budget - done - running)]  # fmt: skip
             idle_rounds = 0 if candidates else idle_rounds + 1
             for candidate in candidates:
+                if self._out_of_time():
+                    break
                 report = self._confirm(candidate, budget, screen)
                 if report is not None:
                     reports.append(report)

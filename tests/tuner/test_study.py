@@ -462,6 +462,27 @@ def test_resume_requeues_an_interrupted_trial_without_counting_it(tmp_path: Path
     assert resumed.recover_interrupted() == []
 
 
+def test_the_timeout_stops_new_trials_and_lets_the_running_one_finish(tmp_path: Path) -> None:
+    class SlowEvaluation(Evaluation):
+        def __call__(self, spec: RunSpec) -> RunResult:
+            time.sleep(0.25)
+            return super().__call__(spec)
+
+    evaluate = SlowEvaluation()
+    # 0.005 min = 0.3 s: the first trial ends past it at about 0.25-0.3 s or the second does.
+    study_runner = runner(tmp_path, experiment(tmp_path, trials=20, timeout_min=0.005), evaluate)
+
+    reports = study_runner.run()
+
+    # A knob set proposed twice is answered from the first without evaluating (no sleep).
+    assert 1 <= len(evaluate.specs) <= 2 and len(reports) < 20
+    assert budget_used(study_runner.study) == (len(reports), 0)
+    assert all(t.state == TrialState.COMPLETE for t in study_runner.study.get_trials())
+    # Each run gets its own clock: running again measures more, within the trial budget.
+    more = runner(tmp_path, experiment(tmp_path, trials=20, timeout_min=0.005), evaluate).run()
+    assert 2 <= len(evaluate.specs) <= 4 and more
+
+
 def test_a_trial_asked_beyond_the_budget_by_a_racing_worker_is_closed(tmp_path: Path) -> None:
     exp = experiment(tmp_path, trials=3)
     evaluate = Evaluation()
