@@ -154,9 +154,40 @@ def test_models_list_shows_every_entry_in_a_fresh_home(fmtune_home: Path) -> Non
     result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     for entry in runtime.engine.models.CATALOG.values():
-        row = next(line for line in result.output.splitlines() if f" {entry.name} " in line)
-        assert entry.family in row and entry.parameters in row and row.rstrip(" │").endswith("no")
+        row = next(line for line in result.output.splitlines() if line.startswith(entry.name))
+        assert row.split()[1:3] == [entry.family[:8], entry.parameters]  # family wraps at 8
+        assert row.split()[-2:] == ["no", "-"]  # neither the model nor its int8 variant
         assert f"~{entry.prepared_bytes / 1e9:.2f} GB" in row
+
+
+def _model_folder(folder: Path, size: int, finished: bool = True) -> None:
+    """A stand-in prepared folder: one sparse weights file of `size` bytes, and the marker
+    preparation writes last when `finished`."""
+    folder.mkdir(parents=True)
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.truncate(size)
+    if finished:
+        (folder / runtime.engine.models.PREPARED_MARKER).write_text("done\n")
+
+
+def test_models_list_shows_int8_variants_and_fits_80_columns(fmtune_home: Path) -> None:
+    models = fmtune_home / "models"
+    _model_folder(models / "smollm2-135m", 540_000_000)
+    _model_folder(models / "smollm2-135m-int8", 270_000_000)
+    _model_folder(models / "qwen2.5-coder-0.5b-instruct", 1_270_000_000)
+    _model_folder(models / "qwen2.5-coder-0.5b-instruct-int8", 900_000_000, finished=False)
+    result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "…" not in result.stdout  # no column cut down to a few letters
+    assert max(len(line) for line in lines if str(models) not in line) <= 80, result.stdout
+    header = next(line for line in lines if line.startswith("name")).split()
+    assert header == ["name", "family", "params", "precision", "disk", "prepared", "int8"]
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("smol", "qwen"))}
+    assert rows["smollm2-135m"][-5:] == ["0.54", "GB", "yes", "0.27", "GB"]
+    assert rows["qwen2.5-coder-0.5b"][-4:] == ["1.27", "GB", "yes", "-"]  # variant unfinished
+    assert rows["qwen2.5-coder-1.5b"][-2:] == ["no", "-"]
+    assert "`fmtune models prepare NAME --quantization int8` writes it" in " ".join(lines)
 
 
 def test_models_prepare_shows_progress_and_the_folder(

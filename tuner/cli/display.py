@@ -7,9 +7,11 @@ what they run. It imports rich alone, so `fmtune --help` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -110,6 +112,31 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, format_value(value))
+    return table
+
+
+def narrow_table(
+    title: str,
+    flexible: str,
+    fixed: Mapping[str, int],
+    *,
+    right: Collection[str] = (),
+    min_width: int = 12,
+) -> Table:
+    """An empty table that stays readable at 80 columns, for listings (`fmtune profile
+    --list`, `fmtune models list`): no side borders and one space between columns, each
+    column of ``fixed`` at its width (a longer value wraps, then folds, inside it; those named
+    in ``right`` right-aligned), and the ``flexible`` column first, at least ``min_width``
+    wide, taking what is left. Without fixed widths rich shrinks every column of a wide table
+    alike on a narrow terminal or a pipe, down to a few letters and an ellipsis. Notes too long
+    for a column belong on a line below the table."""
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False
+    )
+    table.add_column(flexible, overflow="fold", min_width=min_width, ratio=1)
+    for column, width in fixed.items():
+        justify = "right" if column in right else "left"
+        table.add_column(column, overflow="fold", width=width, justify=justify)
     return table
 
 

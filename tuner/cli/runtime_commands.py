@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tuner.cli.common import fail, set_option, user_errors, validated
-from tuner.cli.display import console, metrics_table, progress_bar
+from tuner.cli.display import console, metrics_table, narrow_table, progress_bar
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -53,20 +53,34 @@ def register(app: typer.Typer) -> None:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Show the catalog: name, family, parameters, precision, size on disk, prepared or not."""
-    from rich.table import Table
+    """Show the catalog: name, family, parameters, precision, size on disk, prepared or not,
+    and the size on disk of each model's int8 variant ('-': not written yet; `fmtune models
+    prepare NAME --quantization int8` writes it, or the first replica with quantization=int8
+    does). Readable at 80 columns: long values wrap inside their column."""
+    from runtime.engine.config import CHECKPOINT_QUANTIZATION
+    from runtime.engine.models import (
+        CATALOG,
+        PREPARED_MARKER,
+        folder_bytes,
+        is_prepared,
+        model_dir,
+        variant_dir,
+    )
 
-    from runtime.engine.models import CATALOG, folder_bytes, is_prepared, model_dir
-
-    table = Table(title="fmtune model catalog")
-    for column in ("name", "family", "parameters", "precision", "disk", "prepared"):
-        table.add_column(column, no_wrap=column in ("name", "disk"))
+    widths = {"family": 8, "params": 6, "precision": 12, "disk": 8, "prepared": 8}
+    widths.update(dict.fromkeys(CHECKPOINT_QUANTIZATION, 8))
+    table = narrow_table("fmtune model catalog", "name", widths)
     for entry in CATALOG.values():
         prepared = is_prepared(entry.name)
         if prepared:
             disk = f"{folder_bytes(model_dir(entry.name)) / 1e9:.2f} GB"
         else:  # what it will take, as measured when the entry was added
             disk = f"~{entry.prepared_bytes / 1e9:.2f} GB"
+        variants = []
+        for method in CHECKPOINT_QUANTIZATION:
+            folder = variant_dir(entry.name, method)
+            written = (folder / PREPARED_MARKER).is_file()
+            variants.append(f"{folder_bytes(folder) / 1e9:.2f} GB" if written else "-")
         table.add_row(
             entry.name,
             entry.family,
@@ -74,9 +88,21 @@ def models_list() -> None:
             entry.precision,
             disk,
             "[green]yes[/]" if prepared else "[yellow]no[/]",
+            *variants,
         )
     console.print(table)
-    console.print(f"Prepared models live in {model_dir('NAME').parent}/NAME.")
+    for method in CHECKPOINT_QUANTIZATION:
+        console.print(
+            f"{method}: size of the model's {method} variant, served when quantization: "
+            f"{method} ('-': not written yet; `fmtune models prepare NAME --quantization "
+            f"{method}` writes it).",
+            highlight=False,
+        )
+    console.print(
+        f"Prepared models live in {model_dir('NAME').parent}/NAME, variants beside them.",
+        soft_wrap=True,
+        highlight=False,
+    )
     console.print("Any local Hugging Face model folder is accepted wherever a model name is.")
 
 
@@ -315,20 +341,10 @@ def _show_profiles(found: list[tuple[Path, StepTimeProfile]]) -> None:
     """The stored profiles as a table that stays readable at 80 columns: fixed widths for the
     short columns (long values fold), the model's column takes what is left, and the files'
     folder is printed once below (each file is named after the first five columns)."""
-    from rich import box
-    from rich.table import Table
-
     from runtime import profiler
 
-    table = Table(
-        title="stored step-time profiles", box=box.SIMPLE_HEAD, show_edge=False,
-        collapse_padding=True, pad_edge=False,
-    )  # fmt: skip
     widths = {"dtype": 8, "quant.": 6, "machine": 14, "vLLM": 6, "created": 10, "load": 5, "r2": 5}
-    table.add_column("model", overflow="fold", min_width=12, ratio=1)
-    for column, width in widths.items():
-        justify = "right" if column in ("load", "r2") else "left"
-        table.add_column(column, overflow="fold", width=width, justify=justify)
+    table = narrow_table("stored step-time profiles", "model", widths, right=("load", "r2"))
     for path, item in found:
         created = item.measured_at or datetime.fromtimestamp(path.stat().st_mtime, UTC)
         load, r2 = "-", "-"  # not recorded (profiles stored before the machine's state was)
