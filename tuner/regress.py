@@ -930,19 +930,26 @@ def folder_checksum(folder: Path) -> str:
 
 def stack_tags(specs: Sequence[RunSpec]) -> dict[str, str]:
     """What today's stack is: the machine and vLLM version (`tuner.tracking.machine_tags`),
-    and each model's name and folder checksum (`fmtune.model.<name>`; 'unavailable' when
-    the folder cannot be found, e.g. an endpoints cluster)."""
-    from runtime.engine.models import resolve_model
+    and the checksum of each folder the deployments' replicas serve, under its served name
+    (`fmtune.model.<name>`, `<name>-int8` for an engine with quantization int8: the variant
+    folder `runtime.engine.models.served_model` gives the replica, not the dense folder it
+    was written from). 'unavailable' when the folder cannot be found (e.g. an endpoints
+    cluster, or an int8 variant not written yet: it is not written here)."""
+    from runtime.engine.models import served_folder_name, served_model
     from tuner.tracking import machine_tags
 
     tags = dict(machine_tags())
-    names = sorted({m.engine.model for spec in specs for m in spec.deployment.models.values()})
-    for name in names:
+    engines = {
+        (m.engine.model, m.engine.quantization)
+        for spec in specs
+        for m in spec.deployment.models.values()
+    }
+    for name, quantization in sorted(engines, key=lambda pair: (pair[0], pair[1] or "")):
         try:
-            checksum = folder_checksum(Path(resolve_model(name)))
+            checksum = folder_checksum(served_model(name, quantization, prepare=False))
         except (FmtuneError, OSError) as error:
-            logger.info("model %s: no checksum: %s", name, error)
+            logger.info("model %s (quantization %s): no checksum: %s", name, quantization, error)
             checksum = "unavailable"
-        tags[f"fmtune.model.{_safe(Path(name).name)}"] = checksum
-    tags["fmtune.models"] = ",".join(names)
+        tags[f"fmtune.model.{_safe(served_folder_name(name, quantization))}"] = checksum
+    tags["fmtune.models"] = ",".join(sorted({name for name, _ in engines}))
     return tags

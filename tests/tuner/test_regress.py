@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.engine.models import PREPARED_MARKER
 from runtime.errors import ConfigError
 from runtime.run import RunSpec, load_run_spec
 from tuner.experiment import RegressSpec
@@ -28,11 +29,13 @@ from tuner.regress import (
     classify,
     compare_deployment,
     compare_objective,
+    folder_checksum,
     load_baseline,
     load_bundle,
     load_export,
     run_regress,
     simulate_verdicts,
+    stack_tags,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -320,6 +323,33 @@ def test_more_repeats_than_the_experiments_are_honoured(export: Path, tmp_path: 
 
     run_regress(load_export(export), measure, tmp_path / "out", source="x", repeats=5)
     assert seen == [5, 5]
+
+
+def _prepared(folder: Path, weights: bytes) -> Path:
+    """A stand-in prepared model folder (config, weights, the finished marker)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}\n")
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / PREPARED_MARKER).write_text("done\n")
+    return folder
+
+
+def test_the_stack_checksums_the_folder_each_replica_serves(fmtune_home: Path) -> None:
+    dense = _prepared(fmtune_home / "models" / "smollm2-135m", b"dense weights")
+    bfloat16 = {"deployment.models.llm.engine.dtype": "bfloat16"}
+    plain = load_run_spec(QUICKSTART, bfloat16)
+    int8 = load_run_spec(
+        QUICKSTART, {**bfloat16, "deployment.models.llm.engine.quantization": "int8"}
+    )
+    # not written yet: no checksum of the dense folder in its place, and none written here
+    assert stack_tags([int8])["fmtune.model.smollm2-135m-int8"] == "unavailable"
+    assert not (fmtune_home / "models" / "smollm2-135m-int8").exists()
+    variant = _prepared(fmtune_home / "models" / "smollm2-135m-int8", b"int8 weights")
+    tags = stack_tags([plain, int8])
+    assert tags["fmtune.model.smollm2-135m"] == folder_checksum(dense)
+    assert tags["fmtune.model.smollm2-135m-int8"] == folder_checksum(variant)
+    assert folder_checksum(variant) != folder_checksum(dense)
+    assert tags["fmtune.models"] == "smollm2-135m"
 
 
 # --- bad input ----------------------------------------------------------------------------
