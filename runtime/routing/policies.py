@@ -333,9 +333,10 @@ class RouteContext:
     indexes with it, power of two draws its pair from it; the loop increments it, the policy
     never does). ``models`` maps replica ids to their step-time models (a stored profile's
     coefficients or the online speed estimate's, with the learned correction); replicas
-    missing from it use ``default_speed``. ``confidence`` (>= 1) multiplies every predicted
-    duration that is checked against a deadline (a quantile of measured / predicted,
-    :meth:`PredictionTracker.confidence`).
+    missing from it use ``default_speed``. ``confidence`` (> 0) multiplies every predicted
+    duration that is checked against a deadline (a quantile of measured / predicted around
+    the corrected model, :meth:`PredictionTracker.confidence`; below 1 where the corrected
+    model still predicts too slow, so that admission does not shed what it would serve).
     ``queued_ahead`` is the number of calls waiting in the router's queue that are expected
     to land on a replica before this one (the queue's length over the model's healthy
     replicas, rounded up: the queue is least slack first, so this errs on the late side).
@@ -419,7 +420,9 @@ def assess(
     seqs, budget = replica.max_num_seqs, replica.max_num_batched_tokens
     arrivals = ctx.arrivals
     result = forecast(calls, new, model, seqs, budget, ctx.queued_ahead, False, arrivals)
-    pad = max(ctx.confidence, 1.0)
+    if ctx.confidence <= 0:
+        raise ValueError(f"confidence must be > 0, got {ctx.confidence}")
+    pad = ctx.confidence
     missing = [
         index
         for index, (held, with_s) in enumerate(
@@ -757,8 +760,9 @@ class RouterConfig(BaseModel):
         default=0.9,
         description="Confidence of the SLA-aware policy's promises when capacity is short: "
         "a call is admitted only if its predicted completion, multiplied by this quantile "
-        "of measured / predicted over the last prediction_window calls (at least 1), meets "
-        "its deadline, and it pushes no admitted call past its own. While requests rarely "
+        "of measured / predicted over the last prediction_window calls (around the model as "
+        "corrected now; below 1 when the corrected model is still too slow), meets its "
+        "deadline, and it pushes no admitted call past its own. While requests rarely "
         "find every replica full the level eases towards the median (admitting a call with "
         "capacity to spare takes nothing from others); see PredictionTracker.level.",
     )

@@ -29,7 +29,14 @@ from runtime.routing.policies import (
     round_robin,
     sla_aware,
 )
-from runtime.routing.prediction import InFlightCall, StepModel
+from runtime.routing.prediction import (
+    MIN_SAMPLES,
+    PRIOR_CONFIDENCE,
+    InFlightCall,
+    PredictionError,
+    PredictionTracker,
+    StepModel,
+)
 
 #: 1 ms per prefill token, 10 ms per decoding sequence: hand-checkable times.
 FAST = StepModel(StepTimeCoefficients(base_s=0.0, prefill_token_s=0.001, decode_seq_s=0.01))
@@ -327,6 +334,56 @@ def test_admission_protects_a_running_call_it_would_push_past_its_deadline() -> 
     # a call that misses its deadline anyway is not the new call's fault
     lost = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.05),))
     assert assess(lost, c, ctx).endangered == 0
+
+
+def test_admission_admits_what_a_corrected_pessimistic_model_would_shed() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    for i in range(MIN_SAMPLES):  # the model is 1 / 0.6 too slow given the real lengths
+        tracker.record(PredictionError("a", 1.0, 0.6, given_length_s=1.0), now_s=float(i))
+    now = float(MIN_SAMPLES)
+    learned = RouteContext(
+        models={"a": replace(FAST, correction=tracker.correction("a", now))},
+        confidence=tracker.confidence(now),
+    )
+    uncorrected = RouteContext(models={"a": FAST}, confidence=PRIOR_CONFIDENCE)
+    c = call(prompt=100, out=11, deadline=now + 0.15, now=now)  # 0.2 s by the model
+    assert not admit(c, assess(snap("a"), c, uncorrected)).admit
+    assessment = assess(snap("a"), c, learned)
+    assert assessment.predicted_s == pytest.approx(0.2 * 0.6, rel=0.05)
+    assert admit(c, assessment).admit
+    # a call that misses even as corrected is still shed
+    tight = replace(c, deadline_s=now + 0.1)
+    assert not admit(tight, assess(snap("a"), tight, learned)).admit
+
+
+def test_admission_pads_below_one_where_the_corrected_model_still_runs_long() -> None:
+    # measured / predicted at 0.8 around the corrected model: a call predicted at 0.2 s
+    # makes a deadline 0.18 s away (the old margin, never below 1, shed it)
+    ctx = RouteContext(models={"a": FAST}, confidence=0.8)
+    c = call(prompt=100, out=11, deadline=0.18)
+    assessment = assess(snap("a"), c, ctx)
+    assert assessment.predicted_s == pytest.approx(0.2)
+    assert assessment.late_s == pytest.approx(-0.02)
+    assert admit(c, assessment).admit
+    assert not admit(c, assess(snap("a"), c, RouteContext(models={"a": FAST}))).admit
+    longer = call(prompt=100, out=21, deadline=0.2)  # 0.3 s, padded 0.24 s: still shed
+    assert not admit(longer, assess(snap("a"), longer, ctx)).admit
+    with pytest.raises(ValueError, match="confidence must be > 0"):
+        assess(snap("a"), c, RouteContext(models={"a": FAST}, confidence=0.0))
+
+
+def test_a_running_call_stays_protected_with_a_margin_below_one() -> None:
+    # As in the protection test above: the running call ends at 0.25 s beside the new call,
+    # at 0.1 s without it; padded by 0.8, at 0.2 s and 0.08 s.
+    ctx = RouteContext(models={"a": FAST}, confidence=0.8)
+    c = call(prompt=100, out=6, deadline=5.0)
+    tight = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.15),))
+    assessment = assess(tight, c, ctx)
+    assert assessment.endangered == 1
+    assert not admit(c, assessment).admit
+    # a deadline the padded finish beside the new call still makes: admitted
+    enough = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.21),))
+    assert admit(c, assess(enough, c, ctx)).admit
 
 
 def test_sla_aware_goes_where_it_endangers_no_one_and_sheds_when_nowhere() -> None:

@@ -8,6 +8,7 @@ import pytest
 from runtime.engine.steptime import StepTimeCoefficients
 from runtime.routing.prediction import (
     CONFIDENCE_HORIZON_S,
+    CORRECTION_PRIOR_CALLS,
     ERROR_BUCKETS,
     LENGTH_PRIOR_CALLS,
     MIN_SAMPLES,
@@ -129,8 +130,11 @@ def test_the_tracker_learns_a_bias_and_pads_with_the_quantile() -> None:
 
 def test_the_confidence_is_the_quantile_of_measured_over_predicted() -> None:
     tracker = PredictionTracker(quantile=0.5, window=MIN_SAMPLES)
+    # the model is exact given the real length (nothing to correct): the scatter is the
+    # length's, and the margin is its quantile
     for ratio in [1.0] * (MIN_SAMPLES // 2) + [3.0] * (MIN_SAMPLES // 2):
-        tracker.record(PredictionError("a", 1.0, ratio))
+        tracker.record(PredictionError("a", 1.0, ratio, given_length_s=ratio))
+    assert tracker.correction("a") == 1.0
     assert tracker.confidence() == pytest.approx(2.0)
     # relative errors: 0 for half the calls, |1 - 3| / 3 for the other half
     assert tracker.error_quantiles() == (pytest.approx(1 / 3), pytest.approx(2 / 3))
@@ -161,8 +165,8 @@ def test_output_lengths_start_at_the_cap_and_learn_the_mean() -> None:
 
 def test_old_ratios_age_out_of_the_confidence() -> None:
     tracker = PredictionTracker(quantile=0.9)
-    for i in range(MIN_SAMPLES):
-        tracker.record(PredictionError("a", 1.0, 3.0), now_s=float(i))
+    for i in range(MIN_SAMPLES):  # answers three times as long as expected
+        tracker.record(PredictionError("a", 1.0, 3.0, given_length_s=3.0), now_s=float(i))
     assert tracker.confidence(now_s=float(MIN_SAMPLES)) == pytest.approx(3.0)
     later = MIN_SAMPLES + CONFIDENCE_HORIZON_S
     assert tracker.confidence(now_s=later) == PRIOR_CONFIDENCE  # too few recent ones
@@ -180,8 +184,9 @@ def test_a_prediction_is_redone_for_the_real_output_length() -> None:
     tracker.record(error)
     assert tracker.error_quantiles() == (pytest.approx(3.0), pytest.approx(3.0))
     assert tracker.model_error_quantiles() == (pytest.approx(0.2), pytest.approx(0.2))
-    # the correction learns the model's bias given the length (x1.25), not the length's
-    assert tracker.correction("a") == pytest.approx(1.25**0.1)
+    # the correction learns the model's bias given the length (x1.25), not the length's;
+    # its first call weighs 1 / (1 + CORRECTION_PRIOR_CALLS)
+    assert tracker.correction("a") == pytest.approx(1.25 ** (1 / (1 + CORRECTION_PRIOR_CALLS)))
 
 
 def test_expected_arrivals_stall_a_call_with_their_prefill_and_join_its_batch() -> None:
@@ -233,7 +238,7 @@ def test_the_level_rises_from_the_median_with_the_strain() -> None:
         tracker.arrived(full=True)
     assert tracker.level == pytest.approx(0.5 + 0.4 * tracker.strain) and 0.6 < tracker.level < 0.8
     for ratio in [1.0] * 10 + [2.0] * 10:
-        tracker.record(PredictionError("a", 1.0, ratio))
+        tracker.record(PredictionError("a", 1.0, ratio, given_length_s=ratio))
     assert tracker.confidence(level=0.5) == pytest.approx(1.5)
     assert tracker.confidence(level=0.9) == pytest.approx(2.0)
 
@@ -272,3 +277,33 @@ def test_the_confidence_pads_for_the_output_length_the_prediction_assumed() -> N
     assert tracker.correction("a") == 1.0  # the model is right: nothing to correct
     assert tracker.confidence(0.0, 0.5) == pytest.approx(2.0)  # admission's margin: the length
     assert tracker.model_error_quantiles() == (0.0, 0.0)
+
+
+def test_the_margin_does_not_count_a_bias_the_correction_learned() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    for i in range(MIN_SAMPLES):  # a model twice too fast, its calls predicted uncorrected
+        tracker.record(PredictionError("a", 1.0, 2.0, given_length_s=1.0), now_s=float(i))
+    assert tracker.correction("a") == pytest.approx(2.0, rel=0.05)
+    # measured over the predictions as the correction now makes them: the bias is gone
+    # (measured / predicted as made was 2.0 for every call: a second x2 on top of the
+    # correction)
+    assert tracker.confidence(float(MIN_SAMPLES), level=0.9) == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_margin_follows_the_measured_quantile_below_one() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    for i in range(MIN_SAMPLES):  # answers shorter than expected: the model is exact given them
+        tracker.record(PredictionError("a", 1.0, 0.6, given_length_s=0.6), now_s=float(i))
+    assert tracker.correction("a") == 1.0
+    assert tracker.confidence(float(MIN_SAMPLES), level=0.9) == pytest.approx(0.6)
+
+
+def test_the_prior_gives_way_to_the_first_measurements() -> None:
+    tracker = PredictionTracker(quantile=0.9)
+    assert tracker.confidence(0.0) == PRIOR_CONFIDENCE
+    for i in range(5):
+        tracker.record(PredictionError("a", 1.0, 0.8, given_length_s=0.8), now_s=float(i))
+    share = 5 / MIN_SAMPLES
+    expected = 0.8**share * PRIOR_CONFIDENCE ** (1 - share)
+    assert tracker.confidence(5.0) == pytest.approx(expected)
+    assert 0.8 < expected < PRIOR_CONFIDENCE
