@@ -34,13 +34,19 @@ and failed ones count as misses), goodput (such requests per second of arrival w
 as a share of the oracle's), shed, the share of admitted requests that met their SLA, and the
 router's prediction error of call completion (median and p90 of |predicted - measured| /
 measured), with the error of the same predictions redone for each call's real output length
-(the step-time model's own error) beside it. Then the issue's goals, each marked met or not.
+(the step-time model's own error) beside it; the median of measured / predicted ("m/p p50":
+below 1, the predictions run long, pessimistic; above 1, short, optimistic) and the shed calls
+by the rule that shed them ("shed by": own/endangers/queued, i.e. the call's own padded
+prediction missed its deadline, it would have pushed admitted calls past theirs, its
+deadline passed while it waited in the queue). Then the issue's goals, each marked met or not.
 
 With --real, one scenario runs on real vLLM CPU replicas through the live Router (the
 machinery of benchmarks/router_bench.py): joint capacity measured with both replicas at once
 (a closed loop of mixed requests through least_outstanding), then each policy at each of
 --real-loads of it (no oracle: it needs the simulator). Real requests have exact output
-lengths (ignore_eos with max_tokens drawn from the same distribution).
+lengths (ignore_eos with max_tokens drawn from the same distribution). The real cells also
+keep every measured call's predicted and measured completion in the .json ("calls": from the
+router's debug log of each prediction against its measure).
 
 The step-time profile is one fitted to this machine (`fmtune profile --list`) when the fmtune
 home holds one for the model, else the stand-in of benchmarks/sim_speed.py; the output says
@@ -56,6 +62,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import platform
 import statistics
@@ -332,12 +339,37 @@ class Cell:
     error_p90: float | None
     model_error_p50: float | None
     by_class: dict[str, float] = field(default_factory=dict)
+    bias_p50: float | None = None
+    """Median of measured / predicted completion over the calls measured (all seeds)."""
+    shed_by: dict[str, int] = field(default_factory=dict)
+    """Shed calls by the rule that shed them (:func:`shed_reason`), summed over the seeds."""
     cpu_s: float = 0.0
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.fmean(known) if known else None
+
+
+def shed_reason(error: str) -> str:
+    """Which admission rule a shed call's message names: 'own' (its padded prediction
+    missed its deadline), 'endangers' (it would have pushed admitted calls past theirs),
+    'queued' (its deadline passed in the queue), else 'other'."""
+    if "misses the deadline" in error:
+        return "own"
+    if "would push" in error:
+        return "endangers"
+    if "queued" in error:
+        return "queued"
+    return "other"
+
+
+def _shed_by(counts: dict[str, int]) -> str:
+    """own/endangers/queued counts of shed calls (+ others, the oracle's), '-' with none."""
+    if not sum(counts.values()):
+        return "-"
+    text = "/".join(str(counts.get(k, 0)) for k in ("own", "endangers", "queued"))
+    return text + (f"+{counts['other']}" if counts.get("other") else "")
 
 
 def run_cell(
@@ -353,6 +385,8 @@ def run_cell(
     """Simulate one policy at one rate once per seed and average."""
     attainments, goodputs, sheds, met_admitted, p50s, p90s, m50s = [], [], [], [], [], [], []
     classes: dict[str, list[float]] = {}
+    ratios: list[float] = []
+    shed_by: dict[str, int] = {}
     cpu = 0.0
     for seed in seeds:
         shapes, names = with_classes(
@@ -377,6 +411,12 @@ def run_cell(
         sheds.append(shed / len(within))
         admitted = len(within) - shed
         met_admitted.append(sum(within) / admitted if admitted else None)
+        for sim_call in result.calls:
+            if sim_call.error is None and sim_call.predicted_s and sim_call.sent_s is not None:
+                ratios.append((sim_call.end_s - sim_call.sent_s) / sim_call.predicted_s)
+            elif sim_call.error and sim_call.error.startswith("shed"):
+                reason = shed_reason(sim_call.error)
+                shed_by[reason] = shed_by.get(reason, 0) + 1
         stats = result.router_stats
         p50s.append(stats.prediction_error_p50)
         p90s.append(stats.prediction_error_p90)
@@ -395,6 +435,8 @@ def run_cell(
         model_error_p50=_mean(m50s),
         by_class={name: statistics.fmean(values) for name, values in classes.items()},
         cpu_s=cpu,
+        bias_p50=statistics.median(ratios) if ratios else None,
+        shed_by=shed_by,
     )
 
 
@@ -407,12 +449,17 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def table(scenario: Scenario, load: float, rate: float, cells: dict[str, Cell]) -> list[str]:
     """The lines of one load's table."""
     oracle = cells.get("oracle")
     header = (
         f"{'policy':<18} {'SLA att':>8} {'noise':>6} {'goodput':>8} {'/oracle':>8} "
-        f"{'shed':>6} {'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9}"
+        f"{'shed':>6} {'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9} "
+        f"{'m/p p50':>8} {'shed by':>10}"
     )
     if len(scenario.classes) > 1:
         header += "  " + " ".join(f"{name:>12}" for name, _, _ in scenario.classes)
@@ -423,7 +470,9 @@ def table(scenario: Scenario, load: float, rate: float, cells: dict[str, Cell]) 
         line = (
             f"{policy:<18} {cell.attainment:>8.3f} {noise:>6.3f} {cell.goodput_rps:>8.3f} "
             f"{_pct(share):>8} {_pct(cell.shed_share):>6} {_pct(cell.admitted_met):>8} "
-            f"{_pct(cell.error_p50):>8} {_pct(cell.error_p90):>8} {_pct(cell.model_error_p50):>9}"
+            f"{_pct(cell.error_p50):>8} {_pct(cell.error_p90):>8} {_pct(cell.model_error_p50):>9} "
+            f"{_ratio(cell.bias_p50):>8} "
+            f"{_shed_by(cell.shed_by):>10}"
         )
         if len(scenario.classes) > 1:
             line += "  " + " ".join(
@@ -543,6 +592,20 @@ FILLER = (
 REAL_POLICIES = ("round_robin", "least_outstanding", "power_of_two", "sla_aware")
 
 
+class PredictionLog(logging.Handler):
+    """Collects (predicted, measured) seconds of each call from the live router's debug log
+    ("call on ...: predicted ...s, measured ...s"): the per-call data of a real cell."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.calls: list[tuple[float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if str(record.msg).startswith("call on ") and isinstance(args, tuple) and len(args) >= 3:
+            self.calls.append((float(args[1]), float(args[2])))
+
+
 @dataclass(frozen=True)
 class RealRequest:
     """One real request: its prompt text and its exact output length (ignore_eos)."""
@@ -575,6 +638,7 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
     from runtime.workload import poisson_offsets
 
     wait_idle = sibling("router_bench").wait_idle
+    router_log = logging.getLogger("runtime.routing.router")
     engine = EngineConfig(model=MODEL, max_num_seqs=16, block_size=128, max_model_len=2048)
     profiles = {}
     if profile is not None:
@@ -649,25 +713,38 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
             profiles=profiles,
         )
         outcomes: list[tuple[bool, float, str | None]] = []
+        measured = PredictionLog()
 
         async def send(request: RealRequest, at: float) -> None:
             outcomes.append(await one(router, request, at + sla_s))
 
-        async with router:
-            start = time.monotonic()
-            tasks = []
-            for offset, request in zip(offsets, requests, strict=True):
-                delay = start + offset - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(send(request, time.monotonic())))
-            await asyncio.gather(*tasks)
-            stats = router.stats
+        level = router_log.level
+        router_log.addHandler(measured)
+        router_log.setLevel(logging.DEBUG)
+        try:
+            async with router:
+                start = time.monotonic()
+                tasks = []
+                for offset, request in zip(offsets, requests, strict=True):
+                    delay = start + offset - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(send(request, time.monotonic())))
+                await asyncio.gather(*tasks)
+                stats = router.stats
+        finally:
+            router_log.removeHandler(measured)
+            router_log.setLevel(level)
         window = max(offsets[-1] - offsets[0], 1.0)
         within = sum(ok and e2e <= sla_s for ok, e2e, _ in outcomes)
         shed = sum(1 for ok, _, error in outcomes if not ok and error and "shed" in error)
         failed = sum(1 for ok, _, error in outcomes if not ok) - shed
         answered = [e2e for ok, e2e, _ in outcomes if ok]
+        shed_by: dict[str, int] = {}
+        for ok, _, error in outcomes:
+            if not ok and error and "shed" in error:
+                shed_by[shed_reason(error)] = shed_by.get(shed_reason(error), 0) + 1
+        ratios = [m / p for p, m in measured.calls if p > 0]
         return {
             "attainment": within / len(outcomes),
             "goodput_rps": within / window,
@@ -678,6 +755,9 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
             "error_p90": stats.prediction_error_p90,
             "model_error_p50": stats.model_error_p50,
             "e2e_p50_s": percentiles(answered, (50,)).get("p50") if answered else None,
+            "bias_p50": statistics.median(ratios) if ratios else None,
+            "shed_by": shed_by,
+            "calls": [{"predicted_s": p, "measured_s": m} for p, m in measured.calls],
         }
 
     payload: dict[str, Any] = {"loads": {}}
@@ -711,7 +791,8 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
             block = [
                 f"load {load:.2f} ({rate:.2f} req/s, {count} requests)",
                 f"{'policy':<18} {'SLA att':>8} {'goodput':>8} {'shed':>6} {'failed':>6} "
-                f"{'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9} {'e2e p50':>8}",
+                f"{'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9} {'e2e p50':>8} "
+                f"{'m/p p50':>8} {'shed by':>10}",
             ]
             for policy, cell in cells.items():
                 e2e = cell["e2e_p50_s"]
@@ -720,7 +801,9 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
                     f"{_pct(cell['shed_share']):>6} {cell['failed']:>6} "
                     f"{_pct(cell['admitted_met']):>8} {_pct(cell['error_p50']):>8} "
                     f"{_pct(cell['error_p90']):>8} {_pct(cell['model_error_p50']):>9} "
-                    f"{'-' if e2e is None else f'{e2e:.2f}s':>8}"
+                    f"{'-' if e2e is None else f'{e2e:.2f}s':>8} "
+                    f"{_ratio(cell['bias_p50']):>8} "
+                    f"{_shed_by(cell['shed_by']):>10}"
                 )
             print("\n".join(block), flush=True)
             lines += block
