@@ -569,7 +569,10 @@ class PredictionTracker:
             for t, replica, ratio in self._ratios
             if now_s is None or t >= now_s - CONFIDENCE_HORIZON_S
         ]
-        corrections = {replica: self.correction(replica, now_s) for replica, _ in recent}
+        # once per replica, not per call: this runs on every routing decision
+        corrections = {
+            replica: self.correction(replica, now_s) for replica in {r for r, _ in recent}
+        }
         return [ratio / corrections[replica] for replica, ratio in recent]
 
     @staticmethod
