@@ -58,3 +58,19 @@ def start_endpoints(
         replicas = pool.acquire(model.engine, count=count)
         endpoints.extend(endpoints_for_replicas(key, replicas))
     return endpoints
+
+
+def reset_prefix_caches(endpoints: list[Endpoint]) -> int:
+    """Empty the prefix cache of every replica fmtune started among these endpoints, so a run
+    measures its prompts' prefills, not cache hits left by earlier runs on a hot replica.
+    A user's own endpoints are not touched. Returns how many resets failed (each logged)."""
+    seen: set[str] = set()
+    failed = 0
+    for endpoint in endpoints:
+        replica = endpoint.replica
+        if replica is None or replica.replica_id in seen:
+            continue
+        seen.add(replica.replica_id)
+        if not replica.reset_prefix_cache():
+            failed += 1
+    return failed

@@ -27,7 +27,7 @@ from runtime.app.datasets import Example
 from runtime.app.executor import RequestResult, run_requests, to_outcome
 from runtime.app.scoring import Judge, Score, Scorer, score_all
 from runtime.capacity import CapacitySpec
-from runtime.cluster import start_endpoints
+from runtime.cluster import reset_prefix_caches, start_endpoints
 from runtime.deployment import AppSpec, Deployment, read_yaml_mapping
 from runtime.engine.client import CallFailure
 from runtime.engine.pool import ReplicaPool
@@ -375,11 +375,12 @@ def execute_run(
 
     Model keys with replicas 'auto' are sized first (runtime.scaling.autoscaler.initial_size,
     calibrated with the app's own calls on the run's first examples) and keep that count.
-    Then the workload's warm-up requests are sent all at once and forgotten (no metric, trace
-    row, router counter, memory sample or replica-second comes from them), and the measured
-    workload is sent `repeats` times, one repeat after the other, each with the same
-    examples in the same order and the same schedule. on_request_done is called for
-    measured requests only.
+    Before each repeat the replicas' prefix caches are emptied (a hot replica may hold these
+    very prompts from an earlier trial) and the workload's warm-up requests are sent all at
+    once and forgotten (no metric, trace row, router counter or replica-second comes from
+    them), and the measured workload is sent `repeats` times, one repeat after the other,
+    each with the same examples in the same order and the same schedule. on_request_done is
+    called for measured requests only.
     """
     app = spec.app.build()
     keys = sorted(spec.deployment.models)
@@ -424,22 +425,39 @@ def execute_run(
         )
         runs: list[list[RequestResult]] = []
         walls: list[float] = []
-        async with router:
-            if warmup:
-                phase(f"warming up with {len(warmup)} requests")
-                done = await run_requests(
-                    app, warmup, router, models, arrival_offsets_s=[0.0] * len(warmup),
-                    node_timeout_s=spec.node_timeout_s, sla_e2e_s=spec.sla.e2e_s,
-                )  # fmt: skip
-                failed = sum(not result.ok for result in done)
-                if failed:
-                    logger.warning("%d of %d warm-up requests failed", failed, len(done))
+        unmeasured = {"routed": 0, "shed": 0, "queue_rejected": 0, "retried": 0}
+
+        async def prepare(repeat: int) -> None:
+            """Every repeat starts from the same engine state: empty prefix caches (a hot
+            replica may hold these very prompts from an earlier trial, or the previous
+            repeat), then the warm-up requests, whose router counts are not the run's."""
+            await asyncio.to_thread(reset_prefix_caches, endpoints)
+            if not warmup:
+                return
+            phase(f"warming up with {len(warmup)} requests")
             before = dataclasses.replace(router.stats)
+            done = await run_requests(
+                app, warmup, router, models, arrival_offsets_s=[0.0] * len(warmup),
+                node_timeout_s=spec.node_timeout_s, sla_e2e_s=spec.sla.e2e_s,
+            )  # fmt: skip
+            for name in unmeasured:
+                unmeasured[name] += getattr(router.stats, name) - getattr(before, name)
+            failed = sum(not result.ok for result in done)
+            if failed:
+                logger.warning("%d of %d warm-up requests failed", failed, len(done))
+
+        async with router:
+            await prepare(0)
+            before = dataclasses.replace(router.stats)
+            for name in unmeasured:
+                unmeasured[name] = 0
             phase(f"running {len(chosen)} requests")
             with _MemorySampler(endpoints) as memory:
                 t0 = time.monotonic()
                 for repeat in range(repeats):
                     if repeats > 1:
+                        if repeat:
+                            await prepare(repeat)
                         phase(f"running {len(chosen)} requests (repeat {repeat + 1} of {repeats})")
                     started = time.monotonic()
                     runs.append(
@@ -459,11 +477,11 @@ def execute_run(
                     walls.append(time.monotonic() - started)
         stats = dataclasses.replace(
             router.stats,
-            routed=router.stats.routed - before.routed,
-            shed=router.stats.shed - before.shed,
-            queue_rejected=router.stats.queue_rejected - before.queue_rejected,
-            retried=router.stats.retried - before.retried,
-        )  # the warm-up's calls are not the run's
+            **{
+                name: getattr(router.stats, name) - getattr(before, name) - unmeasured[name]
+                for name in unmeasured
+            },
+        )  # the warm-ups' calls are not the run's
         return runs, walls, stats, t0, memory
 
     runs, walls, stats, t0, memory = asyncio.run(drive())

@@ -40,6 +40,13 @@ LOG_TAIL_LINES = 25
 GIB = 1024**3
 STARTING_STOP_GRACE_S = 2.0
 """Longest wait between SIGTERM and SIGKILL for a replica stopped before it served."""
+DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+"""What a replica's server needs to expose POST /reset_prefix_cache: vLLM's own benchmark
+sweep (vllm.benchmarks.sweep.server) starts its servers so, to measure each run from the same
+cache state. Replicas listen on the loopback interface only."""
+PREFIX_RESET_TRIES = 5
+"""How often a prefix-cache reset is asked for before giving up: vLLM refuses it while
+blocks are held (a request still finishing, e.g. one the client already gave up on)."""
 
 
 class ReplicaStartError(EngineFailure):
@@ -185,7 +192,10 @@ class Replica:
         self.start_s = None  # not serving until _wait_ready returns
         argv = self.config.server_argv(sys.executable, model_path, self.host, self.port)
         argv.extend(self.extra_args)
-        env = {**os.environ, **self.config.environment(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ, **self.config.environment(), **DEV_MODE_ENV, **self.extra_env,
+            "PYTHONUNBUFFERED": "1",
+        }  # fmt: skip
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting replica %s on port %d: %s", self.replica_id, self.port, argv)
         launched = time.monotonic()
@@ -305,6 +315,35 @@ class Replica:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def reset_prefix_cache(self, timeout_s: float = 10.0, wait_s: float = 0.5) -> bool:
+        """Empty the server's prefix cache (vLLM's POST /reset_prefix_cache), so that what
+        is measured next does not hit the blocks of prompts sent before: a hot replica that
+        served the same dataset items in an earlier trial would otherwise answer their
+        prefills from the cache. Returns whether the server reported success; refused resets
+        (blocks still held) are retried PREFIX_RESET_TRIES times ``wait_s`` apart."""
+        url = f"{self.base_url}/reset_prefix_cache"
+        for attempt in range(PREFIX_RESET_TRIES):
+            try:
+                response = httpx.post(url, timeout=timeout_s)
+            except httpx.HTTPError as error:
+                logger.warning("replica %s: prefix cache not reset: %s", self.replica_id, error)
+                return False
+            if response.status_code != 200:
+                logger.warning(
+                    "replica %s: prefix cache not reset: HTTP %d from %s",
+                    self.replica_id, response.status_code, url,
+                )  # fmt: skip
+                return False
+            if bool(response.json().get("success")):
+                return True
+            if attempt + 1 < PREFIX_RESET_TRIES:
+                time.sleep(wait_s)
+        logger.warning(
+            "replica %s: prefix cache not reset: the server refused %d times (blocks held)",
+            self.replica_id, PREFIX_RESET_TRIES,
+        )  # fmt: skip
+        return False
 
     # --- observation ---------------------------------------------------------------------
 

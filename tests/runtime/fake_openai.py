@@ -46,6 +46,8 @@ class FakeEngine:
         self.chunk_delay_s = chunk_delay_s
         self.calls = 0
         self.bodies: list[dict[str, Any]] = []
+        self.resets: list[int] = []
+        """The number of calls answered before each POST /reset_prefix_cache."""
         self.app = self._build()
 
     def _build(self) -> FastAPI:
@@ -62,6 +64,11 @@ class FakeEngine:
         @app.get("/health")
         async def health() -> Response:
             return Response(status_code=200)
+
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> dict[str, bool]:
+            self.resets.append(self.calls)
+            return {"success": True}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:

@@ -114,9 +114,12 @@ def test_every_run_of_an_experiment_sends_the_same_examples_in_the_same_order(
 
     first_engine, second_engine = (replica.engine for replica in fake_pool.started)
     for repeat in range(2):
-        bodies = first_engine.bodies[3 + repeat * 5 : 3 + (repeat + 1) * 5]  # after 3 warm-ups
+        # each repeat: the prefix cache emptied, 3 warm-ups, then the 5 measured requests
+        bodies = first_engine.bodies[repeat * 8 + 3 : (repeat + 1) * 8]
         assert examples_in(bodies) == sorted(expected)
+    assert first_engine.resets == [0, 8]
     assert examples_in(second_engine.bodies[3:]) == sorted(expected)
+    assert second_engine.resets == [0]
 
 
 def test_the_order_depends_only_on_the_workload_seed() -> None:

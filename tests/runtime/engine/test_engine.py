@@ -82,6 +82,26 @@ async def test_a_bad_request_is_recorded_not_raised(hot_replica: Replica) -> Non
     assert not record.ok and record.error is not None and "404" in record.error
 
 
+async def test_a_reset_prefix_cache_forgets_the_prompts_sent_before(hot_replica: Replica) -> None:
+    # A prompt of several full blocks (block_size 128), sent twice: the second prefill hits
+    # the cache. After the reset, the same prompt hits nothing: what a run measures on a hot
+    # replica is its own prefills, not what an earlier trial left behind.
+    prompt = " ".join(f"item {index} of a long list;" for index in range(120))
+    params = SamplingParams(max_tokens=1)
+
+    async def hits_of_one_call() -> float:
+        before = hot_replica.metrics().prefix_cache_hits
+        async with EngineClient(hot_replica.base_url) as client:
+            record = await client.complete("smollm2-135m", prompt, params)
+        assert record.ok, record.error
+        return hot_replica.metrics().prefix_cache_hits - before
+
+    await hits_of_one_call()
+    assert await hits_of_one_call() >= 256  # two full blocks at least came from the cache
+    assert hot_replica.reset_prefix_cache()
+    assert await hits_of_one_call() == 0
+
+
 def test_pool_reuses_the_hot_replica(
     engine_pool: ReplicaPool, hot_replica: Replica, small_engine: EngineConfig
 ) -> None:
