@@ -96,11 +96,13 @@ class WorkloadSpec(BaseModel):
         3,
         ge=0,
         le=1000,
-        description="Requests sent all at once before the measured ones, once per run, and "
-        "left out of every metric, the trace and the cost: they pay for what a cold engine "
-        "does once (first batches, allocator growth, caches) so it does not land on the "
-        "first measured requests. They carry the dataset examples the measured requests do "
-        "not (the next ones of the seeded order), while there are such examples.",
+        description="Requests sent all at once before the measured ones (before each repeat, "
+        "right after the replicas' prefix caches are emptied) and left out of every metric, "
+        "the trace and the cost: they pay for what a cold engine does once (first batches, "
+        "allocator growth, the prompt content every request shares) so it does not land on "
+        "the first measured requests. They carry the dataset examples the measured requests "
+        "do not (the next ones of the seeded order), while there are such examples; the "
+        "simulator starts from the same state.",
     )
     repeats: int = Field(
         1,

@@ -46,7 +46,7 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -728,6 +728,8 @@ class _Simulation:
             ]
             self.queues[key] = SlackQueue(config.queue_capacity)
         self.all_endpoints = [e for key in sorted(self.endpoints) for e in self.endpoints[key]]
+        if spec.workload.warmup_requests:
+            self._warm_prefix_caches(spec.workload.warmup_requests)
 
         self.requests = [_Request(index, shape) for index, shape in enumerate(spec.shapes)]
         self.unfinished = len(self.requests)
@@ -735,6 +737,32 @@ class _Simulation:
         self._next_request = 0
         self.closed = False
         self.think_s = 0.0
+
+    def _warm_prefix_caches(self, warmups: int) -> None:
+        """The engine state a real run measures from: runtime.run empties the replicas'
+        prefix caches, then sends ``warmups`` warm-up requests at once, with dataset items
+        the measured requests do not carry. What they leave cached that a measured call can
+        hit is the content every request shares (its leading global segments); the router
+        spreads the warm-ups, so the first ``warmups`` replicas of each model key hold it."""
+        spec = self.spec
+        model_of = {node.id: node.model for node in spec.app.nodes if isinstance(node, LlmNode)}
+        for key, endpoints in self.endpoints.items():
+            prefixes: set[tuple[tuple[Hashable, int], ...]] = set()
+            for shape in spec.shapes:
+                for node_id, calls in shape.calls.items():
+                    if model_of.get(node_id) != key:
+                        continue
+                    for call in calls:
+                        head: list[tuple[Hashable, int]] = []
+                        for segment in call.shared:
+                            if segment.scope != "global":
+                                break
+                            head.append((("g", segment.key), segment.tokens))
+                        if head:
+                            prefixes.add(tuple(head))
+            for endpoint in endpoints[:warmups]:
+                for prefix in sorted(prefixes, key=lambda runs: sum(t for _, t in runs)):
+                    endpoint.scheduler.warm(prefix)
 
     # --- the clock ----------------------------------------------------------------------
 

@@ -351,6 +351,27 @@ class BlockPool:
                 else:
                     self.evictable[block.hash] = block
 
+    def warm(self, hashes: Sequence[Hashable]) -> int:
+        """Enter blocks of these contents in the cache as a finished request leaves them:
+        free, evictable, least recently freed first among the warmed. Stops when no
+        uncached free block is left; returns how many were entered."""
+        if not self.caching:
+            return 0
+        entered = 0
+        for content in hashes:
+            if content in self.cached:
+                continue
+            if self.free_plain == 0:
+                break
+            self.free_plain -= 1
+            block = _Block()
+            block.hash = content
+            block.ref = 0
+            self.cached[content] = block
+            self.evictable[content] = block
+            entered += 1
+        return entered
+
     def register(self, request: SimRequest, num_tokens: int) -> None:
         """Enter the request's blocks that ``num_tokens`` finalized tokens fill in the cache."""
         full = min(num_tokens // self.block_size, len(request.blocks))
@@ -488,6 +509,14 @@ class ReplicaScheduler:
             request.prefix_hashes = prefix_block_hashes(request.prefix, self.config.block_size)
         request.state = RequestState.WAITING
         self.waiting.append(request)
+
+    def warm(self, prefix: Sequence[tuple[Hashable, int]]) -> int:
+        """The prefix cache as a finished warm-up request left it: the full blocks of
+        ``prefix`` (runs of content, as ``SimRequest.prefix``) are cached and free. Returns
+        how many blocks were entered (0 without prefix caching)."""
+        if not self.config.enable_prefix_caching or not prefix:
+            return 0
+        return self.pool.warm(prefix_block_hashes(prefix, self.config.block_size))
 
     def abort(self, request: SimRequest, now: float) -> None:
         """The client went away: the request leaves the replica and frees its blocks."""

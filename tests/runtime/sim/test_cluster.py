@@ -22,7 +22,13 @@ from runtime.sim.cluster import (
     simulate,
     synthetic_shapes,
 )
-from runtime.workload import PoissonArrivals, WorkloadSpec, arrival_offsets, sample_requests
+from runtime.workload import (
+    ClosedLoop,
+    PoissonArrivals,
+    WorkloadSpec,
+    arrival_offsets,
+    sample_requests,
+)
 from tests.runtime.sim.conftest import (
     make_profile,
     make_spec,
@@ -206,6 +212,25 @@ def test_calls_of_one_request_share_their_request_content_in_the_prefix_cache() 
     # (2 blocks of 128); request 1 shares only the global 64 tokens, less than a block,
     # with request 0, so its first call finds nothing either
     assert cached == {(0, "first"): 0, (0, "second"): 256, (1, "first"): 0, (1, "second"): 256}
+
+
+@pytest.mark.parametrize(("warmups", "cached"), [(0, [0, 0]), (1, [256, 0]), (3, [256, 256])])
+def test_warm_up_requests_leave_the_shared_content_cached_on_the_replicas_they_reached(
+    warmups: int, cached: list[int]
+) -> None:
+    # as a real run: prefix caches emptied, then `warmups` requests of other dataset items;
+    # what every request shares (256 global tokens, 2 blocks of 128) is cached where they ran
+    shared = (Segment(scope="global", key="system", tokens=256),
+              Segment(scope="request", key="article", tokens=64))  # fmt: skip
+    call = CallShape(prompt_tokens=400, completion_tokens=4, shared=shared)
+    shape = RequestShape(calls={"ask": (call,)})
+    workload = WorkloadSpec(
+        arrivals=ClosedLoop(users=2), num_requests=2, seed=0, warmup_requests=warmups
+    )
+    spec = make_spec(replicas=2, policy="round_robin", shapes=(shape,) * 2, workload=workload)
+    result = simulate(spec)
+    by_endpoint = {c.endpoint: c.cached_tokens for c in result.calls}
+    assert [by_endpoint["llm/0"], by_endpoint["llm/1"]] == cached
 
 
 def test_the_spec_names_what_is_inconsistent() -> None:

@@ -178,6 +178,33 @@ def test_a_fully_cached_prompt_still_recomputes_its_last_block() -> None:
     assert scheduler.last_features.prefill_tokens == 16
 
 
+def test_a_warmed_prefix_is_hit_like_one_a_finished_request_left() -> None:
+    shared = ((("global", "system"), 64),)
+    warmed = ReplicaScheduler(config(enable_prefix_caching=True), SIMPLE)
+    assert warmed.warm(shared) == 4  # the 4 full blocks of 64 tokens, free and cached
+    assert warmed.pool.num_free == 100
+    assert warmed.warm(shared) == 0  # already cached
+    request = SimRequest("A", prompt_tokens=84, output_tokens=1, prefix=shared)
+    warmed.add(request, 0.0)
+    warmed.start_step(0.0)
+    assert request.cached_tokens == 64
+    assert warmed.last_features.prefill_tokens == 20
+    # without prefix caching there is nothing to warm
+    plain = ReplicaScheduler(config(enable_prefix_caching=False), SIMPLE)
+    assert plain.warm(shared) == 0
+
+
+def test_warmed_blocks_are_evicted_when_the_cache_needs_room() -> None:
+    scheduler = ReplicaScheduler(config(enable_prefix_caching=True, num_blocks=8), SIMPLE)
+    assert scheduler.warm(((("global", "system"), 64),)) == 4
+    # a request of 8 blocks takes the 4 uncached ones, then the 4 warmed ones
+    scheduler.add(SimRequest("big", prompt_tokens=120, output_tokens=1), 0.0)
+    drive(scheduler)
+    assert scheduler.pool.cached.keys().isdisjoint(
+        prefix_block_hashes([(("global", "system"), 64)], 16)
+    )
+
+
 def test_prompts_that_differ_inside_a_block_share_only_the_blocks_before() -> None:
     same = prefix_block_hashes([(("g", "system"), 40)], 16)
     other = prefix_block_hashes([(("g", "system"), 20), (("r", 1, "article"), 20)], 16)
