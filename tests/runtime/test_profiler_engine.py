@@ -68,6 +68,11 @@ def test_a_fresh_profile_predicts_a_held_out_run(
     shapes = shapes_from_run(spec, real.trace.to_dict("records"), real.examples)
     simulated = simulate_run(spec, shapes, {"llm": profile})
     errors = prediction_errors(simulated.metrics_dict(), real.metrics_dict())
-    shown = f"errors % {errors}; profile {profile.coefficients}"
+    measured = {name: real.metrics_dict().get(name) for name in errors}
+    predicted = {name: simulated.metrics_dict().get(name) for name in errors}
+    shown = (
+        f"errors % {errors}; measured {measured}; predicted {predicted}; "
+        f"profile {profile.coefficients}"
+    )
     assert errors["e2e_p50_s"] is not None and errors["e2e_p50_s"] <= TOLERANCE_PCT, shown
     assert errors["tpot_p50_s"] is not None and errors["tpot_p50_s"] <= TOLERANCE_PCT, shown
