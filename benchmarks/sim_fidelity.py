@@ -8,10 +8,10 @@ ids, never on these runs). The configurations differ from the profiled one in ba
 KV block size, token budget, replica count, routing policy, the app's architecture and
 format, and the arrival process; every run has the same workload seed.
 
-Every real run starts with the prefix caches of the hot replicas emptied (vLLM's
-/reset_prefix_cache, served with VLLM_SERVER_DEV_MODE=1): the runs send the same examples, and
-a replica that served them before would skip their prefills, which the simulator (a run on
-replicas with a cold cache) does not know about.
+Every real run starts with the prefix caches of its replicas emptied (runtime.run does it
+before each repeat, through vLLM's /reset_prefix_cache): the runs send the same examples, and
+a replica that served them before would skip their prefills. The simulator starts from the
+same state: empty caches, then the warm-up requests' shared content.
 
 Request shapes (each call's prompt and output tokens) come from two places, both reported:
 
@@ -44,11 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from runtime.engine.config import EngineConfig
-from runtime.engine.pool import PoolLimits, ReplicaFactory, ReplicaPool
-from runtime.engine.replica import Replica
+from runtime.engine.pool import PoolLimits, ReplicaPool
 from runtime.profiler import require_profile
 from runtime.run import RunSpec, apply_overrides, execute_run
 from runtime.sim.cluster import RequestShape
@@ -103,6 +99,8 @@ class Config:
         return f"{spec.app.architecture}/{spec.app.format.value}"
 
 
+LOG_DIR = Path("out/sim_fidelity/logs")
+"""Where the replicas of the real runs log."""
 ENGINE_PATH = "deployment.models.llm.engine"
 POISSON = "workload.arrivals"
 CONFIGS: tuple[Config, ...] = (
@@ -140,27 +138,6 @@ CONFIGS: tuple[Config, ...] = (
 )  # fmt: skip
 
 
-def dev_mode_factory(log_dir: Path) -> ReplicaFactory:
-    """Replicas whose prefix cache can be emptied between runs (/reset_prefix_cache)."""
-
-    def make(config: EngineConfig, replica_id: str, env: dict[str, str]) -> Replica:
-        return Replica(
-            config, log_dir=log_dir, replica_id=replica_id,
-            extra_env={**env, "VLLM_SERVER_DEV_MODE": "1"},
-        )  # fmt: skip
-
-    return make
-
-
-def reset_prefix_caches(pool: ReplicaPool) -> None:
-    """Empty the prefix cache of every running replica of the pool."""
-    for replica in pool.replicas():
-        response = httpx.post(f"{replica.base_url}/reset_prefix_cache", timeout=30)
-        response.raise_for_status()
-        if not response.json().get("success"):
-            raise RuntimeError(f"replica {replica.replica_id} did not reset its prefix cache")
-
-
 def measure(
     configs: tuple[Config, ...],
     pool: ReplicaPool,
@@ -174,7 +151,6 @@ def measure(
     records: list[dict[str, Any]] = list(stored or [])
     for index, config in enumerate(configs):
         spec = config.spec()
-        reset_prefix_caches(pool)
         started = time.monotonic()
         result = execute_run(spec, pool)
         seconds = time.monotonic() - started
@@ -312,8 +288,7 @@ def main() -> None:
             f"{load[1]:.1f} {load[2]:.1f} at the start"
         )
         limits = PoolLimits(max_replicas=3, max_memory_gib=16)
-        factory = dev_mode_factory(Path("out/sim_fidelity/logs"))
-        with ReplicaPool(limits, factory=factory) as pool:
+        with ReplicaPool(limits, log_dir=LOG_DIR) as pool:
             records = measure(todo, pool, raw, header, records)
         header.append(f"the resumed real runs took {time.monotonic() - started:.0f}s")
         records = in_config_order(records)
@@ -334,8 +309,7 @@ def main() -> None:
             + " (runtime.profiler; random-token probes, none of these runs)",
         ]  # fmt: skip
         limits = PoolLimits(max_replicas=3, max_memory_gib=16)
-        factory = dev_mode_factory(Path("out/sim_fidelity/logs"))
-        with ReplicaPool(limits, factory=factory) as pool:
+        with ReplicaPool(limits, log_dir=LOG_DIR) as pool:
             raw.parent.mkdir(parents=True, exist_ok=True)
             records = measure(configs, pool, raw, header)
         header.append(f"real runs took {time.monotonic() - started:.0f}s in all")
