@@ -43,10 +43,14 @@ deadline passed while it waited in the queue). Then the issue's goals, each mark
 With --real, one scenario runs on real vLLM CPU replicas through the live Router (the
 machinery of benchmarks/router_bench.py): joint capacity measured with both replicas at once
 (a closed loop of mixed requests through least_outstanding), then each policy at each of
---real-loads of it (no oracle: it needs the simulator). Real requests have exact output
-lengths (ignore_eos with max_tokens drawn from the same distribution). The real cells also
-keep every measured call's predicted and measured completion in the .json ("calls": from the
-router's debug log of each prediction against its measure).
+--real-loads of it (no oracle: it needs the simulator), for the --policies chosen among the
+four. Real requests have exact output lengths (ignore_eos with max_tokens drawn from the same
+distribution). Each of --seeds seeds draws its own arrivals and requests; the policies run
+interleaved (every policy on a seed's arrivals, in an order rotated by seed, then the next
+seed), and a cell is the mean over the seeds, its noise half the range. The real cells also
+keep every measured call's endpoint, predicted and measured completion in the .json
+("calls" of each seed's run: from the router's debug log of each prediction against its
+measure).
 
 The step-time profile is one fitted to this machine (`fmtune profile --list`) when the fmtune
 home holds one for the model, else the stand-in of benchmarks/sim_speed.py; the output says
@@ -55,6 +59,8 @@ which.
 Usage:
     .venv/bin/python benchmarks/router_suite.py [--seeds 3] [--requests 400]
     flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/router_suite.py --real
+    flock /tmp/fmtune-engine.lock .venv/bin/python benchmarks/router_suite.py --real-only \
+        --seeds 3 --real-loads 1.3 --policies least_outstanding sla_aware
 """
 
 from __future__ import annotations
@@ -598,12 +604,13 @@ class PredictionLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.calls: list[tuple[float, float]] = []
+        self.calls: list[tuple[str, float, float]] = []
+        """(endpoint, predicted s, measured s) per measured call, in the order they ended."""
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args
         if str(record.msg).startswith("call on ") and isinstance(args, tuple) and len(args) >= 3:
-            self.calls.append((float(args[1]), float(args[2])))
+            self.calls.append((str(args[0]), float(args[1]), float(args[2])))
 
 
 @dataclass(frozen=True)
@@ -624,6 +631,36 @@ def real_requests(count: int, seed: int) -> list[RealRequest]:
         text = f"Request {index}. " + (FILLER * (chars // len(FILLER) + 1))[:chars]
         requests.append(RealRequest(text + "\nSummarize.", int(rng.integers(34, 193))))
     return requests
+
+
+def real_cell(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One policy's real runs at one load (one per seed) as one cell: rates and errors
+    averaged over the seeds, the noise as half their attainments' range, shed reasons summed,
+    and the runs themselves (with every call) under "seeds"."""
+    attainments = [run["attainment"] for run in runs]
+    shed_by: dict[str, int] = {}
+    for run in runs:
+        for reason, count in run["shed_by"].items():
+            shed_by[reason] = shed_by.get(reason, 0) + count
+    ratios = [
+        c["measured_s"] / c["predicted_s"] for run in runs for c in run["calls"]
+        if c["predicted_s"] > 0
+    ]  # fmt: skip
+    cell: dict[str, Any] = {
+        name: _mean([run[name] for run in runs])
+        for name in (
+            "attainment", "goodput_rps", "shed_share", "admitted_met", "error_p50",
+            "error_p90", "model_error_p50", "e2e_p50_s",
+        )
+    }  # fmt: skip
+    cell.update(
+        noise=(max(attainments) - min(attainments)) / 2,
+        failed=sum(run["failed"] for run in runs),
+        bias_p50=statistics.median(ratios) if ratios else None,
+        shed_by=shed_by,
+        seeds=list(runs),
+    )
+    return cell
 
 
 def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple[list[str], Any]:
@@ -744,7 +781,7 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
         for ok, _, error in outcomes:
             if not ok and error and "shed" in error:
                 shed_by[shed_reason(error)] = shed_by.get(shed_reason(error), 0) + 1
-        ratios = [m / p for p, m in measured.calls if p > 0]
+        ratios = [m / p for _, p, m in measured.calls if p > 0]
         return {
             "attainment": within / len(outcomes),
             "goodput_rps": within / window,
@@ -757,7 +794,9 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
             "e2e_p50_s": percentiles(answered, (50,)).get("p50") if answered else None,
             "bias_p50": statistics.median(ratios) if ratios else None,
             "shed_by": shed_by,
-            "calls": [{"predicted_s": p, "measured_s": m} for p, m in measured.calls],
+            "calls": [
+                {"endpoint": e, "predicted_s": p, "measured_s": m} for e, p, m in measured.calls
+            ],
         }
 
     payload: dict[str, Any] = {"loads": {}}
@@ -778,26 +817,35 @@ def run_real(args: argparse.Namespace, profile: StepTimeProfile | None) -> tuple
         print("\n".join(head), flush=True)
         lines += head
         payload.update({"idle_e2e_s": idle, "capacity_rps": capacity, "sla_s": sla_s})
+        policies = [policy for policy in REAL_POLICIES if policy in args.policies]
         for load in args.real_loads:
             rate = load * capacity
             count = max(4, round(rate * args.real_duration))
-            offsets = poisson_offsets(rate, count, np.random.default_rng(11))
-            requests = real_requests(count, seed=12)
-            cells = {}
-            for policy in REAL_POLICIES:
-                cells[policy] = asyncio.run(run_policy(replicas, policy, offsets, requests, sla_s))
-                asyncio.run(wait_idle(replicas))
+            runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+            # interleaved: every policy on one seed's arrivals, then the next seed, the order
+            # of the policies rotated, so a drift of the machine lands on all of them
+            for seed in range(args.seeds):
+                offsets = poisson_offsets(rate, count, np.random.default_rng(11 + seed))
+                requests = real_requests(count, seed=12 + seed)
+                turn = seed % len(policies)
+                for policy in policies[turn:] + policies[:turn]:
+                    cell = asyncio.run(run_policy(replicas, policy, offsets, requests, sla_s))
+                    runs[policy].append({"seed": seed, **cell})
+                    asyncio.run(wait_idle(replicas))
+            cells = {policy: real_cell(found) for policy, found in runs.items()}
             payload["loads"][str(load)] = cells
             block = [
-                f"load {load:.2f} ({rate:.2f} req/s, {count} requests)",
-                f"{'policy':<18} {'SLA att':>8} {'goodput':>8} {'shed':>6} {'failed':>6} "
-                f"{'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9} {'e2e p50':>8} "
-                f"{'m/p p50':>8} {'shed by':>10}",
+                f"load {load:.2f} ({rate:.2f} req/s, {count} requests per seed, "
+                f"{args.seeds} seed(s); noise: half the range over the seeds)",
+                f"{'policy':<18} {'SLA att':>8} {'noise':>6} {'goodput':>8} {'shed':>6} "
+                f"{'failed':>6} {'adm met':>8} {'err p50':>8} {'err p90':>8} {'model p50':>9} "
+                f"{'e2e p50':>8} {'m/p p50':>8} {'shed by':>10}",
             ]
             for policy, cell in cells.items():
                 e2e = cell["e2e_p50_s"]
                 block.append(
-                    f"{policy:<18} {cell['attainment']:>8.3f} {cell['goodput_rps']:>8.3f} "
+                    f"{policy:<18} {cell['attainment']:>8.3f} {cell['noise']:>6.3f} "
+                    f"{cell['goodput_rps']:>8.3f} "
                     f"{_pct(cell['shed_share']):>6} {cell['failed']:>6} "
                     f"{_pct(cell['admitted_met']):>8} {_pct(cell['error_p50']):>8} "
                     f"{_pct(cell['error_p90']):>8} {_pct(cell['model_error_p50']):>9} "
@@ -869,7 +917,7 @@ def engine_lane() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds per cell.")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per cell (simulated and real).")
     parser.add_argument("--requests", type=int, default=400, help="Requests per run.")
     parser.add_argument(
         "--capacity-requests", type=int, default=800, help="Requests per capacity probe."
