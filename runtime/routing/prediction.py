@@ -560,6 +560,14 @@ class PredictionTracker:
         counts, however old)."""
         return self._padding(self._residuals(now_s), self.level if level is None else level)
 
+    def confidences(self, now_s: float | None, *levels: float | None) -> tuple[float, ...]:
+        """:meth:`confidence` at each of ``levels`` (None: the current level), from one pass
+        over the recent calls (a routing decision needs two)."""
+        residuals = self._residuals(now_s)
+        return tuple(
+            self._padding(residuals, self.level if level is None else level) for level in levels
+        )
+
     def _residuals(self, now_s: float | None) -> list[float]:
         """Measured over the prediction as the replica's correction now makes it, of each
         call measured within CONFIDENCE_HORIZON_S of ``now_s`` (every one in the window:

@@ -496,11 +496,14 @@ class Router:
         queue = self._queues.get(model_key)
         waiting = len(queue) if queue is not None else 0
         now = self.clock()
+        # the call's own completion at the admission level, the calls there at their median
+        confidence, protect = self.predictions.confidences(now, None, 0.5)
         return RouteContext(
             counter=self._counter,
             models={e.endpoint_id: self.step_model(e) for e in healthy},
             default_speed=self.speeds.prior,
-            confidence=self.predictions.confidence(now),
+            confidence=confidence,
+            protect_confidence=protect,
             queued_ahead=math.ceil(waiting / max(len(healthy), 1)),
             arrivals=self.traffic.expected(model_key, now, len(healthy)),
         )

@@ -978,6 +978,7 @@ class _Simulation:
     def _context(self, key: str) -> RouteContext:
         endpoints = self.endpoints[key]
         tracker = self.predictions
+        confidence, protect = tracker.confidences(self.now, None, 0.5)
         return RouteContext(
             counter=self.counter,
             models={
@@ -986,7 +987,8 @@ class _Simulation:
                 )
                 for e in endpoints
             },
-            confidence=tracker.confidence(self.now),
+            confidence=confidence,
+            protect_confidence=protect,
             queued_ahead=math.ceil(len(self.queues[key]) / max(len(endpoints), 1)),
             arrivals=self.traffic.expected(key, self.now, len(endpoints)),
         )

@@ -368,14 +368,16 @@ def test_admission_pads_below_one_where_the_corrected_model_still_runs_long() ->
     assert not admit(c, assess(snap("a"), c, RouteContext(models={"a": FAST}))).admit
     longer = call(prompt=100, out=21, deadline=0.2)  # 0.3 s, padded 0.24 s: still shed
     assert not admit(longer, assess(snap("a"), longer, ctx)).admit
-    with pytest.raises(ValueError, match="confidence must be > 0"):
+    with pytest.raises(ValueError, match="confidences must be > 0"):
         assess(snap("a"), c, RouteContext(models={"a": FAST}, confidence=0.0))
+    with pytest.raises(ValueError, match="confidences must be > 0"):
+        assess(snap("a"), c, RouteContext(models={"a": FAST}, protect_confidence=0.0))
 
 
 def test_a_running_call_stays_protected_with_a_margin_below_one() -> None:
     # As in the protection test above: the running call ends at 0.25 s beside the new call,
     # at 0.1 s without it; padded by 0.8, at 0.2 s and 0.08 s.
-    ctx = RouteContext(models={"a": FAST}, confidence=0.8)
+    ctx = RouteContext(models={"a": FAST}, confidence=0.8, protect_confidence=0.8)
     c = call(prompt=100, out=6, deadline=5.0)
     tight = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.15),))
     assessment = assess(tight, c, ctx)
@@ -384,6 +386,23 @@ def test_a_running_call_stays_protected_with_a_margin_below_one() -> None:
     # a deadline the padded finish beside the new call still makes: admitted
     enough = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.21),))
     assert admit(c, assess(enough, c, ctx)).admit
+
+
+def test_running_calls_are_protected_at_their_expected_finish_not_the_admission_pad() -> None:
+    # The running call ends at 0.25 s beside the new call (0.1 s without it). Its deadline,
+    # 0.3 s, is met as expected (median pad 1.0) and missed at the admission pad (1.5:
+    # 0.375 s): the new call is checked against the former.
+    c = call(prompt=100, out=6, deadline=5.0)
+    there = snap("a", outstanding_requests=1, calls=(running(10, deadline=0.3),))
+    expected = RouteContext(models={"a": FAST}, confidence=1.5, protect_confidence=1.0)
+    assessment = assess(there, c, expected)
+    assert assessment.endangered == 0 and admit(c, assessment).admit
+    padded = RouteContext(models={"a": FAST}, confidence=1.5, protect_confidence=1.5)
+    assert assess(there, c, padded).endangered == 1
+    # the call's own completion is still judged at the admission pad: 0.21 s x 1.5 = 0.315 s
+    tight = call(prompt=100, out=6, deadline=0.3)
+    verdict = admit(tight, assess(there, tight, expected))
+    assert not verdict.admit and "misses the deadline with confidence" in verdict.reason
 
 
 def test_sla_aware_goes_where_it_endangers_no_one_and_sheds_when_nowhere() -> None:

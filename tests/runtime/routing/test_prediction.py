@@ -136,6 +136,11 @@ def test_the_confidence_is_the_quantile_of_measured_over_predicted() -> None:
         tracker.record(PredictionError("a", 1.0, ratio, given_length_s=ratio))
     assert tracker.correction("a") == 1.0
     assert tracker.confidence() == pytest.approx(2.0)
+    # several levels in one pass, as a routing decision asks for them
+    assert tracker.confidences(None, None, 0.5, 0.25) == (
+        pytest.approx(2.0), pytest.approx(2.0), pytest.approx(tracker.confidence(None, 0.25))
+    )  # fmt: skip
+    assert tracker.confidence(None, 0.25) == pytest.approx(1.0)
     # relative errors: 0 for half the calls, |1 - 3| / 3 for the other half
     assert tracker.error_quantiles() == (pytest.approx(1 / 3), pytest.approx(2 / 3))
     with pytest.raises(ValueError, match="admission_quantile must be in"):
