@@ -427,7 +427,7 @@ def execute_run(
         walls: list[float] = []
         unmeasured = {"routed": 0, "shed": 0, "queue_rejected": 0, "retried": 0}
 
-        async def prepare(repeat: int) -> None:
+        async def prepare() -> None:
             """Every repeat starts from the same engine state: empty prefix caches (a hot
             replica may hold these very prompts from an earlier trial, or the previous
             repeat), then the warm-up requests, whose router counts are not the run's."""
@@ -447,17 +447,15 @@ def execute_run(
                 logger.warning("%d of %d warm-up requests failed", failed, len(done))
 
         async with router:
-            await prepare(0)
             before = dataclasses.replace(router.stats)
-            for name in unmeasured:
-                unmeasured[name] = 0
+            await prepare()
             phase(f"running {len(chosen)} requests")
             with _MemorySampler(endpoints) as memory:
                 t0 = time.monotonic()
                 for repeat in range(repeats):
                     if repeats > 1:
                         if repeat:
-                            await prepare(repeat)
+                            await prepare()
                         phase(f"running {len(chosen)} requests (repeat {repeat + 1} of {repeats})")
                     started = time.monotonic()
                     runs.append(
